@@ -1,1 +1,55 @@
+"""Runs ComfyUI-protocol node graphs (API or editor format) headlessly with a given registry
+{class_type: V1 node class}. Knows nothing of ComfyUI itself: its own nodes are skipped.
 
+    result = run_workflow("train.json", NODE_CLASS_MAPPINGS, on_event=print)
+"""
+
+from . import interrupt
+from .errors import NodeFailed, WorkflowError, WorkflowInterrupted
+from .executor import RunResult, execute
+from .formats import ApiPrompt, api_prompt_from_dict, is_ui_workflow, load_workflow
+from .plan import skip_comfy_nodes
+from .ui_format import ui_to_api
+from .validate import validate_prompt
+
+__all__ = [
+    "ApiPrompt", "NodeFailed", "RunResult", "WorkflowError", "WorkflowInterrupted", "interrupt",
+    "load_workflow", "run_workflow", "to_api", "validate",
+]
+
+
+def to_api(workflow, registry: dict) -> ApiPrompt:
+    """An ApiPrompt from a path, a UI- or API-format dict (or an ApiPrompt, returned as is).
+
+    Skipped nodes (muted, bypassed, ComfyUI's own and what needs them) are listed in .skipped.
+    """
+    if isinstance(workflow, ApiPrompt):
+        return workflow
+    workflow = load_workflow(workflow)
+    if is_ui_workflow(workflow):
+        prompt = ui_to_api(workflow, registry)
+    else:
+        prompt = api_prompt_from_dict(workflow)
+    skip_comfy_nodes(prompt, registry)
+    return prompt
+
+
+def validate(api_prompt, registry: dict) -> list:
+    """Check everything before running; raise one WorkflowError listing every problem.
+
+    Takes an ApiPrompt or anything to_api takes; returns the node ids to run, in order.
+    """
+    return validate_prompt(to_api(api_prompt, registry), registry)
+
+
+def run_workflow(workflow, registry: dict, on_event=None) -> RunResult:
+    """Validate, then run what the output nodes need. on_event(dict) gets "skipped",
+    "node_start" and "node_done" events (node_id, title, class_type, index, total, seconds).
+
+    Clears the stop flag first; a stop requested during the run (core.workflow.interrupt)
+    ends it between nodes with WorkflowInterrupted. A node that raises gives NodeFailed.
+    """
+    prompt = to_api(workflow, registry)
+    order = validate_prompt(prompt, registry)
+    interrupt.clear()
+    return execute(prompt, order, registry, on_event)

@@ -1,1 +1,123 @@
+"""FLUX.1: what the trainer needs of a model family, in one place."""
+import numpy
+import torch
 
+from . import flow, keys
+from .model import ModelError, load_pipeline
+
+name = "flux"
+
+# LoRA on the attention and MLP linears of the double (transformer_blocks) and single
+# (single_transformer_blocks) blocks; the final proj_out and the embedders stay frozen.
+LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\."
+                r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
+
+load = load_pipeline
+
+
+def size_multiple(pipeline):
+    """Image sides must be a multiple of the VAE's downscale times the 2x2 packing."""
+    return pipeline.vae_scale_factor * 2
+
+
+def text_length(pipeline):
+    # FLUX.1-dev (guidance-distilled) reads 512 T5 tokens; schnell was trained with 256.
+    return 512 if pipeline.transformer.config.guidance_embeds else 256
+
+
+def trainable_model(pipeline):
+    return pipeline.transformer
+
+
+def compute_dtype(pipeline):
+    return pipeline.transformer.dtype
+
+
+def uses_guidance(pipeline):
+    return bool(pipeline.transformer.config.guidance_embeds)
+
+
+def offload_text_encoders(pipeline):
+    """After caching, T5 (about 9 GB for FLUX.1) and CLIP wait on the CPU, off the GPU."""
+    pipeline.text_encoder.to("cpu")
+    pipeline.text_encoder_2.to("cpu")
+
+
+def remove_lora(pipeline):
+    transformer = pipeline.transformer
+    if getattr(transformer, "peft_config", None):
+        transformer.delete_adapters(list(transformer.peft_config))
+
+
+def lora_to_kohya(transformer):
+    """A function mapping this transformer's LoRA weights to kohya names (lora_unet_double_...)."""
+    config = transformer.config
+    return lambda weights: keys.lora_to_kohya(weights, config.num_layers, config.num_single_layers)
+
+
+@torch.no_grad()
+def encode_prompts(pipeline, prompts, device):
+    """{prompt: (t5 embeddings [seq, dim], pooled CLIP [dim])} on the CPU, for the cache."""
+    encoded = {}
+    for prompt in dict.fromkeys(prompts):
+        embeds, pooled, _ = pipeline.encode_prompt(prompt, prompt_2=None, device=device,
+                                                   max_sequence_length=text_length(pipeline))
+        encoded[prompt] = (embeds[0].cpu(), pooled[0].cpu())
+    return encoded
+
+
+@torch.no_grad()
+def encode_image(pipeline, image, device):
+    """Normalised latent [C, h, w] of one PIL image (already at its bucket size)."""
+    pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 127.5 - 1.0)
+    pixels = pixels.permute(2, 0, 1)[None].to(device, pipeline.vae.dtype)
+    latent = pipeline.vae.encode(pixels).latent_dist.sample()
+    return flow.normalize_latents(latent, pipeline.vae.config)[0].float().cpu()
+
+
+def training_loss(transformer, batch, generator, train_config, guidance_embeds):
+    """Flow-matching MSE of one batch: batch holds latents [B,C,h,w], text [B,seq,dim] and
+    pooled [B,dim] on the training device."""
+    latents = batch["latents"]
+    batch_size, _, height, width = latents.shape
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    sigmas = flow.sample_sigmas(batch_size, train_config["timestep_type"],
+                                num_tokens=height * width // 4, generator=generator)
+    sigmas = sigmas.to(latents.device)
+    noisy, target = flow.noisy_latents(latents, noise, sigmas)
+    prediction = predict(transformer, flow.pack(noisy), sigmas, batch["text"], batch["pooled"],
+                         height, width, train_config["guidance"] if guidance_embeds else None)
+    return torch.nn.functional.mse_loss(prediction.float(), flow.pack(target).float())
+
+
+def predict(transformer, packed_noisy, sigmas, text, pooled, height, width, guidance):
+    """The transformer's velocity for packed noisy latents at noise level sigmas."""
+    device, dtype = packed_noisy.device, packed_noisy.dtype
+    guidance_tensor = None
+    if guidance is not None:
+        guidance_tensor = torch.full((packed_noisy.shape[0],), float(guidance), device=device)
+    return transformer(
+        hidden_states=packed_noisy, timestep=sigmas.to(dtype), guidance=guidance_tensor,
+        pooled_projections=pooled, encoder_hidden_states=text,
+        txt_ids=flow.text_ids(text.shape[1], device, dtype),
+        img_ids=flow.image_ids(height, width, device, dtype), return_dict=False)[0]
+
+
+@torch.no_grad()
+def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device):
+    """One image (PIL) per cached prompt embedding pair, each from the same seed."""
+    images = []
+    for text, pooled in prompt_embeds:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        result = pipeline(prompt_embeds=text[None].to(device, pipeline.transformer.dtype),
+                          pooled_prompt_embeds=pooled[None].to(device, pipeline.transformer.dtype),
+                          num_inference_steps=steps, guidance_scale=guidance_scale,
+                          width=width, height=height, generator=generator, output_type="pil")
+        images.append(result.images[0])
+    return images
+
+
+__all__ = ["LORA_TARGETS", "ModelError", "compute_dtype", "encode_image", "encode_prompts",
+           "generate", "load", "lora_to_kohya", "offload_text_encoders", "predict", "remove_lora",
+           "size_multiple", "text_length", "trainable_model", "training_loss", "uses_guidance"]

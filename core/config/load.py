@@ -1,0 +1,105 @@
+"""Read, default and validate a training config. Every error names the key path, the value, what
+is allowed, and the file, so it can be fixed without reading a traceback."""
+import copy
+import json
+import os
+
+import jsonschema
+
+from .schema import SCHEMA
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `problems` holds one line per bad key."""
+
+    def __init__(self, problems, source=None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid config{where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def defaults():
+    """The default of every setting, nested as in the config file."""
+    return _fill_defaults({}, SCHEMA)
+
+
+def _fill_defaults(value, schema):
+    if schema.get("type") != "object" or not isinstance(value, dict):
+        return value
+    filled = dict(value)
+    for key, sub in schema["properties"].items():
+        if key not in filled and "default" in sub:
+            filled[key] = copy.deepcopy(sub["default"])
+        if key in filled:
+            filled[key] = _fill_defaults(filled[key], sub)
+    return filled
+
+
+def _describe(error):
+    path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    rule, limit, value = error.validator, error.validator_value, error.instance
+    shown = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if rule == "minimum":
+        return f"{path} = {shown}: must be at least {limit}"
+    if rule == "maximum":
+        return f"{path} = {shown}: must be at most {limit}"
+    if rule == "exclusiveMinimum":
+        return f"{path} = {shown}: must be greater than {limit}"
+    if rule == "enum":
+        return f"{path} = {shown}: must be one of {', '.join(json.dumps(o) for o in limit)}"
+    if rule == "type":
+        kinds = limit if isinstance(limit, list) else [limit]
+        return f"{path} = {shown}: must be of type {' or '.join(kinds)}"
+    if rule == "required":
+        missing = error.message.split("'")[1]
+        where = f"{path}." if error.absolute_path else ""
+        return f"{where}{missing} is missing: it is required"
+    if rule == "additionalProperties":
+        extra = ", ".join(sorted(set(value) - set(error.schema["properties"])))
+        known = ", ".join(error.schema["properties"])
+        return f"{path}: unknown key {extra}; known keys are {known}"
+    if rule == "minItems":
+        return f"{path}: needs at least {limit} item(s)"
+    if rule == "pattern":
+        return f"{path} = {shown}: must match {limit}"
+    if rule == "minLength":
+        return f"{path}: must not be empty"
+    return f"{path} = {shown}: {error.message}"
+
+
+def resolve(config, source=None):
+    """Fill defaults into `config` and validate it; returns the resolved copy or raises
+    ConfigError listing every problem."""
+    if not isinstance(config, dict):
+        raise ConfigError([f"the config must be a JSON object, not {type(config).__name__}"], source)
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError([_describe(e) for e in errors], source)
+    resolved = _fill_defaults(config, SCHEMA)
+    if resolved["network"]["linear_alpha"] is None:
+        resolved["network"]["linear_alpha"] = resolved["network"]["linear"]
+    if resolved["save"]["format"] is None:
+        resolved["save"]["format"] = "diffusers" if resolved["model"]["family"] == "flux" else "kohya"
+    if source:  # relative paths in a config file are relative to the file, not to the shell
+        base = os.path.dirname(os.path.abspath(source))
+        for section, key in (("model", "path"), ("model", "transformer_path"),
+                             ("dataset", "folder"), ("save", "output_dir")):
+            value = resolved[section].get(key)
+            if value and not os.path.isabs(os.path.expanduser(value)):
+                resolved[section][key] = os.path.normpath(os.path.join(base, value))
+    return resolved
+
+
+def load_config(path):
+    """Read a JSON config file and resolve it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}"], path) from None
+    except json.JSONDecodeError as error:
+        raise ConfigError([f"not valid JSON at line {error.lineno}, column {error.colno}: "
+                           f"{error.msg}"], path) from None
+    return resolve(raw, source=path)

@@ -1,0 +1,63 @@
+"""The order of training: which images, at which bucket, make the batch of each step.
+
+The plan is a pure function of (seed, epoch), so a resumed run sees exactly the batches the
+interrupted one would have seen, and several processes can each take their own share."""
+import random
+from dataclasses import dataclass
+
+from .buckets import bucket_size
+
+
+@dataclass(frozen=True)
+class Entry:
+    image: int          # index into the scan's items
+    size: tuple         # (width, height) bucket
+
+
+def image_sizes(items, resolutions, multiple):
+    """{image index: [bucket size per training resolution]} (duplicates collapse)."""
+    return {i: list(dict.fromkeys(bucket_size(it.width, it.height, r, multiple) for r in resolutions))
+            for i, it in enumerate(items)}
+
+
+class BatchPlan:
+    def __init__(self, sizes, repeats, batch_size, seed):
+        self.sizes, self.repeats, self.batch_size, self.seed = sizes, repeats, batch_size, seed
+        self._epochs = []  # cached batch lists, epoch by epoch
+
+    def epoch(self, number):
+        while len(self._epochs) <= number:
+            self._epochs.append(self._make_epoch(len(self._epochs)))
+        return self._epochs[number]
+
+    def _make_epoch(self, number):
+        rng = random.Random(self.seed * 100003 + number)
+        entries = []
+        for image, sizes in self.sizes.items():
+            for repeat in range(self.repeats):
+                # With several resolutions each image takes them in turn, epoch by epoch, so an
+                # epoch still shows each image `repeats` times, as the guide's formula counts.
+                entries.append(Entry(image, sizes[(number + repeat) % len(sizes)]))
+        rng.shuffle(entries)
+        by_size = {}
+        for entry in entries:
+            by_size.setdefault(entry.size, []).append(entry)
+        batches = [group[i:i + self.batch_size] for group in by_size.values()
+                   for i in range(0, len(group), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def batch(self, position):
+        """The batch at `position` of the endless stream of epochs."""
+        epoch = 0
+        while position >= len(self.epoch(epoch)):
+            position -= len(self.epoch(epoch))
+            epoch += 1
+        return self.epoch(epoch)[position]
+
+    def epoch_of(self, position):
+        epoch = 0
+        while position >= len(self.epoch(epoch)):
+            position -= len(self.epoch(epoch))
+            epoch += 1
+        return epoch

@@ -1,0 +1,24 @@
+"""Aspect-ratio buckets: each image trains at a size whose area is about resolution^2, whose
+sides are multiples of what the model needs, and whose shape is close to the image's own."""
+import math
+
+from PIL import Image, ImageOps
+
+
+def bucket_size(width, height, resolution, multiple):
+    """(bucket_width, bucket_height) for an image at one training resolution. Images smaller than
+    the resolution are not upscaled: they get the largest bucket that fits inside them."""
+    aspect = width / height
+    target_width = math.sqrt(resolution * resolution * aspect)
+    target_height = target_width / aspect
+    scale = min(1.0, width / target_width, height / target_height)
+    bucket_width = max(multiple, int(target_width * scale) // multiple * multiple)
+    bucket_height = max(multiple, int(target_height * scale) // multiple * multiple)
+    return bucket_width, bucket_height
+
+
+def load_for_bucket(path, size):
+    """The image resized to cover `size` and centre-cropped to it, as RGB."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)

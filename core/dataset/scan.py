@@ -1,0 +1,80 @@
+"""Find the images of a dataset folder, read their captions, and say what was skipped and why."""
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on; the message says which path and what to do."""
+
+
+@dataclass
+class Item:
+    path: str
+    caption: str
+    width: int
+    height: int
+    has_caption_file: bool = True
+
+
+@dataclass
+class Scan:
+    folder: str
+    items: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (file name, reason)
+
+    @property
+    def missing_captions(self):
+        return [os.path.basename(item.path) for item in self.items if not item.has_caption_file]
+
+
+def apply_trigger(caption, trigger_word):
+    """[trigger] becomes the trigger word; a caption without it gets it in front."""
+    if not trigger_word:
+        return caption.replace("[trigger]", "").strip()
+    if "[trigger]" in caption:
+        return caption.replace("[trigger]", trigger_word)
+    if trigger_word in caption:
+        return caption
+    return f"{trigger_word}, {caption}" if caption else trigger_word
+
+
+def _read_caption(image_path, caption_ext):
+    caption_path = os.path.splitext(image_path)[0] + "." + caption_ext.lstrip(".")
+    if not os.path.isfile(caption_path):
+        return "", False
+    with open(caption_path, encoding="utf-8", errors="replace") as f:
+        return " ".join(f.read().split()), True
+
+
+def scan_folder(folder, caption_ext="txt", trigger_word=""):
+    """Read every image of `folder` (not recursive). Unreadable images are listed in `skipped`
+    with the reason; a missing folder or one with no usable image raises DatasetError."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    if not os.path.exists(folder):
+        raise DatasetError(f"dataset folder not found: {folder} (dataset.folder). Give the path "
+                           "of a folder of .jpg/.png/.webp images with same-name .txt captions.")
+    if not os.path.isdir(folder):
+        raise DatasetError(f"dataset.folder is a file, not a folder: {folder}")
+    scan = Scan(folder)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
+            continue
+        try:
+            with Image.open(path) as image:
+                image.verify()  # catches truncated and corrupt files without decoding twice
+            with Image.open(path) as image:
+                width, height = image.size
+        except Exception as error:  # PIL raises many types for bad files
+            scan.skipped.append((name, f"cannot be read as an image ({type(error).__name__}: {error})"))
+            continue
+        caption, has_caption = _read_caption(path, caption_ext)
+        scan.items.append(Item(path, apply_trigger(caption, trigger_word), width, height, has_caption))
+    if not scan.items:
+        why = "; ".join(f"{n}: {r}" for n, r in scan.skipped) or "it holds no .jpg/.jpeg/.png/.webp file"
+        raise DatasetError(f"no usable image in dataset folder {folder}: {why}")
+    return scan

@@ -1,0 +1,61 @@
+"""The LoRA file (shared/DESIGN.md, "LoRA file"): safetensors in the save dtype, alpha baked
+into lora_B, diffusers keys with the `transformer.` prefix or kohya keys, config in metadata."""
+import json
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..runs.atomic import atomic_path
+from .inject import TORCH_SAVE_DTYPES
+
+
+def bake_alpha(weights, rank, alpha):
+    """lora_B * (alpha / rank): every loader then applies the LoRA at scale 1, alpha key or not."""
+    scale = alpha / rank
+    return {k: (v * scale if ".lora_B." in k else v) for k, v in weights.items()}
+
+
+def file_tensors(weights, rank, alpha, fmt, dtype, to_kohya=None, prefix="transformer."):
+    """The tensors of a LoRA file from peft weights (float32, peft names)."""
+    baked = bake_alpha(weights, rank, alpha)
+    if fmt == "kohya":
+        if to_kohya is None:
+            raise ValueError("this model family has no kohya key mapping")
+        tensors = to_kohya(baked)
+    else:
+        tensors = {prefix + k: v for k, v in baked.items()}
+    torch_dtype = TORCH_SAVE_DTYPES[dtype]
+    return {k: (v if k.endswith(".alpha") else v.to(torch_dtype)).contiguous() for k, v in tensors.items()}
+
+
+def file_metadata(config, step, rank, alpha, fmt):
+    """String metadata: ours plus the ss_* keys that kohya-aware tools (and ComfyUI's UI) show."""
+    return {
+        "format": "pt",
+        "loralab_version": "1",
+        "loralab_format": fmt,
+        "loralab_step": str(step),
+        "loralab_config": json.dumps(config, sort_keys=True, default=str),
+        "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "peft",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_output_name": str(config.get("name", "")),
+        "ss_steps": str(step),
+        "ss_base_model_version": "flux1",
+    }
+
+
+def save_lora_file(path, tensors, metadata):
+    """Writes atomically: a reader never sees a half-written LoRA."""
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
+    return path
+
+
+def read_lora_file(path):
+    tensors = {}
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    return tensors, metadata

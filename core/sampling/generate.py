@@ -1,0 +1,44 @@
+"""Sample images with a LoRA at given strengths, for given prompts, from fixed seeds, so images
+at different steps and strengths compare like for like. Used by sample_every and SampleGrid."""
+import os
+
+from ..dataset.scan import apply_trigger
+from ..lora import lora_strength
+from .grid import make_grid
+
+
+def prompts_with_trigger(prompts, trigger_word):
+    return [apply_trigger(p, trigger_word) if "[trigger]" in p else p for p in prompts]
+
+
+def sample_images(family, pipeline, prompt_embeds, strengths, sample_config, device):
+    """{strength: [image per prompt]}. A strength of 0 is the base model. The pipeline's model
+    must carry the LoRA (adapter "default") when a strength other than 0 is asked for."""
+    model = family.trainable_model(pipeline)
+    images = {}
+    for strength in strengths:
+        with lora_strength(model, strength):
+            images[strength] = family.generate(
+                pipeline, prompt_embeds, sample_config["seed"], sample_config["sample_steps"],
+                sample_config["guidance_scale"], sample_config["width"], sample_config["height"],
+                device)
+    return images
+
+
+def grid_of(images, prompts, title=None):
+    strengths = list(images)
+    rows = [[images[s][p] for s in strengths] for p in range(len(prompts))]
+    labels = ["base" if s == 0 else f"strength {s:g}" for s in strengths]
+    return make_grid(rows, prompts, labels, title=title)
+
+
+def save_samples(folder, images, prompts):
+    """Writes <folder>/<prompt index>_<strength>.png; returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for strength, per_prompt in images.items():
+        for index, image in enumerate(per_prompt):
+            path = os.path.join(folder, f"{index:02d}_s{strength:g}.png")
+            image.save(path)
+            paths.append(path)
+    return paths

@@ -1,0 +1,203 @@
+"""The training loop: one function, top to bottom. Model-specific math lives in the family
+module (core/families/<family>), file formats in core/lora, the run folder in core/runs."""
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+from ..config import recommended_steps, steps_per_epoch
+from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
+from ..families import get_family
+from ..lora import add_lora, load_lora_weights, lora_weights
+from ..runs import RunFolder
+from ..sampling import prompts_with_trigger, sample_images, save_samples
+from .checkpoints import load_checkpoint_state, save_checkpoint, write_lora
+from .metrics import peak_memory_mb, versions
+from .optimizers import make_optimizer, make_scheduler
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+@dataclass
+class TrainResult:
+    status: str                  # "finished", "interrupted", "already finished", "stopped: nan"
+    run_folder: str
+    lora_path: str               # the final file, or the newest checkpoint when stopped early
+    step: int
+    steps: int
+    weights: dict = field(repr=False, default=None)   # float32 peft weights of the LoRA
+    config: dict = field(repr=False, default=None)
+    warnings: list = field(default_factory=list)
+
+
+def train(config, pipeline=None, on_event=None, should_stop=None):
+    """Trains the LoRA that `config` (resolved, see core.config) describes. `pipeline` reuses an
+    already loaded base model; `on_event(dict)` receives progress; `should_stop()` is checked
+    every step (a stop saves a checkpoint first, so running again resumes)."""
+    emit = on_event or (lambda event: None)
+    should_stop = should_stop or (lambda: False)
+    model_cfg, data_cfg, net_cfg = config["model"], config["dataset"], config["network"]
+    train_cfg, save_cfg, sample_cfg = config["train"], config["save"], config["sample"]
+    family = get_family(model_cfg["family"])
+    run = RunFolder(save_cfg["output_dir"], config["name"])
+
+    # -- dataset and plan (before any model loads, so a bad folder fails fast) --------------
+    scan = scan_folder(data_cfg["folder"], data_cfg["caption_ext"], data_cfg["trigger_word"])
+    for name, reason in scan.skipped:
+        emit({"type": "warning", "message": f"skipped {name}: {reason}"})
+    steps = train_cfg["steps"] or recommended_steps(len(scan.items))
+    batch_size = train_cfg["batch_size"]
+    emit({"type": "plan", "images": len(scan.items), "steps": steps,
+          "steps_per_epoch": steps_per_epoch(len(scan.items), data_cfg["repeats"], batch_size)})
+
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]])
+    device = accelerator.device
+    torch.manual_seed(train_cfg["seed"])
+
+    # -- base model ---------------------------------------------------------------------------
+    if pipeline is None:
+        emit({"type": "status", "message": f"loading {model_cfg['path']}"})
+        pipeline = family.load(model_cfg["path"], model_cfg["transformer_path"], model_cfg["dtype"],
+                               model_cfg["quantize"])
+    pipeline.to(device)
+    multiple = family.size_multiple(pipeline)
+
+    # -- cache latents and text embeddings once; a step then runs only the transformer -------
+    sizes = image_sizes(scan.items, data_cfg["resolution"], multiple)
+    sample_prompts = prompts_with_trigger(sample_cfg["prompts"], data_cfg["trigger_word"])
+    captions = [item.caption for item in scan.items] + [""] + sample_prompts
+    model_key = model_fingerprint(model_cfg["path"], f"{model_cfg['transformer_path']}:{model_cfg['dtype']}")
+    cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None)
+    cache.fill(scan.items, sizes, captions,
+               encode_image=lambda image: family.encode_image(pipeline, image, device),
+               encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
+               model_key=model_key,
+               on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+    family.offload_text_encoders(pipeline)  # their work is done: free the accelerator for training
+
+    # -- LoRA, optimizer, schedule -----------------------------------------------------------
+    model = family.trainable_model(pipeline)
+    parameters = add_lora(model, net_cfg["linear"], net_cfg["linear_alpha"], family.LORA_TARGETS)
+    if train_cfg["gradient_checkpointing"]:
+        model.enable_gradient_checkpointing()
+    model.train()
+    optimizer = make_optimizer(train_cfg["optimizer"], parameters, train_cfg["lr"])
+    scheduler = make_scheduler(train_cfg["lr_scheduler"], optimizer, train_cfg["lr_warmup_steps"], steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # -- resume from the newest complete checkpoint -------------------------------------------
+    start_step = 0
+    resumable = run.resumable() if train_cfg["resume"] else None
+    if resumable is not None:
+        state = load_checkpoint_state(run, resumable)
+        load_lora_weights(accelerator.unwrap_model(model), state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        emit({"type": "resume", "step": start_step})
+    run.truncate_metrics(start_step)
+    run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
+                      "dataset_stats": {"images": len(scan.items), "skipped": scan.skipped,
+                                        "buckets": sorted({s for v in sizes.values() for s in v})}})
+    to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
+    result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config)
+    if start_step >= steps and os.path.isfile(run.final_lora):
+        result.status, result.weights = "already finished", lora_weights(accelerator.unwrap_model(model))
+        emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
+        return _cleanup(family, pipeline, result)
+
+    def sample(step):
+        embeds = [cache.text(p) for p in sample_prompts]
+        model.eval()
+        images = sample_images(family, pipeline, embeds, [1.0], sample_cfg, device)
+        model.train()
+        paths = save_samples(run.samples(step), images, sample_prompts)
+        emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
+
+    plan = BatchPlan(sizes, data_cfg["repeats"], batch_size, train_cfg["seed"])
+    generator = torch.Generator()
+    accumulation = train_cfg["gradient_accumulation_steps"]
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    dropout = data_cfg["caption_dropout_rate"]
+    sampling = sample_cfg["sample_every"] > 0 and sample_prompts and accelerator.is_main_process
+    if sampling and start_step == 0:
+        sample(0)  # the base model's images: what every later sample is compared with
+    losses, window_start = [], time.perf_counter()
+    emit({"type": "start", "step": start_step, "steps": steps})
+
+    # -- the loop -------------------------------------------------------------------------------
+    for step in range(start_step + 1, steps + 1):
+        for micro in range(accumulation):
+            position = ((step - 1) * accumulation + micro) * processes + rank
+            generator.manual_seed(train_cfg["seed"] * 1_000_003 + position)  # resume = same draws
+            entries = plan.batch(position)
+            texts = [("" if torch.rand(1, generator=generator).item() < dropout
+                      else scan.items[e.image].caption) for e in entries]
+            batch = {
+                "latents": torch.stack([cache.latent(e.image, e.size) for e in entries]),
+                "text": torch.stack([cache.text(t)[0] for t in texts]),
+                "pooled": torch.stack([cache.text(t)[1] for t in texts]),
+            }
+            batch = {k: v.to(device, family.compute_dtype(pipeline)) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss = family.training_loss(model, batch, generator, train_cfg,
+                                            family.uses_guidance(pipeline)) / accumulation
+            if not torch.isfinite(loss):
+                break
+            accelerator.backward(loss)
+            losses.append(loss.item() * accumulation)
+        if not torch.isfinite(loss):  # stop before the bad gradient reaches the weights
+            result.status = "stopped: nan"
+            result.lora_path = run.checkpoint(run.resumable()) if run.resumable() else None
+            emit({"type": "warning", "step": step, "message":
+                  "the loss became NaN/inf: training stopped. The last good checkpoint is kept "
+                  f"({result.lora_path}). Lower train.lr or use train.dtype bf16/fp32."})
+            break
+        if train_cfg["max_grad_norm"] > 0:
+            accelerator.clip_grad_norm_(parameters, train_cfg["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        emit({"type": "step", "step": step, "steps": steps, "loss": losses[-1],
+              "lr": scheduler.get_last_lr()[0]})
+        if step % config["logging"]["performance_log_every"] == 0 or step == steps:
+            cpu_mb, gpu_mb = peak_memory_mb(device)
+            line = {"step": step, "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
+                    "seconds_per_step": (time.perf_counter() - window_start) / len(losses) * accumulation,
+                    "cpu_peak_mb": cpu_mb, "gpu_peak_mb": gpu_mb,
+                    "epoch": plan.epoch_of(position)}
+            if accelerator.is_main_process:
+                run.append_metrics(line)
+            emit({"type": "log", **line})
+            losses, window_start = [], time.perf_counter()
+        stopping = should_stop()
+        if accelerator.is_main_process and (step % save_cfg["save_every"] == 0 or step == steps or stopping):
+            weights = lora_weights(accelerator.unwrap_model(model))
+            path = save_checkpoint(run, step, weights, optimizer, scheduler, config, to_kohya)
+            removed = run.rotate(save_cfg["max_step_saves_to_keep"])
+            emit({"type": "checkpoint", "step": step, "path": path, "removed": removed})
+        if sampling and step % sample_cfg["sample_every"] == 0 and step != steps:
+            sample(step)
+        result.step = step
+        if stopping:
+            result.status, result.lora_path = "interrupted", run.checkpoint(step)
+            emit({"type": "interrupted", "step": step, "path": result.lora_path})
+            break
+
+    # -- the final LoRA ----------------------------------------------------------------------------
+    result.weights = lora_weights(accelerator.unwrap_model(model))
+    if result.status == "finished" and accelerator.is_main_process:
+        write_lora(run.final_lora, result.weights, config, result.step, to_kohya)
+        if sampling:
+            sample(result.step)
+        emit({"type": "done", "status": "finished", "step": result.step, "path": run.final_lora})
+    accelerator.wait_for_everyone()
+    return _cleanup(family, pipeline, result)
+
+
+def _cleanup(family, pipeline, result):
+    """Takes the LoRA off the base model so the same loaded model can train or sample again."""
+    family.remove_lora(pipeline)
+    return result

@@ -1,0 +1,40 @@
+"""Optimizers and learning-rate schedules by name (train.optimizer, train.lr_scheduler)."""
+import math
+
+import torch
+
+
+def make_optimizer(name, parameters, lr):
+    if name == "adamw8bit":
+        import bitsandbytes  # 8-bit states: about a quarter of AdamW's optimizer memory
+
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=1e-4)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
+    if name == "lion":
+        import bitsandbytes
+
+        return bitsandbytes.optim.Lion8bit(parameters, lr=lr, weight_decay=1e-4)
+    if name == "prodigy":
+        from prodigyopt import Prodigy  # finds its own step size: lr is a multiplier, use 1.0
+
+        return Prodigy(parameters, lr=lr, weight_decay=1e-4, safeguard_warmup=True, use_bias_correction=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    raise ValueError(f"train.optimizer = {name!r} is not known")
+
+
+def make_scheduler(name, optimizer, warmup_steps, total_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if name in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
