@@ -12,7 +12,9 @@ class ApiPrompt:
     """An API-format graph ready to validate and run.
 
     nodes: {node_id: {"class_type", "inputs", "_meta": {"title"}}}, links as [source_id, slot],
-        ids as strings. ComfyUI's own nodes stay in it (they are listed in `skipped` too).
+        ids as strings. ComfyUI's own nodes stay in it (they are listed in `skipped` too);
+        converted from the UI format, they and unknown types keep only their links, since
+        naming widgets_values needs the class's INPUT_TYPES.
     skipped: nodes that will not run, each {node_id, title, class_type, reason}: muted and
         bypassed nodes of a UI workflow, ComfyUI nodes, and the nodes that need them.
     problems: what went wrong while converting (validate() reports them with its own).

@@ -52,4 +52,5 @@ def handle_ctrl_c(message: str | None = STOP_MESSAGE):
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None means a handler not installed from Python; the default is the closest we can do.
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)

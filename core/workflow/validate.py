@@ -54,6 +54,9 @@ def _check_node(prompt: ApiPrompt, node_id, registry) -> list:
     inputs = prompt.nodes[node_id]["inputs"]
     self_checked = _validate_inputs_params(node_class)
     problems = []
+    if not callable(getattr(node_class, str(getattr(node_class, "FUNCTION", None)), None)):
+        problems.append(_problem(prompt, node_id, None,
+                                 "the node class has no method named by its FUNCTION"))
     for spec in declared_inputs(node_class):
         if spec.section == "hidden":
             continue
