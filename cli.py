@@ -1,2 +1,146 @@
-def main(argv=None):
+"""`loralab`: run a workflow, train from a config, plan a dataset, build a tiny model, list runs."""
+import argparse
+import json
+import sys
+import time
+
+
+class Progress:
+    """Prints training events: a one-line progress bar with ETA on a terminal, plain lines
+    otherwise (CI logs, pipes)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = None
+        self.first_step = 0
+
+    def line(self, text):
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, event):
+        kind = event.get("type")
+        if kind == "start":
+            self.started, self.first_step = time.perf_counter(), event["step"]
+            self.line(f"training steps {event['step'] + 1}..{event['steps']}")
+        elif kind == "step" and self.tty:
+            done = event["step"] - self.first_step
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(done, 1) * (event["steps"] - event["step"])
+            filled = int(30 * event["step"] / event["steps"])
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {event['step']}/{event['steps']} "
+                              f"loss {event['loss']:.4f} ETA {_clock(eta)}")
+            self.stream.flush()
+        elif kind == "log":
+            self.line(f"step {event['step']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
+                      f"{event['seconds_per_step']:.3f} s/step, peak RAM {event['cpu_peak_mb']:.0f} MiB"
+                      + (f", GPU {event['gpu_peak_mb']:.0f} MiB" if event.get("gpu_peak_mb") else ""))
+        elif kind in ("plan",):
+            self.line(f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
+                      f"{event['steps']} steps")
+        elif kind in ("checkpoint",):
+            self.line(f"saved {event['path']}")
+        elif kind in ("warning",):
+            self.line(f"warning: {event['message']}")
+        elif kind in ("status", "resume", "interrupted", "done", "sample", "node_start", "skipped"):
+            self.line(_describe(event))
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _describe(event):
+    kind = event["type"]
+    if kind == "resume":
+        return f"resuming from step {event['step']}"
+    if kind == "interrupted":
+        return f"stopped at step {event['step']}; checkpoint {event['path']} (run again to resume)"
+    if kind == "done":
+        return f"{event['status']}: {event['path']}"
+    if kind == "sample":
+        return f"samples at step {event['step']}: {len(event['paths'])} image(s)"
+    if kind == "node_start":
+        return f"[{event.get('index', '?')}/{event.get('total', '?')}] {event.get('title') or event.get('class_type')} (node {event.get('node_id')})"
+    if kind == "skipped":
+        return f"skipped ComfyUI node(s): {event.get('message') or event.get('nodes')}"
+    return event.get("message", "")
+
+
+def cmd_train(args):
+    from .core.config import load_config
+    from .core.trainer import train
+    from .core.workflow.interrupt import handle_ctrl_c, stop_requested
+
+    config = load_config(args.config)
+    with handle_ctrl_c():
+        result = train(config, on_event=Progress(), should_stop=stop_requested)
+    print(json.dumps({"status": result.status, "step": result.step, "lora": result.lora_path,
+                      "run_folder": result.run_folder}))
+    return 0 if result.status in ("finished", "already finished", "interrupted") else 1
+
+
+def cmd_make_tiny_model(args):
+    from .core.families.flux.tiny import build_tiny_flux
+
+    folder = build_tiny_flux(args.folder, preset=args.preset)
+    if args.single_file:
+        from .core.families.flux.tiny import write_single_file
+
+        write_single_file(folder, args.single_file)
+    print(folder)
     return 0
+
+
+def cmd_run(args):
+    from .core.workflow import load_workflow, run_workflow
+    from .core.workflow.interrupt import handle_ctrl_c
+    from .nodes import NODE_CLASS_MAPPINGS
+
+    workflow = load_workflow(args.workflow)
+    with handle_ctrl_c():
+        result = run_workflow(workflow, NODE_CLASS_MAPPINGS, on_event=Progress())
+    print(json.dumps(result.summary(), default=str))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="loralab", description="Train and test LoRAs for diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="replay a ComfyUI workflow (API or UI format) headless")
+    run.add_argument("workflow")
+    run.set_defaults(handler=cmd_run)
+    train = commands.add_parser("train", help="train a LoRA from one config file")
+    train.add_argument("config")
+    train.set_defaults(handler=cmd_train)
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random model folder, built locally")
+    tiny.add_argument("family", choices=["flux"])
+    tiny.add_argument("folder")
+    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    tiny.add_argument("--single-file", help="also write the transformer as one BFL-format .safetensors")
+    tiny.set_defaults(handler=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .core.config import ConfigError
+    from .core.dataset import DatasetError
+    from .core.families.flux.model import ModelError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DatasetError, ModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,7 +87,7 @@ def resolve(config, source=None):
         for section, key in (("model", "path"), ("model", "transformer_path"),
                              ("dataset", "folder"), ("save", "output_dir")):
             value = resolved[section].get(key)
-            if value and not os.path.isabs(os.path.expanduser(value)):
+            if value and not value.startswith("builtin:") and not os.path.isabs(os.path.expanduser(value)):
                 resolved[section][key] = os.path.normpath(os.path.join(base, value))
     return resolved
 

@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
+from ..coach.monitor import Monitor
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
 from ..families import get_family
+from ..families.builtin import resolve_dataset_folder, resolve_model_path
 from ..lora import add_lora, load_lora_weights, lora_weights
-from ..runs import RunFolder
+from ..runs import RunFolder, write_json
+from ..runs.plot import loss_plot
 from ..sampling import prompts_with_trigger, sample_images, save_samples
 from .checkpoints import load_checkpoint_state, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
@@ -44,7 +47,8 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     run = RunFolder(save_cfg["output_dir"], config["name"])
 
     # -- dataset and plan (before any model loads, so a bad folder fails fast) --------------
-    scan = scan_folder(data_cfg["folder"], data_cfg["caption_ext"], data_cfg["trigger_word"])
+    scan = scan_folder(resolve_dataset_folder(data_cfg["folder"]), data_cfg["caption_ext"],
+                       data_cfg["trigger_word"])
     for name, reason in scan.skipped:
         emit({"type": "warning", "message": f"skipped {name}: {reason}"})
     steps = train_cfg["steps"] or recommended_steps(len(scan.items))
@@ -57,9 +61,10 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     torch.manual_seed(train_cfg["seed"])
 
     # -- base model ---------------------------------------------------------------------------
+    model_path = resolve_model_path(model_cfg["path"])
     if pipeline is None:
         emit({"type": "status", "message": f"loading {model_cfg['path']}"})
-        pipeline = family.load(model_cfg["path"], model_cfg["transformer_path"], model_cfg["dtype"],
+        pipeline = family.load(model_path, model_cfg["transformer_path"], model_cfg["dtype"],
                                model_cfg["quantize"])
     pipeline.to(device)
     multiple = family.size_multiple(pipeline)
@@ -68,7 +73,7 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     sizes = image_sizes(scan.items, data_cfg["resolution"], multiple)
     sample_prompts = prompts_with_trigger(sample_cfg["prompts"], data_cfg["trigger_word"])
     captions = [item.caption for item in scan.items] + [""] + sample_prompts
-    model_key = model_fingerprint(model_cfg["path"], f"{model_cfg['transformer_path']}:{model_cfg['dtype']}")
+    model_key = model_fingerprint(model_path, f"{model_cfg['transformer_path']}:{model_cfg['dtype']}")
     cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None)
     cache.fill(scan.items, sizes, captions,
                encode_image=lambda image: family.encode_image(pipeline, image, device),
@@ -108,6 +113,13 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
         emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
         return _cleanup(family, pipeline, result)
 
+    monitor = Monitor(config)
+
+    def warn(messages, step):
+        for message in messages:
+            result.warnings.append(message)
+            emit({"type": "warning", "step": step, "message": message})
+
     def sample(step):
         embeds = [cache.text(p) for p in sample_prompts]
         model.eval()
@@ -115,6 +127,7 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
         model.train()
         paths = save_samples(run.samples(step), images, sample_prompts)
         emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
+        warn(monitor.on_samples(step, images[1.0]), step)
 
     plan = BatchPlan(sizes, data_cfg["repeats"], batch_size, train_cfg["seed"])
     generator = torch.Generator()
@@ -151,9 +164,9 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
         if not torch.isfinite(loss):  # stop before the bad gradient reaches the weights
             result.status = "stopped: nan"
             result.lora_path = run.checkpoint(run.resumable()) if run.resumable() else None
-            emit({"type": "warning", "step": step, "message":
-                  "the loss became NaN/inf: training stopped. The last good checkpoint is kept "
-                  f"({result.lora_path}). Lower train.lr or use train.dtype bf16/fp32."})
+            warn(["the loss became NaN/inf, so training stopped. The last good checkpoint is kept "
+                  f"({result.lora_path}). Likely cause: a learning rate far too high or fp16 "
+                  "overflow; lower train.lr or use train.dtype bf16/fp32."], step)
             break
         if train_cfg["max_grad_norm"] > 0:
             accelerator.clip_grad_norm_(parameters, train_cfg["max_grad_norm"])
@@ -171,6 +184,7 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
             if accelerator.is_main_process:
                 run.append_metrics(line)
             emit({"type": "log", **line})
+            warn(monitor.on_log(line), step)
             losses, window_start = [], time.perf_counter()
         stopping = should_stop()
         if accelerator.is_main_process and (step % save_cfg["save_every"] == 0 or step == steps or stopping):
@@ -187,7 +201,11 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
             break
 
     # -- the final LoRA ----------------------------------------------------------------------------
+    warn(monitor.finish(), result.step)
     result.weights = lora_weights(accelerator.unwrap_model(model))
+    if accelerator.is_main_process:
+        loss_plot(run.read_metrics(), title=f"{config['name']} loss").save(run.file("loss.png"))
+        write_json(run.file("warnings.json"), result.warnings)
     if result.status == "finished" and accelerator.is_main_process:
         write_lora(run.final_lora, result.weights, config, result.step, to_kohya)
         if sampling:

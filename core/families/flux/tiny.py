@@ -118,3 +118,17 @@ def build_tiny_flux(folder, preset="tiny", seed=0):
                             tokenizer_2=t5_tokenizer, transformer=transformer)
     pipeline.save_pretrained(folder)
     return folder
+
+
+def write_single_file(folder, path):
+    """The folder's transformer as one BFL-keyed .safetensors, as ComfyUI keeps FLUX.1 files."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from .keys import transformer_to_bfl
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    config = transformer.config
+    weights = transformer_to_bfl(transformer.state_dict(), config.num_layers, config.num_single_layers)
+    save_file({k: v.contiguous() for k, v in weights.items()}, path)
+    return path

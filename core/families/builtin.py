@@ -1,0 +1,44 @@
+"""Built-in model and dataset names (`builtin:tiny-flux`, `builtin:demo`) that the project
+makes locally on first use, so the quickstart runs on a fresh machine with no download."""
+import os
+
+BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "tiny"), "builtin:small-flux": ("flux", "small")}
+BUILTIN_DATASETS = {"builtin:demo": 6}
+
+
+def cache_root():
+    return os.environ.get("LORALAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loralab")
+
+
+def _build_once(folder, marker, build):
+    if not os.path.isfile(os.path.join(folder, marker)):
+        temporary = folder + f".tmp-{os.getpid()}"
+        build(temporary)
+        if not os.path.isfile(os.path.join(folder, marker)):
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            if os.path.isdir(folder):
+                import shutil
+                shutil.rmtree(folder)
+            os.replace(temporary, folder)
+    return folder
+
+
+def resolve_model_path(path):
+    """A local path as given, or the folder of a built-in model (built on first use)."""
+    if path not in BUILTIN_MODELS:
+        return path
+    family, preset = BUILTIN_MODELS[path]
+    from .flux.tiny import build_tiny_flux
+
+    folder = os.path.join(cache_root(), "models", f"{preset}-{family}")
+    return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
+
+
+def resolve_dataset_folder(folder):
+    if folder not in BUILTIN_DATASETS:
+        return folder
+    from ..dataset.demo import make_demo_dataset
+
+    target = os.path.join(cache_root(), "datasets", folder.split(":", 1)[1])
+    return _build_once(target, "image_000.jpg",
+                       lambda path: make_demo_dataset(path, count=BUILTIN_DATASETS[folder]))

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random FLUX.1 folder and a drawn dataset, built once per session."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loralab.core.config import resolve
+from loralab.core.dataset.demo import make_demo_dataset
+from loralab.core.families.flux.tiny import build_tiny_flux
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    return make_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), count=6)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    # builtin:tiny-flux and builtin:demo are built into a test-session folder, never into ~/.cache
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path_factory.getbasetemp() / "loralab-cache"))
+
+
+FAST = {
+    "model": {"dtype": "fp32"},
+    "dataset": {"trigger_word": "sks", "resolution": [64]},
+    "train": {"dtype": "fp32", "gradient_checkpointing": False, "optimizer": "adamw", "lr": 1e-3},
+    "sample": {"sample_every": 0, "width": 64, "height": 64, "sample_steps": 2},
+    "logging": {"performance_log_every": 5},
+}
+
+
+def merge(base, extra):
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            merged[key] = merge(merged.get(key, {}), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+def make_config(tiny_flux, demo_dataset, tmp_path):
+    """A raw config for the tiny model and demo data, fast settings, plus overrides."""
+    def build(**sections):
+        raw = merge(FAST, {"name": "test_lora", "model": {"path": tiny_flux},
+                           "dataset": {"folder": demo_dataset},
+                           "save": {"output_dir": str(tmp_path / "output")}})
+        return merge(raw, sections)
+    return build
+
+
+@pytest.fixture
+def resolved(make_config):
+    return lambda **sections: resolve(make_config(**sections))
+
+
+def run_cli(*args, timeout=300, **kwargs):
+    """`loralab ...` as a real subprocess."""
+    command = [sys.executable, "-m", "loralab.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
