@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from ..coach.monitor import Monitor
 from ..config import recommended_steps, steps_per_epoch
@@ -56,6 +57,9 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     emit({"type": "plan", "images": len(scan.items), "steps": steps,
           "steps_per_epoch": steps_per_epoch(len(scan.items), data_cfg["repeats"], batch_size)})
 
+    # A long-lived process (ComfyUI) trains many times with different precisions: accelerate keeps
+    # its state in a singleton, so start each run from a fresh one (the process group stays).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]])
     device = accelerator.device
     torch.manual_seed(train_cfg["seed"])

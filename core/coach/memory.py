@@ -1,0 +1,120 @@
+"""How much accelerator memory a chosen rank and optimizer cost (GUIDE.md section 1: "show the
+memory the chosen rank costs"). An estimate from shapes, not a measurement: activations, which
+grow with resolution and batch size, come on top."""
+import glob
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+# FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double
+# blocks, 38 single blocks, hidden 24 heads x 128 = 3072, MLP 4 x 3072 = 12288.
+FLUX_DEV = {"num_layers": 19, "num_single_layers": 38, "hidden": 3072, "mlp": 12288,
+            "parameters": 11_901_408_320}
+
+# The linears core.families.flux.LORA_TARGETS puts a LoRA on, as (name, in, out) per block.
+def flux_double_block_linears(hidden, mlp):
+    attention = [(name, hidden, hidden) for name in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")]
+    feed_forward = [(f"{ff}.net.0.proj", hidden, mlp) for ff in ("ff", "ff_context")]
+    feed_forward += [(f"{ff}.net.2", mlp, hidden) for ff in ("ff", "ff_context")]
+    return attention + feed_forward
+
+
+def flux_single_block_linears(hidden, mlp):
+    return [("attn.to_q", hidden, hidden), ("attn.to_k", hidden, hidden),
+            ("attn.to_v", hidden, hidden), ("proj_mlp", hidden, mlp),
+            ("proj_out", hidden + mlp, hidden)]
+
+
+def lora_parameters(rank, shape):
+    """A LoRA of rank r on a linear (in -> out) has r x (in + out) parameters (A and B)."""
+    per_rank = shape["num_layers"] * sum(i + o for _, i, o in flux_double_block_linears(shape["hidden"], shape["mlp"]))
+    per_rank += shape["num_single_layers"] * sum(i + o for _, i, o in flux_single_block_linears(shape["hidden"], shape["mlp"]))
+    return rank * per_rank
+
+
+# Bytes per trainable parameter beyond its float32 weight and gradient (4 + 4 bytes).
+OPTIMIZER_STATE_BYTES = {
+    "adamw": 8,        # two float32 moments
+    "adamw8bit": 2,    # two 8-bit moments
+    "prodigy": 16,     # two moments, the initial weights and its step-size state, float32
+    "adafactor": 0.5,  # factored second moment: rows + columns, not rows x columns
+    "lion": 1,         # one 8-bit moment (bitsandbytes Lion8bit)
+}
+BASE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANTIZED_BYTES = {"int8": 1, "nf4": 0.5}
+
+
+@dataclass
+class MemoryEstimate:
+    rank: int
+    optimizer: str
+    lora_parameters: int
+    lora_bytes: float          # weights + gradients + optimizer states
+    base_parameters: int
+    base_bytes: float          # the frozen transformer in its dtype or quantization
+    model_source: str          # where the shapes came from
+
+    @property
+    def total_bytes(self):
+        return self.lora_bytes + self.base_bytes
+
+    def describe(self):
+        per_parameter = 8 + OPTIMIZER_STATE_BYTES.get(self.optimizer, 8)
+        return (f"LoRA rank {self.rank}: {self.lora_parameters / 1e6:.1f} M parameters x "
+                f"{per_parameter:g} bytes (weights, gradients, {self.optimizer} states) = "
+                f"{gigabytes(self.lora_bytes)}; frozen transformer {self.base_parameters / 1e9:.2f} B "
+                f"parameters = {gigabytes(self.base_bytes)}; about {gigabytes(self.total_bytes)} "
+                f"in all, plus activations (they grow with resolution and batch size; gradient "
+                f"checkpointing keeps them small). Shapes: {self.model_source}.")
+
+
+def gigabytes(count):
+    return f"{count / 2**30:.2f} GiB" if count >= 2**28 else f"{count / 2**20:.0f} MiB"
+
+
+def _safetensors_parameters(paths):
+    """Parameter count from safetensors headers alone (8-byte length, then JSON), no tensor read."""
+    total = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def model_shape(model_path=None, transformer_path=None):
+    """(shape dict, description) of the transformer in a local diffusers folder; FLUX.1-dev's
+    when there is no such folder (the plan can run before any model is downloaded)."""
+    config_path = os.path.join(model_path or "", "transformer", "config.json")
+    if not model_path or not os.path.isfile(config_path):
+        return dict(FLUX_DEV), "FLUX.1-dev (no local model folder read)"
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    files = [transformer_path] if transformer_path else glob.glob(
+        os.path.join(model_path, "transformer", "*.safetensors"))
+    return ({"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"],
+             "hidden": hidden, "mlp": int(hidden * config.get("mlp_ratio", 4.0)),
+             "parameters": _safetensors_parameters(files)}, config_path)
+
+
+def estimate_memory(config):
+    """MemoryEstimate for a resolved (or defaults-filled) config."""
+    from ..families.builtin import BUILTIN_MODELS, resolve_model_path
+
+    model = config["model"]
+    path = model.get("path")
+    if path in BUILTIN_MODELS:
+        path = resolve_model_path(path)
+    shape, source = model_shape(path, model.get("transformer_path"))
+    rank, optimizer = config["network"]["linear"], config["train"]["optimizer"]
+    lora = lora_parameters(rank, shape)
+    per_parameter = 8 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+    base = QUANTIZED_BYTES.get(model.get("quantize"), BASE_BYTES.get(model.get("dtype"), 2))
+    return MemoryEstimate(rank, optimizer, lora, lora * per_parameter, shape["parameters"],
+                          shape["parameters"] * base, source)

@@ -1,0 +1,33 @@
+"""One labelled grid of a LoRA at several strengths (SampleGrid): rows are prompts, columns are
+strengths, 0 is the base model. Every cell starts from the same seed, so cells compare like for
+like."""
+from ..lora import add_lora, load_lora_weights
+from .generate import grid_of, prompts_with_trigger, sample_images
+
+
+def strength_grid(family, pipeline, prompts, strengths, sample_config, device, lora=None,
+                  trigger_word="", title=None):
+    """Returns (grid image, {strength: [image per prompt]}).
+
+    lora: None (the base model alone: one column) or a dict with the float32 peft `weights`,
+    `rank` and `alpha` it was trained with. sample_config: seed, sample_steps, guidance_scale,
+    width, height. The pipeline is left as it was found: no LoRA on it, text encoders on the CPU.
+    """
+    prompts = prompts_with_trigger(prompts, trigger_word)
+    pipeline.to(device)
+    encoded = family.encode_prompts(pipeline, prompts, device)
+    family.offload_text_encoders(pipeline)  # the trainer keeps them there too; they are done
+    model = family.trainable_model(pipeline)
+    family.remove_lora(pipeline)  # nothing else may add to the strengths asked for
+    if lora is None:
+        strengths = [0.0]
+    else:
+        add_lora(model, lora["rank"], lora["alpha"], family.LORA_TARGETS)
+        load_lora_weights(model, lora["weights"])
+    model.eval()
+    try:
+        images = sample_images(family, pipeline, [encoded[p] for p in prompts], strengths,
+                               sample_config, device)
+    finally:
+        family.remove_lora(pipeline)
+    return grid_of(images, prompts, title=title), images

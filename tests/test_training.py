@@ -1,0 +1,149 @@
+"""Training runs end to end: checkpoint rotation, kill-and-resume, interrupt, plans."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from loralab.core.config import resolve
+from loralab.core.runs import RunFolder
+from loralab.core.trainer import train
+
+
+def test_rotation_keeps_the_guides_example(tmp_path):
+    run = RunFolder(str(tmp_path), "example")
+    os.makedirs(run.path)
+    for step in range(250, 2001, 250):
+        open(run.checkpoint(step), "w").close()
+        open(run.checkpoint_state(step), "w").close()
+        run.rotate(4)
+    assert run.checkpoints() == [1250, 1500, 1750, 2000]
+    assert sorted(os.listdir(run.path)) == sorted(
+        [f"example_{s:09d}.safetensors" for s in (1250, 1500, 1750, 2000)]
+        + [f"example_{s:09d}.state.pt" for s in (1250, 1500, 1750, 2000)])
+
+
+def test_a_run_leaves_exactly_the_rotated_checkpoints(resolved):
+    config = resolved(train={"steps": 24, "optimizer": "adamw8bit"},
+                      save={"save_every": 3, "max_step_saves_to_keep": 4})
+    events = []
+    result = train(config, on_event=events.append)
+    run = RunFolder(config["save"]["output_dir"], config["name"])
+    assert result.status == "finished" and result.step == 24
+    assert run.checkpoints() == [15, 18, 21, 24]
+    assert all(os.path.isfile(run.checkpoint_state(s)) for s in run.checkpoints())
+    assert os.path.isfile(run.final_lora) and os.path.isfile(run.file("loss.png"))
+    assert not [f for f in os.listdir(run.path) if f.startswith(".tmp-")]
+    metrics = run.read_metrics()
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20, 24]
+    for line in metrics:
+        assert set(line) >= {"step", "loss", "lr", "seconds_per_step", "cpu_peak_mb", "gpu_peak_mb"}
+    saved = json.load(open(run.file("config.json")))
+    assert saved["train"]["steps"] == 24 and "torch" in saved["versions"]
+    assert {e["type"] for e in events} >= {"plan", "start", "step", "log", "checkpoint", "done"}
+
+
+def test_steps_default_to_the_guides_table(resolved):
+    config = resolved(train={"steps": None})
+    plans = []
+    result = train(config, on_event=lambda e: plans.append(e) if e["type"] == "plan" else None,
+                   should_stop=lambda: True)
+    assert plans[0]["images"] == 6 and plans[0]["steps"] == 1150  # 6 images: 1000-1500 band
+    assert plans[0]["steps_per_epoch"] == 6
+    assert result.status == "interrupted" and result.step == 1
+
+
+def test_interrupt_saves_and_a_rerun_resumes(resolved):
+    config = resolved(train={"steps": 12}, save={"save_every": 100})
+    stop_at = {"step": 0}
+
+    def count(event):
+        if event["type"] == "step":
+            stop_at["step"] = event["step"]
+
+    result = train(config, on_event=count, should_stop=lambda: stop_at["step"] >= 5)
+    run = RunFolder(config["save"]["output_dir"], config["name"])
+    assert result.status == "interrupted" and result.step == 5
+    assert run.checkpoints() == [5] and not os.path.exists(run.final_lora)
+    events = []
+    again = train(config, on_event=events.append)
+    assert again.status == "finished" and again.step == 12
+    assert {"type": "resume", "step": 5} in events
+    assert [m["step"] for m in run.read_metrics()] == [5, 10, 12]
+    finished = train(config)
+    assert finished.status == "already finished"
+
+
+def test_gradient_accumulation_batches_and_bf16(resolved):
+    config = resolved(train={"steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2,
+                             "dtype": "bf16", "optimizer": "adamw8bit", "lr_scheduler": "cosine",
+                             "gradient_checkpointing": True},
+                      dataset={"resolution": [64, 96], "cache": "disk"}, save={"save_every": 2})
+    result = train(config)
+    assert result.status == "finished" and result.step == 4
+    assert os.path.isdir(os.path.join(result.run_folder, "cache"))
+
+
+@pytest.mark.parametrize("optimizer", ["prodigy", "adafactor", "lion"])
+def test_other_optimizers(resolved, optimizer):
+    lr = 1.0 if optimizer == "prodigy" else 1e-4
+    result = train(resolved(train={"steps": 3, "optimizer": optimizer, "lr": lr}))
+    assert result.status == "finished"
+
+
+def test_kill_and_resume_reaches_the_same_final_lora(make_config, tmp_path):
+    def write_config(name):
+        raw = make_config(name=name, train={"steps": 40}, save={"save_every": 5, "max_step_saves_to_keep": 3})
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        return str(path), resolve(raw)
+
+    killed_path, killed_config = write_config("killed")
+    run = RunFolder(killed_config["save"]["output_dir"], "killed")
+    process = subprocess.Popen([sys.executable, "-m", "loralab.cli", "train", killed_path],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run.checkpoints() and run.checkpoints()[-1] >= 10):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = run.resumable()
+    assert killed_at is not None and killed_at < 40, "the run finished before it could be killed"
+
+    resumed = run_cli("train", killed_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {killed_at}" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 40
+    assert run.checkpoints()[-1] == 40
+
+    straight_path, straight_config = write_config("straight")
+    assert run_cli("train", straight_path).returncode == 0
+    straight = load_file(RunFolder(straight_config["save"]["output_dir"], "straight").final_lora)
+    killed = load_file(run.final_lora)
+    assert set(straight) == set(killed)
+    for key in straight:
+        assert torch.allclose(straight[key].float(), killed[key].float(), atol=2e-3), key
+
+
+def test_cli_train_reports_a_missing_dataset(make_config, tmp_path):
+    raw = make_config(dataset={"folder": str(tmp_path / "no-such-folder")})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    result = run_cli("train", str(path))
+    assert result.returncode == 2
+    assert "dataset folder not found" in result.stderr and "no-such-folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_reports_a_bad_model_path(make_config, tmp_path):
+    raw = make_config(model={"path": str(tmp_path)})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    result = run_cli("train", str(path))
+    assert result.returncode == 2 and "model.path" in result.stderr and "model_index.json" in result.stderr
