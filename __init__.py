@@ -1,3 +1,7 @@
-"""LoRA Lab: a ComfyUI node pack that trains LoRAs, and the `loralab` engine behind it."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""LoRA Lab: a ComfyUI node pack that trains LoRAs, and the `loralab` engine behind it.
+
+ComfyUI imports this folder (under whatever name it was cloned as) and reads the two mappings;
+imports are relative so that works as well as `import loralab`."""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

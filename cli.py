@@ -1,6 +1,7 @@
 """`loralab`: run a workflow, train from a config, plan a dataset, build a tiny model, list runs."""
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -96,16 +97,66 @@ def cmd_make_tiny_model(args):
     return 0
 
 
-def cmd_run(args):
-    from .core.workflow import load_workflow, run_workflow
-    from .core.workflow.interrupt import handle_ctrl_c
-    from .nodes import NODE_CLASS_MAPPINGS
+def _workflow_event_text(event):
+    """One line for a run_workflow event (they carry "kind"; trainer events carry "type")."""
+    node = f"node {event['node_id']} '{event['title']}'"
+    if event["kind"] == "skipped":
+        return f"skipped {node} ({event['class_type']}): {event['reason']}"
+    if event["kind"] == "node_start":
+        return f"[{event['index']}/{event['total']}] {node} ({event['class_type']})"
+    return f"[{event['index']}/{event['total']}] {node} done in {event['seconds']:.1f}s"
 
-    workflow = load_workflow(args.workflow)
-    with handle_ctrl_c():
-        result = run_workflow(workflow, NODE_CLASS_MAPPINGS, on_event=Progress())
-    print(json.dumps(result.summary(), default=str))
-    return 0
+
+def _output_lines(result, node_titles):
+    """What each output node returned: file paths, text, and the images it saved."""
+    from .nodes.comfy_adapter import output_directory
+
+    lines = []
+    for node_id, values in result.outputs.items():
+        shown = [v if isinstance(v, str) else f"{type(v).__name__} {list(getattr(v, 'shape', []))}"
+                 for v in values]
+        shown += [os.path.join(output_directory(), image["subfolder"], image["filename"])
+                  for image in (result.ui.get(node_id) or {}).get("images", [])]
+        lines.append(f"node {node_id} '{node_titles[node_id]}': " + ", ".join(shown))
+    return lines
+
+
+def cmd_run(args):
+    import traceback
+
+    from .core.workflow import NodeFailed, WorkflowInterrupted, run_workflow, to_api
+    from .core.workflow.interrupt import handle_ctrl_c, stop_requested
+    from .nodes import NODE_CLASS_MAPPINGS
+    from .nodes.events import listening
+
+    progress, summaries = Progress(), []
+
+    def on_node_event(event):  # TrainLoRA's summary is kept for the end, the rest printed now
+        if event.get("type") == "summary":
+            summaries.append(event["text"])
+        else:
+            progress(event)
+
+    prompt = to_api(args.workflow, NODE_CLASS_MAPPINGS)
+    try:
+        with handle_ctrl_c(), listening(on_node_event):
+            result = run_workflow(prompt, NODE_CLASS_MAPPINGS,
+                                  on_event=lambda event: progress.line(_workflow_event_text(event)))
+    except WorkflowInterrupted as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return 130
+    except NodeFailed as failed:
+        user_error = isinstance(failed.__cause__, ValueError)  # config, dataset, model, paths
+        if not user_error:
+            traceback.print_exception(failed.__cause__)
+        print(f"error: {failed}", file=sys.stderr)
+        return 2 if user_error else 1
+    for text in summaries:
+        print(text)
+    titles = {node_id: prompt.title(node_id) for node_id in prompt.nodes}
+    print("\n".join(_output_lines(result, titles)))
+    print(f"finished in {result.seconds:.1f}s" + (" (stopped on request)" if stop_requested() else ""))
+    return 130 if stop_requested() else 0
 
 
 def build_parser():
@@ -131,10 +182,11 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
+    from .core.workflow import WorkflowError
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError) as error:
+    except (ConfigError, DatasetError, ModelError, WorkflowError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

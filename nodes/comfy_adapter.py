@@ -1,0 +1,128 @@
+"""Everything the nodes do differently inside ComfyUI, in one place: progress bar, interrupt,
+output and loras folders, model lists, patching a ComfyUI MODEL. Outside ComfyUI (comfy not
+importable) each function falls back to a plain local behaviour or does nothing."""
+import functools
+import importlib
+import os
+
+MODEL_FOLDERS = ("diffusers", "diffusion_models", "checkpoints")  # searched for base models
+NO_MODEL = "none"
+PREVIEW_SIZE = 512  # ComfyUI's --preview-size default, used when its args cannot be read
+
+
+@functools.cache
+def _comfy(module):
+    """A ComfyUI module, or None when ComfyUI is not importable."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def in_comfyui():
+    return _comfy("comfy.model_management") is not None
+
+
+# -- folders ------------------------------------------------------------------------------------
+
+def output_directory():
+    """Where run folders and grids go: ComfyUI's output folder, else ./output."""
+    folder_paths = _comfy("folder_paths")
+    return folder_paths.get_output_directory() if folder_paths else os.path.abspath("output")
+
+
+def loras_directory():
+    """ComfyUI's first loras folder (so LoraLoader lists what is saved), else ./output/loras."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths:
+        return folder_paths.get_folder_paths("loras")[0]
+    return os.path.join(output_directory(), "loras")
+
+
+def model_choices():
+    """Base models in ComfyUI's model folders, as "<folder kind>/<name>": diffusers folders
+    (holding model_index.json) and single .safetensors files. Just NO_MODEL outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return [NO_MODEL]
+    choices = []
+    for kind in MODEL_FOLDERS:
+        for base in folder_paths.get_folder_paths(kind):
+            if os.path.isdir(base):
+                choices += [f"{kind}/{name}" for name in sorted(os.listdir(base))
+                            if os.path.isfile(os.path.join(base, name, "model_index.json"))]
+        if kind != "diffusers":
+            choices += [f"{kind}/{name}" for name in folder_paths.get_filename_list(kind)
+                        if name.endswith(".safetensors")]
+    return [NO_MODEL] + choices
+
+
+def model_choice_path(choice):
+    """The full path of a model_choices() entry (a folder or a file), or None."""
+    folder_paths = _comfy("folder_paths")
+    if choice == NO_MODEL or not folder_paths or "/" not in choice:
+        return None
+    kind, name = choice.split("/", 1)
+    for base in folder_paths.get_folder_paths(kind):
+        if os.path.exists(os.path.join(base, name)):
+            return os.path.join(base, name)
+    return None
+
+
+# -- progress and interrupt ---------------------------------------------------------------------
+
+class ProgressBar:
+    """ComfyUI's progress bar on the node, with an optional preview image (PIL)."""
+
+    def __init__(self, total):
+        utils = _comfy("comfy.utils")
+        self.bar = utils.ProgressBar(total) if utils else None
+        self.value, self.total = 0, total
+
+    def update(self, value, total=None, preview=None):
+        self.value, self.total = value, total or self.total
+        if self.bar is not None:
+            shown = ("JPEG", preview, _preview_size()) if preview is not None else None
+            self.bar.update_absolute(value, self.total, shown)
+
+
+def _preview_size():
+    cli_args = _comfy("comfy.cli_args")
+    return getattr(getattr(cli_args, "args", None), "preview_size", None) or PREVIEW_SIZE
+
+
+def interrupted():
+    """Whether the user pressed Cancel in ComfyUI (never true outside it)."""
+    management = _comfy("comfy.model_management")
+    return bool(management and management.processing_interrupted())
+
+
+def raise_if_interrupted():
+    """Ends the node the way ComfyUI ends an interrupted one. Outside ComfyUI a stop request
+    (Ctrl+C) stays set, and the workflow runner stops before the next node."""
+    management = _comfy("comfy.model_management")
+    if management:
+        management.throw_exception_if_processing_interrupted()
+
+
+def torch_device():
+    """ComfyUI's compute device, else CUDA when present, else the CPU."""
+    import torch
+
+    management = _comfy("comfy.model_management")
+    if management:
+        return management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- ComfyUI models -----------------------------------------------------------------------------
+
+def patch_model_with_lora(model, lora_tensors, strength):
+    """A clone of a ComfyUI MODEL with the LoRA patched in, through ComfyUI's own LoRA loading
+    (the path LoraLoaderModelOnly takes), from diffusers-format tensors."""
+    sd = _comfy("comfy.sd")
+    if sd is None:
+        raise RuntimeError("LoRALabApplyLoRA patches a ComfyUI MODEL, so it runs only inside "
+                           "ComfyUI. Headless, use LoRALabSampleGrid to see the LoRA.")
+    patched, _ = sd.load_lora_for_models(model, None, lora_tensors, strength, 0)
+    return patched

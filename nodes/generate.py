@@ -1,0 +1,107 @@
+"""Seeing what a LoRA learned: SampleGrid draws base vs LoRA strengths; ApplyLoRA hands the
+LoRA to ComfyUI's own sampling."""
+import os
+
+from . import comfy_adapter
+from .images import image_tensor
+from .output_files import numbered_file
+from .schema_widgets import checked, config_from, setting, widget_inputs
+
+CATEGORY = "LoRA Lab"
+
+
+def parse_strengths(text):
+    try:
+        strengths = [float(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        strengths = []
+    if not strengths:
+        raise ValueError(f"strengths = {text!r}: give numbers separated by commas, e.g. 0,0.5,1")
+    return strengths
+
+
+class LoRALabSampleGrid:
+    SETTINGS = {
+        "prompts": setting("sample.prompts"),
+        "seed": setting("sample.seed", control_after_generate="fixed"),
+        "steps": setting("sample.sample_steps"),
+        "guidance": setting("sample.guidance_scale", step=0.1),
+        "width": setting("sample.width", step=16),
+        "height": setting("sample.height", step=16),
+    }
+    STRENGTHS_TOOLTIP = "LoRA strengths, one column each; 0 is the base model."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        widgets = widget_inputs(cls.SETTINGS)
+        return {"required": {"base_model": ("LORALAB_BASE_MODEL",),
+                             "prompts": widgets.pop("prompts"),
+                             "strengths": ("STRING", {"default": "0,0.5,1",
+                                                      "tooltip": cls.STRENGTHS_TOOLTIP}),
+                             **widgets},
+                "optional": {"lora": ("LORALAB_LORA", {
+                    "tooltip": "The LoRA to compare with the base model; without it, only the "
+                               "base model's column is drawn."})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    FUNCTION = "sample"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("One labelled grid: rows are prompts ([trigger] replaced), columns LoRA "
+                   "strengths, all from the same seed. Saved as a PNG in the output folder.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strengths):
+        try:
+            parse_strengths(strengths)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def sample(self, base_model, prompts, strengths, lora=None, **values):
+        from ..core.sampling import strength_grid
+
+        sample_config = checked(config_from(self.SETTINGS, {"prompts": prompts, **values}))["sample"]
+        if not sample_config["prompts"]:
+            raise ValueError("prompts is empty: give one prompt per line")
+        trained = None if lora is None else {"weights": lora.weights,
+                                             "rank": lora.config["network"]["linear"],
+                                             "alpha": lora.config["network"]["linear_alpha"]}
+        title = (f"{lora.name} step {lora.step}" if lora else "base model") + f", seed {values['seed']}"
+        try:
+            grid, _ = strength_grid(base_model.family, base_model.pipeline(),
+                                    sample_config["prompts"], parse_strengths(strengths),
+                                    sample_config, comfy_adapter.torch_device(), lora=trained,
+                                    trigger_word=lora.trigger_word if lora else "", title=title)
+        finally:
+            base_model.release_device()
+        output = comfy_adapter.output_directory()
+        path = numbered_file(output, f"{lora.name if lora else 'base_model'}/grid", ".png")
+        grid.save(path)
+        shown = {"filename": os.path.basename(path), "type": "output",
+                 "subfolder": os.path.relpath(os.path.dirname(path), output)}
+        return {"ui": {"images": [shown]}, "result": (image_tensor(grid),)}
+
+
+class LoRALabApplyLoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "lora": ("LORALAB_LORA",),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "How strongly the LoRA changes the model; 0 is "
+                                              "the model unchanged."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Patches a ComfyUI MODEL with the trained LoRA (through ComfyUI's LoRA "
+                   "loading), so the graph that trained it can generate with it. ComfyUI only.")
+
+    def apply(self, model, lora, strength):
+        tensors = lora.tensors(fmt="diffusers", dtype="float32")
+        return (comfy_adapter.patch_model_with_lora(model, tensors, strength),)

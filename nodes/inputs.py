@@ -1,0 +1,164 @@
+"""The nodes that prepare a training run: dataset, base model, LoRA settings."""
+import os
+
+from ..core.config import recommended_steps, step_band, steps_per_epoch
+from ..core.families.builtin import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_dataset_folder
+from . import comfy_adapter
+from .schema_widgets import checked, config_from, setting, widget_inputs
+from .values import BaseModel, DatasetSettings, TrainingSettings
+
+CATEGORY = "LoRA Lab"
+
+
+class LoRALabLoadDataset:
+    SETTINGS = {
+        "folder": setting("dataset.folder"),
+        "caption_ext": setting("dataset.caption_ext"),
+        "trigger_word": setting("dataset.trigger_word"),
+        "repeats": setting("dataset.repeats"),
+        "resolution": setting("dataset.resolution"),
+        "caption_dropout_rate": setting("dataset.caption_dropout_rate", step=0.01),
+    }
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": widget_inputs(cls.SETTINGS)}
+
+    RETURN_TYPES = ("LORALAB_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "report")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "A folder of images with same-name caption files, checked and summarised."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder):
+        if folder in BUILTIN_DATASETS or os.path.isdir(os.path.expanduser(folder)):
+            return True
+        return (f"dataset folder not found: {folder!r}. Give the path of a folder of images "
+                "with same-name caption files (or builtin:demo to try).")
+
+    def load(self, **values):
+        from ..core.dataset import scan_folder
+
+        section = checked(config_from(self.SETTINGS, values))["dataset"]
+        scan = scan_folder(resolve_dataset_folder(section["folder"]), section["caption_ext"],
+                           section["trigger_word"])
+        return DatasetSettings(section), dataset_report(scan, section["repeats"])
+
+
+def dataset_report(scan, repeats):
+    """A few lines on what the dataset holds and what the guide's step table says about it."""
+    count = len(scan.items)
+    low, high = step_band(count)
+    lines = [f"{count} image(s) in {scan.folder}",
+             f"steps per epoch: {steps_per_epoch(count, repeats)} (batch size 1, repeats {repeats})",
+             f"recommended steps: {recommended_steps(count)} (guide: {low}-{high or 'more'} "
+             f"for {count} images)"]
+    lines += [f"skipped {name}: {reason}" for name, reason in scan.skipped]
+    if scan.missing_captions:
+        lines.append(f"no caption file (trained on the trigger word alone): "
+                     f"{', '.join(scan.missing_captions)}")
+    if count < 15:
+        lines.append("advice: the guide recommends at least 15-20 images for good results")
+    return "\n".join(lines)
+
+
+class LoRALabLoadBaseModel:
+    SETTINGS = {
+        "family": setting("model.family"),
+        "path": setting("model.path"),
+        "dtype": setting("model.dtype"),
+        "quantize": setting("model.quantize"),
+    }
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": widget_inputs(cls.SETTINGS),
+                "optional": {"comfyui_model": (comfy_adapter.model_choices(), {
+                    "default": comfy_adapter.NO_MODEL, "tooltip":
+                    "A model from ComfyUI's model folders. A diffusers folder is used when path "
+                    "is empty; a single .safetensors transformer replaces the transformer of "
+                    "the diffusers folder in path (which still gives the VAE and text encoders)."})}}
+
+    RETURN_TYPES = ("LORALAB_BASE_MODEL",)
+    RETURN_NAMES = ("base_model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The frozen base model to train on; loaded once, when first needed."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, path):
+        """Checked before anything runs, so a wrong path fails before a long training."""
+        path = path.strip()
+        if not path or path in BUILTIN_MODELS or os.path.isdir(os.path.expanduser(path)):
+            return True  # an empty path is checked when the node runs, with comfyui_model
+        return (f"model folder not found: {path!r}. Give the local diffusers folder of the base "
+                "model (the one holding model_index.json), or builtin:tiny-flux to try.")
+
+    @classmethod
+    def model_section(cls, family, path, comfyui_model):
+        """The `model` section for these widgets; ValueError says what is wrong."""
+        from ..core.families import get_family
+
+        get_family(family)  # sdxl and sd15 fail here, with what is supported
+        chosen = comfy_adapter.model_choice_path(comfyui_model)
+        path = path.strip()
+        if chosen and os.path.isfile(chosen):
+            if not path:
+                raise ValueError(f"{comfyui_model} is a single transformer file: give in path "
+                                 "the diffusers folder of the same model for its VAE and text "
+                                 "encoders")
+            section = {"path": path, "transformer_path": chosen}
+        else:
+            section = {"path": path or chosen or ""}
+        if not section["path"]:
+            raise ValueError("path is empty: give a diffusers folder (or builtin:tiny-flux), "
+                             "or pick a model in comfyui_model")
+        problem = cls.VALIDATE_INPUTS(section["path"])
+        if problem is not True:
+            raise ValueError(problem)
+        return {"family": family, **section}
+
+    def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL):
+        section = {**self.model_section(family, path, comfyui_model), "dtype": dtype,
+                   "quantize": quantize}
+        return (BaseModel(checked({"model": section})["model"]),)
+
+
+class LoRALabConfigureLoRA:
+    SETTINGS = {
+        "linear": setting("network.linear"),
+        "linear_alpha": setting("network.linear_alpha", step=0.5),
+        "steps": setting("train.steps"),
+        "batch_size": setting("train.batch_size"),
+        "lr": setting("train.lr", step=0.000001, round=False),
+        "optimizer": setting("train.optimizer"),
+        "lr_scheduler": setting("train.lr_scheduler"),
+        "save_every": setting("save.save_every"),
+        "max_step_saves_to_keep": setting("save.max_step_saves_to_keep"),
+        "save_dtype": setting("save.dtype"),
+        "sample_every": setting("sample.sample_every"),
+        "sample_prompts": setting("sample.prompts"),
+        "sample_width": setting("sample.width", step=16),
+        "sample_height": setting("sample.height", step=16),
+        "sample_steps": setting("sample.sample_steps"),
+        "performance_log_every": setting("logging.performance_log_every"),
+        "seed": setting("train.seed", control_after_generate="fixed"),
+        "timestep_type": setting("train.timestep_type"),
+        "gradient_checkpointing": setting("train.gradient_checkpointing"),
+        "train_dtype": setting("train.dtype"),
+    }
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": widget_inputs(cls.SETTINGS)}
+
+    RETURN_TYPES = ("LORALAB_CONFIG",)
+    RETURN_NAMES = ("config",)
+    FUNCTION = "configure"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "LoRA and training settings; the defaults are the training guide's."
+
+    def configure(self, **values):
+        return (TrainingSettings(checked(config_from(self.SETTINGS, values))),)
+

@@ -1,0 +1,122 @@
+"""Training and saving: TrainLoRA runs core.trainer.train; SaveCheckpoint writes the LoRA file
+into the loras folder."""
+from ..core.config import resolve
+from ..core.workflow import interrupt
+from . import comfy_adapter, events
+from .images import image_tensor
+from .output_files import check_prefix, numbered_file
+from .schema_widgets import config_from, setting, widget_inputs
+from .values import TrainedLoRA
+
+CATEGORY = "LoRA Lab"
+
+
+class TrainingProgress:
+    """Trainer events -> ComfyUI's progress bar (the newest sample as its preview) and the
+    listeners of nodes.events (the headless printer)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event):
+        events.publish(event)
+        kind = event["type"]
+        if kind == "plan":
+            self.bar = comfy_adapter.ProgressBar(event["steps"])
+        elif self.bar is None:
+            return
+        elif kind in ("start", "step"):
+            self.bar.update(event["step"])
+        elif kind == "sample":
+            self.bar.update(self.bar.value, preview=event["image"])
+
+
+def stop_requested():
+    """ComfyUI's Cancel, or the headless runner's Ctrl+C."""
+    return comfy_adapter.interrupted() or interrupt.stop_requested()
+
+
+class LoRALabTrainLoRA:
+    SETTINGS = {"name": setting("name"), "resume": setting("train.resume")}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"base_model": ("LORALAB_BASE_MODEL",),
+                             "dataset": ("LORALAB_DATASET",),
+                             "config": ("LORALAB_CONFIG",),
+                             **widget_inputs(cls.SETTINGS)}}
+
+    RETURN_TYPES = ("LORALAB_LORA", "IMAGE", "STRING")
+    RETURN_NAMES = ("lora", "loss_plot", "summary")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Trains the LoRA into a run folder in the output folder. Cancel stops within "
+                   "a step and saves a checkpoint first; queue again to resume.")
+
+    def train(self, base_model, dataset, config, name, resume):
+        # imported here: peft and diffusers take seconds, and ComfyUI imports every pack at start
+        from ..core.coach.summary import run_summary
+        from ..core.runs import RunFolder
+        from ..core.runs.plot import loss_plot
+        from ..core.trainer import train
+
+        raw = config_from(self.SETTINGS, {"name": name, "resume": resume})
+        for section, values in config.sections.items():
+            raw[section] = {**values, **raw.get(section, {})}
+        raw.update(model=base_model.section, dataset=dataset.section)
+        raw["save"] = {**raw.get("save", {}), "output_dir": comfy_adapter.output_directory()}
+        resolved = resolve(raw)
+        pipeline, family = base_model.pipeline(), base_model.family
+        try:
+            result = train(resolved, pipeline=pipeline, on_event=TrainingProgress(),
+                           should_stop=stop_requested)
+        finally:
+            base_model.release_device()
+        if result.status == "interrupted":
+            comfy_adapter.raise_if_interrupted()
+        metrics = RunFolder(resolved["save"]["output_dir"], name).read_metrics()
+        lora = TrainedLoRA(name, result.weights, resolved, result.step, result.status,
+                           result.lora_path, result.run_folder,
+                           to_kohya=family.lora_to_kohya(family.trainable_model(pipeline)))
+        summary = run_summary(result, metrics)
+        events.publish({"type": "summary", "name": name, "text": summary})
+        return lora, image_tensor(loss_plot(metrics, title=f"{name} loss")), summary
+
+
+class LoRALabSaveCheckpoint:
+    PREFIX_TOOLTIP = ("File name inside ComfyUI's loras folder (so LoraLoader lists it), without "
+                      "extension; [name] becomes the LoRA's name and a counter is added.")
+    FORMAT_TOOLTIP = ("Key names: diffusers (PEFT keys, the FLUX default; ComfyUI and diffusers "
+                      "load it) or kohya (lora_unet_..., with alpha keys).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": ("LORALAB_LORA",),
+            "filename_prefix": ("STRING", {"default": "loralab/[name]", "tooltip": cls.PREFIX_TOOLTIP}),
+            "dtype": setting("save.dtype").widget(),
+            "format": setting("save.format", tooltip=cls.FORMAT_TOOLTIP).widget(),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Writes the trained LoRA as <prefix>_<counter>.safetensors into the loras folder."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix):
+        try:
+            check_prefix(filename_prefix.replace("[name]", "lora"))
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def save(self, lora, filename_prefix, dtype, format):
+        from ..core.trainer import write_lora
+
+        path = numbered_file(comfy_adapter.loras_directory(),
+                             filename_prefix.replace("[name]", lora.name), ".safetensors")
+        write_lora(path, lora.weights, lora.config, lora.step, lora.to_kohya, format, dtype)
+        return {"ui": {"text": [path]}, "result": (path,)}

@@ -1,0 +1,75 @@
+"""The values that travel on LoRA Lab's links (LORALAB_DATASET, _BASE_MODEL, _CONFIG, _LORA):
+small objects holding config sections, plus the loaded base model and the trained weights."""
+from dataclasses import dataclass, field
+
+from ..core.families.builtin import resolve_model_path
+
+
+@dataclass
+class DatasetSettings:
+    """LORALAB_DATASET: the `dataset` section of the config."""
+    section: dict
+
+
+@dataclass
+class TrainingSettings:
+    """LORALAB_CONFIG: the network/train/save/sample/logging sections."""
+    sections: dict
+
+
+@dataclass(eq=False)
+class BaseModel:
+    """LORALAB_BASE_MODEL: the `model` section and the pipeline, loaded on first use and then
+    shared by TrainLoRA and SampleGrid (ComfyUI keeps the node's output between runs)."""
+    section: dict
+    _pipeline: object = field(default=None, repr=False)
+
+    @property
+    def family(self):
+        from ..core.families import get_family
+
+        return get_family(self.section["family"])
+
+    def pipeline(self):
+        if self._pipeline is None:
+            model = self.section
+            self._pipeline = self.family.load(resolve_model_path(model["path"]),
+                                              model.get("transformer_path"), model["dtype"],
+                                              model["quantize"])
+        return self._pipeline
+
+    def release_device(self):
+        """Moves the pipeline to the CPU so ComfyUI's own models get the GPU memory back.
+        bitsandbytes-quantized weights cannot move, so those stay."""
+        if self._pipeline is None or self.section["quantize"] != "none":
+            return
+        import torch
+
+        self._pipeline.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass(eq=False)
+class TrainedLoRA:
+    """LORALAB_LORA: the trained weights (float32, peft names) and the resolved config."""
+    name: str
+    weights: dict = field(repr=False)
+    config: dict = field(repr=False)
+    step: int
+    status: str
+    lora_path: str
+    run_folder: str
+    to_kohya: object = field(default=None, repr=False)  # maps weights to kohya key names
+
+    @property
+    def trigger_word(self):
+        return self.config["dataset"]["trigger_word"]
+
+    def tensors(self, fmt="diffusers", dtype="float32"):
+        """The tensors of the LoRA file (alpha baked into lora_B) in the given key format."""
+        from ..core.lora import file_tensors
+
+        network = self.config["network"]
+        return file_tensors(self.weights, network["linear"], network["linear_alpha"], fmt, dtype,
+                            to_kohya=self.to_kohya)
