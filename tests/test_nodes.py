@@ -1,0 +1,330 @@
+"""The node classes as ComfyUI calls them: INPUT_TYPES, FUNCTION, return tuples, IMAGE layout,
+widget defaults from the schema; SaveCheckpoint's path rules; SampleGrid's grid; and the
+ComfyUI-only behaviour against stand-ins of ComfyUI's modules."""
+import inspect
+import os
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import loralab
+from loralab.core.config import ConfigError, defaults, field, resolve
+from loralab.nodes import comfy_adapter
+from loralab.nodes.schema_widgets import config_from
+from loralab.nodes.values import TrainedLoRA
+
+NODES = loralab.NODE_CLASS_MAPPINGS
+FAST_SETTINGS = {"steps": 12, "lr": 1e-3, "optimizer": "adamw", "sample_every": 0,
+                 "train_dtype": "fp32", "gradient_checkpointing": False, "linear": 8,
+                 "performance_log_every": 4, "sample_width": 64, "sample_height": 64,
+                 "sample_steps": 2}
+
+
+def call(class_type, **inputs):
+    """What ComfyUI does: instantiate, call FUNCTION, unwrap {"ui", "result"}; checks the tuple
+    against RETURN_TYPES."""
+    node_class = NODES[class_type]
+    returned = getattr(node_class(), node_class.FUNCTION)(**inputs)
+    if isinstance(returned, dict):
+        returned = returned["result"]
+    assert isinstance(returned, tuple) and len(returned) == len(node_class.RETURN_TYPES)
+    return returned
+
+
+def widget_defaults(class_type):
+    declared = NODES[class_type].INPUT_TYPES()
+    return {name: spec[1]["default"] for section in ("required", "optional")
+            for name, spec in declared.get(section, {}).items()
+            if len(spec) > 1 and "default" in spec[1]}
+
+
+def assert_comfy_image(image):
+    assert image.dtype == torch.float32 and image.dim() == 4 and image.shape[-1] == 3
+    assert 0.0 <= image.min().item() and image.max().item() <= 1.0
+
+
+# -- as ComfyUI reads the classes ------------------------------------------------------------------
+
+def test_every_design_node_is_registered_with_a_display_name():
+    expected = {"LoRALabLoadDataset", "LoRALabLoadBaseModel", "LoRALabConfigureLoRA",
+                "LoRALabTrainLoRA", "LoRALabSaveCheckpoint", "LoRALabSampleGrid", "LoRALabApplyLoRA"}
+    assert set(NODES) == expected
+    assert set(loralab.NODE_DISPLAY_NAME_MAPPINGS) == expected
+    assert all(name.startswith("LoRA Lab: ") for name in loralab.NODE_DISPLAY_NAME_MAPPINGS.values())
+
+
+def test_importing_the_pack_does_not_import_comfyui():
+    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+
+
+@pytest.mark.parametrize("class_type", sorted(NODES))
+def test_node_class_has_the_v1_shape(class_type):
+    node_class = NODES[class_type]
+    declared = node_class.INPUT_TYPES()
+    assert set(declared) <= {"required", "optional", "hidden"} and declared["required"]
+    names = []
+    for section in ("required", "optional"):
+        for name, spec in declared.get(section, {}).items():
+            assert isinstance(spec, tuple) and isinstance(spec[0], (str, list)), name
+            if len(spec) > 1:
+                assert isinstance(spec[1], dict)
+            if isinstance(spec[0], list):  # a COMBO's default is one of its choices
+                assert spec[1]["default"] in spec[0]
+            names.append(name)
+    function = getattr(node_class(), node_class.FUNCTION)
+    parameters = inspect.signature(function).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    assert takes_any or set(names) <= set(parameters), "FUNCTION must take every input"
+    assert all(p.default is not p.empty for n, p in parameters.items()
+               if n in declared.get("optional", {}))
+    assert isinstance(node_class.RETURN_TYPES, tuple)
+    assert len(node_class.RETURN_NAMES) == len(node_class.RETURN_TYPES)
+    assert node_class.CATEGORY == "LoRA Lab"
+
+
+@pytest.mark.parametrize("class_type", ["LoRALabLoadDataset", "LoRALabLoadBaseModel",
+                                        "LoRALabConfigureLoRA", "LoRALabTrainLoRA",
+                                        "LoRALabSampleGrid"])
+def test_widgets_carry_the_schema_defaults_ranges_and_tooltips(class_type):
+    node_class = NODES[class_type]
+    declared = node_class.INPUT_TYPES()["required"]
+    for name, setting in node_class.SETTINGS.items():
+        schema, options = field(setting.path), declared[name][1]
+        assert options["tooltip"].startswith(schema["description"]), name
+        if schema.get("default") is not None and not isinstance(schema["default"], list):
+            assert options["default"] == schema["default"], name
+        if "maximum" in schema:
+            assert options["max"] == schema["maximum"], name
+        if "enum" in schema:
+            assert declared[name][0] == [c for c in schema["enum"] if c is not None]
+
+
+def test_widget_defaults_resolve_to_the_config_defaults():
+    """One schema: every node's default widgets, turned back into a config, are the defaults."""
+    raw = {}
+    for class_type in ("LoRALabLoadDataset", "LoRALabLoadBaseModel", "LoRALabConfigureLoRA",
+                       "LoRALabTrainLoRA", "LoRALabSampleGrid"):
+        node_class = NODES[class_type]
+        for section, values in config_from(node_class.SETTINGS, widget_defaults(class_type)).items():
+            raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    raw["model"]["path"], raw["dataset"]["folder"] = "x", "y"
+    resolved, expected = resolve(raw), resolve({"model": {"path": "x"}, "dataset": {"folder": "y"}})
+    assert resolved == expected
+    assert resolved["train"]["steps"] is None and resolved["sample"]["prompts"] == defaults()[
+        "sample"]["prompts"]
+
+
+def test_bad_widget_values_name_the_config_key(demo_dataset):
+    with pytest.raises(ConfigError, match="dataset.resolution"):
+        call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
+                                      "folder": demo_dataset, "resolution": "512,big"})
+    with pytest.raises(ConfigError, match="train.lr"):
+        call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"), "lr": 3.0})
+
+
+def test_only_flux_loads_and_other_families_say_so(tiny_flux):
+    with pytest.raises(ValueError, match="sdxl.*not supported yet.*flux"):
+        call("LoRALabLoadBaseModel", family="sdxl", path=tiny_flux, dtype="fp32", quantize="none")
+    problem = NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="/nowhere/FLUX.1-dev")
+    assert "model folder not found" in problem and "/nowhere/FLUX.1-dev" in problem
+    assert NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="builtin:tiny-flux") is True
+
+
+def test_dataset_report_counts_images_and_gives_the_guides_steps(demo_dataset):
+    dataset, report = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
+                                                   "folder": demo_dataset, "repeats": 2})
+    assert dataset.section["repeats"] == 2 and dataset.section["resolution"] == [512, 768, 1024]
+    assert "6 image(s)" in report and "steps per epoch: 12" in report
+
+
+# -- SaveCheckpoint's file names -------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["../outside", "loralab/../../outside", "/tmp/absolute", ""])
+def test_save_checkpoint_refuses_a_prefix_that_leaves_the_loras_folder(prefix, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problem = NODES["LoRALabSaveCheckpoint"].VALIDATE_INPUTS(filename_prefix=prefix)
+    assert problem is not True and "filename_prefix" in problem
+    lora = TrainedLoRA("x", {}, {}, 0, "finished", "", "")
+    with pytest.raises(ValueError, match="filename_prefix"):
+        call("LoRALabSaveCheckpoint", lora=lora, filename_prefix=prefix, dtype="float16",
+             format="diffusers")
+    assert not os.path.exists(tmp_path / "output")
+
+
+# -- a real (tiny) training through the nodes ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_flux, demo_dataset, tmp_path_factory):
+    """LoadBaseModel -> LoadDataset -> ConfigureLoRA -> TrainLoRA, once for this module; the
+    working folder (./output) stays a temporary one while the module runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("nodes"))
+        base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
+                     quantize="none")
+        dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
+                                                  "folder": demo_dataset, "trigger_word": "sks",
+                                                  "resolution": "64"})
+        config, = call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"),
+                                                 **FAST_SETTINGS})
+        lora, plot, summary = call("LoRALabTrainLoRA", base_model=base, dataset=dataset,
+                                   config=config, name="node_lora", resume=True)
+        yield types.SimpleNamespace(base=base, lora=lora, plot=plot, summary=summary)
+
+
+def test_train_returns_the_lora_a_loss_plot_image_and_a_summary(trained):
+    assert trained.lora.status == "finished" and trained.lora.step == 12
+    assert os.path.isfile(trained.lora.lora_path)
+    assert os.path.dirname(trained.lora.run_folder) == os.path.abspath("output")
+    assert_comfy_image(trained.plot)
+    assert trained.plot.shape[0] == 1 and trained.plot.shape[2] > trained.plot.shape[1]
+    assert "finished: step 12 of 12" in trained.summary
+
+
+def test_save_checkpoint_writes_numbered_files_in_the_loras_folder(trained):
+    first, = call("LoRALabSaveCheckpoint", lora=trained.lora, filename_prefix="loralab/[name]",
+                  dtype="float16", format="diffusers")
+    second, = call("LoRALabSaveCheckpoint", lora=trained.lora, filename_prefix="loralab/[name]",
+                   dtype="float32", format="kohya")
+    loras = os.path.abspath(os.path.join("output", "loras", "loralab"))
+    assert first == os.path.join(loras, "node_lora_00001.safetensors")
+    assert second == os.path.join(loras, "node_lora_00002.safetensors")
+    diffusers, kohya = load_file(first), load_file(second)
+    assert all(k.startswith("transformer.") for k in diffusers)
+    assert {v.dtype for v in diffusers.values()} == {torch.float16}
+    assert all(k.startswith("lora_unet_") for k in kohya)
+
+
+def test_sample_grid_is_prompts_by_strengths_and_strength_0_is_the_base_model(trained):
+    prompts = "a photo of sks\nsks on grass"  # no [trigger]: the base grid has no trigger word
+    sample = dict(seed=7, steps=2, guidance=4.0, width=64, height=64)
+    base, = call("LoRALabSampleGrid", base_model=trained.base, prompts=prompts, strengths="0",
+                 **sample)
+    two, = call("LoRALabSampleGrid", base_model=trained.base, lora=trained.lora, prompts=prompts,
+                strengths="0,1", **sample)
+    three, = call("LoRALabSampleGrid", base_model=trained.base, lora=trained.lora,
+                  prompts="a photo of [trigger]", strengths="0,0.5,1", **sample)
+    for grid in (base, two, three):
+        assert_comfy_image(grid)
+        assert grid.shape[0] == 1
+    assert two.shape[2] - base.shape[2] == 64          # one more column
+    assert three.shape[2] - two.shape[2] == 64         # and another
+    assert two.shape[1] - three.shape[1] == 64         # two prompts: one more row
+    cells = two[0, -128:, -128:]                       # rows x columns, bottom right
+    base_cells = base[0, -128:, -64:]
+    assert torch.equal(cells[:, :64], base_cells)      # strength 0 is the base model
+    assert not torch.equal(cells[:, 64:], base_cells)  # strength 1 is not
+    saved = os.path.join("output", "node_lora")
+    assert sorted(n for n in os.listdir(saved) if n.startswith("grid_")) == [
+        "grid_00001.png", "grid_00002.png"]
+
+
+def test_apply_lora_says_it_needs_comfyui(trained):
+    with pytest.raises(RuntimeError, match="inside ComfyUI"):
+        call("LoRALabApplyLoRA", model=object(), lora=trained.lora, strength=1.0)
+
+
+# -- inside ComfyUI (its modules stood in for) ----------------------------------------------------
+
+class InterruptProcessingException(BaseException):
+    pass
+
+
+@pytest.fixture
+def comfyui(tmp_path, monkeypatch):
+    """Stand-ins of the ComfyUI functions the adapter calls, recording what they get."""
+    seen = types.SimpleNamespace(progress=[], patched=[], interrupt_at=None, interrupted=False)
+    models = tmp_path / "models"
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            seen.progress.append((value, total, preview))
+            if seen.interrupt_at is not None and value >= seen.interrupt_at:
+                seen.interrupted = True  # the user presses Cancel at this step
+
+    def throw_exception_if_processing_interrupted():
+        if seen.interrupted:
+            seen.interrupted = False
+            raise InterruptProcessingException()
+
+    def folder(kind):
+        return str(models / {"unet": "diffusion_models"}.get(kind, kind))
+
+    modules = {
+        "comfy": types.ModuleType("comfy"),
+        "comfy.utils": types.SimpleNamespace(ProgressBar=ProgressBar),
+        "comfy.cli_args": types.SimpleNamespace(args=types.SimpleNamespace(preview_size=256)),
+        "comfy.model_management": types.SimpleNamespace(
+            processing_interrupted=lambda: seen.interrupted,
+            throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+            get_torch_device=lambda: torch.device("cpu")),
+        "comfy.sd": types.SimpleNamespace(load_lora_for_models=lambda model, clip, lora, sm, sc: (
+            seen.patched.append((model, lora, sm, sc)) or ("patched", model), None)),
+        "folder_paths": types.SimpleNamespace(
+            get_output_directory=lambda: str(tmp_path / "comfy_output"),
+            get_folder_paths=lambda kind: [folder(kind)],
+            get_filename_list=lambda kind: sorted(os.listdir(folder(kind)))),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    comfy_adapter._comfy.cache_clear()
+    for kind in ("diffusers/FLUX.1-dev", "diffusion_models", "checkpoints", "loras"):
+        (models / kind).mkdir(parents=True)
+    (models / "diffusers" / "FLUX.1-dev" / "model_index.json").write_text("{}")
+    (models / "diffusion_models" / "flux1-dev.safetensors").write_bytes(b"")
+    yield seen
+    comfy_adapter._comfy.cache_clear()
+
+
+def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tiny_flux, tmp_path):
+    choices = NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["optional"]["comfyui_model"][0]
+    assert choices == ["none", "diffusers/FLUX.1-dev", "diffusion_models/flux1-dev.safetensors"]
+    load = NODES["LoRALabLoadBaseModel"].model_section
+    assert load("flux", "", "diffusers/FLUX.1-dev")["path"] == str(
+        tmp_path / "models" / "diffusers" / "FLUX.1-dev")
+    assert load("flux", tiny_flux, "diffusers/FLUX.1-dev")["path"] == tiny_flux
+    single = load("flux", tiny_flux, "diffusion_models/flux1-dev.safetensors")
+    assert single["transformer_path"].endswith("flux1-dev.safetensors")
+    with pytest.raises(ValueError, match="single transformer file"):
+        load("flux", "", "diffusion_models/flux1-dev.safetensors")
+
+
+def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(
+        comfyui, tiny_flux, demo_dataset, tmp_path):
+    base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
+                 quantize="none")
+    dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
+                                              "folder": demo_dataset, "resolution": "64"})
+    config, = call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"),
+                                             **FAST_SETTINGS, "steps": 5, "sample_every": 2})
+    inputs = dict(base_model=base, dataset=dataset, config=config, name="cancelled", resume=True)
+    comfyui.interrupt_at = 3
+    with pytest.raises(InterruptProcessingException):
+        call("LoRALabTrainLoRA", **inputs)
+    run = tmp_path / "comfy_output" / "cancelled"
+    assert (run / "cancelled_000000003.safetensors").is_file()  # saved at the step it stopped
+    assert not (run / "cancelled.safetensors").exists()
+    previews = [p for _, _, p in comfyui.progress if p is not None]
+    assert previews and all(p[0] == "JPEG" and isinstance(p[1], Image.Image) and p[2] == 256
+                            for p in previews)
+    assert [v for v, _, p in comfyui.progress if p is None][:4] == [0, 1, 2, 3]
+
+    comfyui.interrupt_at = None
+    lora, _, summary = call("LoRALabTrainLoRA", **inputs)  # queued again: resumes at step 3
+    assert lora.status == "finished" and lora.step == 5 and "step 5 of 5" in summary
+    assert comfyui.progress[-1][0] == 5
+
+    path, = call("LoRALabSaveCheckpoint", lora=lora, filename_prefix="mine/[name]",
+                 dtype="float16", format="diffusers")
+    assert path == str(tmp_path / "models" / "loras" / "mine" / "cancelled_00001.safetensors")
+
+    model, = call("LoRALabApplyLoRA", model="comfy MODEL", lora=lora, strength=0.8)
+    (given, tensors, strength, clip_strength), = comfyui.patched
+    assert model == ("patched", "comfy MODEL") and (strength, clip_strength) == (0.8, 0)
+    assert tensors.keys() == load_file(path).keys()
