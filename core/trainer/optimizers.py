@@ -1,10 +1,13 @@
 """Optimizers and learning-rate schedules by name (train.optimizer, train.lr_scheduler)."""
+import logging
 import math
 
 import torch
 
 
 def make_optimizer(name, parameters, lr):
+    # bitsandbytes logs a warning about optional 4-bit CPU kernels we never use
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if name == "adamw8bit":
         import bitsandbytes  # 8-bit states: about a quarter of AdamW's optimizer memory
 

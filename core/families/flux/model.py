@@ -1,6 +1,8 @@
 """Load a FLUX.1 pipeline from local files only: a diffusers folder, optionally with a
 single-file transformer (BFL keys, as ComfyUI keeps it in models/diffusion_models)."""
+import contextlib
 import os
+import warnings
 
 import torch
 
@@ -65,6 +67,23 @@ def _quantized_transformer(folder, quantize, dtype):
                          "quantization needs a CUDA GPU; set model.quantize to \"none\".") from error
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-file progress bars or renamed-argument notices from diffusers/transformers while
+    loading: our own progress output says what is loading."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        import transformers.utils.logging as transformers_logging
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
+
+
 def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none"):
     """The FLUX.1 pipeline, every part loaded from local files in `dtype`."""
     from diffusers import FluxPipeline
@@ -77,8 +96,9 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none"):
     elif quantize != "none":
         parts["transformer"] = _quantized_transformer(folder, quantize, torch_dtype)
     try:
-        pipeline = FluxPipeline.from_pretrained(folder, torch_dtype=torch_dtype,
-                                                local_files_only=True, **parts)
+        with quiet_loading():
+            pipeline = FluxPipeline.from_pretrained(folder, torch_dtype=torch_dtype,
+                                                    local_files_only=True, **parts)
     except (OSError, ValueError) as error:
         raise ModelError(f"model.path: could not load a FLUX.1 pipeline from {folder}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)
