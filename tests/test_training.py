@@ -147,3 +147,19 @@ def test_cli_reports_a_bad_model_path(make_config, tmp_path):
     path.write_text(json.dumps(raw))
     result = run_cli("train", str(path))
     assert result.returncode == 2 and "model.path" in result.stderr and "model_index.json" in result.stderr
+
+
+def test_two_processes_train_data_parallel(make_config, tmp_path):
+    """torchrun with two CPU processes: accelerate's DDP, the same loop and files as one process."""
+    raw = make_config(name="ddp", train={"steps": 4}, save={"save_every": 2})
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "loralab.cli", "train", str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2 and all(r["step"] == 4 for r in reports)
+    run = RunFolder(resolve(raw)["save"]["output_dir"], "ddp")
+    assert run.checkpoints() == [2, 4] and os.path.isfile(run.final_lora)
+    assert [m["step"] for m in run.read_metrics()] == [4]  # one writer: the main process

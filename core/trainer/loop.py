@@ -40,10 +40,16 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     """Trains the LoRA that `config` (resolved, see core.config) describes. `pipeline` reuses an
     already loaded base model; `on_event(dict)` receives progress; `should_stop()` is checked
     every step (a stop saves a checkpoint first, so running again resumes)."""
-    emit = on_event or (lambda event: None)
-    should_stop = should_stop or (lambda: False)
     model_cfg, data_cfg, net_cfg = config["model"], config["dataset"], config["network"]
     train_cfg, save_cfg, sample_cfg = config["train"], config["save"], config["sample"]
+    # A long-lived process (ComfyUI) trains many times with different precisions: accelerate keeps
+    # its state in a singleton, so start each run from a fresh one (the process group stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]],
+                              cpu=not torch.cuda.is_available())  # cpu: torchrun on CPUs is DDP too
+    device = accelerator.device
+    emit = (on_event if accelerator.is_main_process else None) or (lambda event: None)
+    should_stop = should_stop or (lambda: False)
     family = get_family(model_cfg["family"])
     run = RunFolder(save_cfg["output_dir"], config["name"])
 
@@ -57,11 +63,6 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     emit({"type": "plan", "images": len(scan.items), "steps": steps,
           "steps_per_epoch": steps_per_epoch(len(scan.items), data_cfg["repeats"], batch_size)})
 
-    # A long-lived process (ComfyUI) trains many times with different precisions: accelerate keeps
-    # its state in a singleton, so start each run from a fresh one (the process group stays).
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]])
-    device = accelerator.device
     torch.manual_seed(train_cfg["seed"])
 
     # -- base model ---------------------------------------------------------------------------
