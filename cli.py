@@ -182,11 +182,12 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
+    from .core.trainer import ResumeError
     from .core.workflow import WorkflowError
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, WorkflowError) as error:
+    except (ConfigError, DatasetError, ModelError, ResumeError, WorkflowError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

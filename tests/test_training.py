@@ -163,3 +163,12 @@ def test_two_processes_train_data_parallel(make_config, tmp_path):
     run = RunFolder(resolve(raw)["save"]["output_dir"], "ddp")
     assert run.checkpoints() == [2, 4] and os.path.isfile(run.final_lora)
     assert [m["step"] for m in run.read_metrics()] == [4]  # one writer: the main process
+
+
+def test_resuming_with_another_rank_says_what_to_do(resolved):
+    config = resolved(train={"steps": 2}, save={"save_every": 1})
+    train(config, should_stop=lambda: True)
+    changed = resolved(train={"steps": 2}, save={"save_every": 1}, network={"linear": 4})
+    from loralab.core.trainer import ResumeError
+    with pytest.raises(ResumeError, match="other network settings.*another name.*train.resume"):
+        train(changed)

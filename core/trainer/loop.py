@@ -24,6 +24,10 @@ from .optimizers import make_optimizer, make_scheduler
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
+class ResumeError(ValueError):
+    """The run folder's checkpoints do not fit this config."""
+
+
 @dataclass
 class TrainResult:
     status: str                  # "finished", "interrupted", "already finished", "stopped: nan"
@@ -102,7 +106,12 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     resumable = run.resumable() if train_cfg["resume"] else None
     if resumable is not None:
         state = load_checkpoint_state(run, resumable)
-        load_lora_weights(accelerator.unwrap_model(model), state["lora"])
+        try:
+            load_lora_weights(accelerator.unwrap_model(model), state["lora"])
+        except (RuntimeError, ValueError) as error:
+            raise ResumeError(f"{run.checkpoint(resumable)} was trained with other network settings "
+                              f"({str(error).splitlines()[0][:160]}). Give this run another name, or "
+                              "set train.resume to false to start over in the same folder.") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
