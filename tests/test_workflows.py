@@ -1,0 +1,176 @@
+"""Every shipped workflow replayed headless (`loralab run` as a real subprocess), API and UI format
+alike, and the error each kind of bad workflow gives."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loralab
+from loralab.core.workflow import WorkflowError, WorkflowInterrupted, interrupt, run_workflow, to_api, validate
+from loralab.nodes.events import listening
+
+from conftest import run_cli
+
+NODES = loralab.NODE_CLASS_MAPPINGS
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+NAMES = ["quickstart", "flux-dev-train", "train-then-generate"]
+# The FLUX.1-dev graphs with the user's model swapped for the tiny one and fast settings.
+TINY = {
+    "LoRALabLoadBaseModel": {"path": "builtin:tiny-flux", "dtype": "fp32"},
+    "LoRALabLoadDataset": {"folder": "builtin:demo", "resolution": "64"},
+    "LoRALabConfigureLoRA": {"steps": 6, "train_dtype": "fp32", "gradient_checkpointing": False,
+                             "optimizer": "adamw", "sample_every": 0},
+    "LoRALabSampleGrid": {"width": 64, "height": 64, "steps": 2},
+}
+
+
+def workflow(name):
+    return os.path.join(WORKFLOWS, name)
+
+
+def read(name):
+    with open(workflow(name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def with_tiny_model(api):
+    """The API workflow with TINY's values put into its LoRA Lab nodes."""
+    for node in api.values():
+        node["inputs"].update(TINY.get(node["class_type"], {}))
+    return api
+
+
+def test_every_workflow_ships_in_both_formats():
+    shipped = sorted(os.listdir(WORKFLOWS))
+    assert shipped == sorted([f"{n}.json" for n in NAMES] + [f"{n}.ui.json" for n in NAMES])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_format_are_the_same_graph(name):
+    api = to_api(workflow(f"{name}.json"), NODES)
+    ui = to_api(workflow(f"{name}.ui.json"), NODES)
+    assert api.nodes.keys() == ui.nodes.keys()
+    for node_id, node in api.nodes.items():
+        converted = ui.nodes[node_id]
+        assert (converted["class_type"], converted["_meta"]) == (node["class_type"], node["_meta"])
+        if node["class_type"] in NODES:
+            assert converted["inputs"] == node["inputs"], node_id
+        else:  # without the class, the UI format's widget values cannot be named; links can
+            assert converted["inputs"] == {k: v for k, v in node["inputs"].items() if isinstance(v, list)}
+    assert api.skipped == ui.skipped
+
+
+def test_quickstart_runs_headless_and_both_formats_train_the_same_lora(tmp_path):
+    weights = {}
+    for file_name in ("quickstart.json", "quickstart.ui.json"):
+        folder = tmp_path / file_name
+        folder.mkdir()
+        done = run_cli("run", workflow(file_name), cwd=folder)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "skipped node 7 'Loss plot' (PreviewImage): ComfyUI node" in done.stderr
+        assert "skipped node 8 'Training summary' (PreviewAny)" in done.stderr
+        assert "[4/6] node 4 'Train LoRA' (LoRALabTrainLoRA)" in done.stderr
+        lora = folder / "output" / "loras" / "loralab" / "quickstart_00001.safetensors"
+        grid = folder / "output" / "quickstart" / "grid_00001.png"
+        assert f"node 5 'Save LoRA to loras': {lora}" in done.stdout
+        assert str(grid) in done.stdout and grid.is_file()
+        assert "finished: step 24 of 24" in done.stdout
+        weights[file_name] = load_file(lora)
+    api, ui = weights.values()
+    assert api.keys() == ui.keys() and all(torch.equal(api[k], ui[k]) for k in api)
+
+
+def test_train_then_generate_runs_its_lora_lab_part_and_names_what_it_skipped(tmp_path):
+    path = tmp_path / "train-then-generate.json"
+    path.write_text(json.dumps(with_tiny_model(read("train-then-generate.json"))))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for skipped in ("node 10 'FLUX.1-dev transformer' (UNETLoader): ComfyUI node",
+                    "node 11 'Text encoders' (DualCLIPLoader)", "node 18 'KSampler' (KSampler)",
+                    "node 13 'Apply the new LoRA' (LoRALabApplyLoRA): needs skipped node 10",
+                    "node 20 'Save image' (SaveImage)"):
+        assert f"skipped {skipped}" in done.stderr
+    assert (tmp_path / "output" / "loras" / "loralab" / "my_flux_lora_00001.safetensors").is_file()
+
+
+@pytest.mark.parametrize("file_name", ["flux-dev-train.json", "flux-dev-train.ui.json"])
+def test_flux_dev_workflow_without_the_model_fails_before_running_naming_the_paths(file_name, tmp_path):
+    done = run_cli("run", workflow(file_name), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ")
+    assert ("node 1 'FLUX.1-dev (edit path)' (LoRALabLoadBaseModel), input 'path': model folder "
+            "not found: '/path/to/FLUX.1-dev'") in done.stderr
+    assert ("node 2 'My dataset (edit folder)' (LoRALabLoadDataset), input 'folder': dataset "
+            "folder not found: '/path/to/my_dataset'") in done.stderr
+    assert not (tmp_path / "output").exists()
+
+
+# -- bad workflows ---------------------------------------------------------------------------------
+
+def broken(change):
+    api = read("quickstart.json")
+    change(api)
+    return api
+
+
+BAD = {
+    "unknown node": (
+        lambda api: api.update({"9": {"class_type": "LoRALabTrainLoRAX", "inputs": {},
+                                      "_meta": {"title": "Typo"}}}),
+        "node 9 'Typo' (LoRALabTrainLoRAX): unknown node type 'LoRALabTrainLoRAX'"),
+    "missing input": (
+        lambda api: api["4"]["inputs"].pop("config"),
+        "node 4 'Train LoRA' (LoRALabTrainLoRA), input 'config': missing required input"),
+    "wrong link type": (
+        lambda api: api["6"]["inputs"].update(lora=["2", 0]),
+        "node 6 'Base vs LoRA' (LoRALabSampleGrid), input 'lora': expects LORALAB_LORA but "
+        "output 0 of node 2 'Demo dataset (drawn locally)' gives LORALAB_DATASET"),
+    "value out of range": (
+        lambda api: api["3"]["inputs"].update(lr=5.0),
+        "node 3 'LoRA settings' (LoRALabConfigureLoRA), input 'lr': 5.0 is above the maximum 1.0"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_a_bad_workflow_is_refused_naming_node_title_and_input(kind):
+    change, message = BAD[kind]
+    with pytest.raises(WorkflowError) as error:
+        validate(broken(change), NODES)
+    assert message in str(error.value)
+
+
+def test_a_bad_ui_workflow_names_the_same(tmp_path):
+    ui = read("quickstart.ui.json")
+    settings = next(n for n in ui["nodes"] if n["id"] == 3)
+    settings["widgets_values"][4] = 5.0  # lr, after linear, linear_alpha, steps, batch_size
+    path = tmp_path / "bad.ui.json"
+    path.write_text(json.dumps(ui))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert BAD["value out of range"][1] in done.stderr
+
+
+# -- stopping headless -----------------------------------------------------------------------------
+
+def test_a_stop_request_saves_a_checkpoint_ends_the_run_and_a_rerun_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    api = broken(lambda api: api["3"]["inputs"].update(steps=4, sample_every=0))
+    del api["6"]  # the grid is not what this is about
+
+    def stop_at_step_2(event):  # what the first Ctrl+C does
+        if event.get("type") == "step" and event["step"] == 2:
+            interrupt.request_stop()
+
+    with listening(stop_at_step_2), pytest.raises(WorkflowInterrupted, match="node 5"):
+        run_workflow(api, NODES)
+    run = tmp_path / "output" / "quickstart"
+    assert (run / "quickstart_000000002.safetensors").is_file()
+    assert not (tmp_path / "output" / "loras").exists()  # SaveCheckpoint did not run
+
+    resumed = []
+    with listening(lambda event: event.get("type") == "resume" and resumed.append(event["step"])):
+        result = run_workflow(api, NODES)
+    assert resumed == [2] and (run / "quickstart.safetensors").is_file()
+    assert os.path.isfile(result.outputs["5"][0])
