@@ -159,6 +159,54 @@ def cmd_run(args):
     return 130 if stop_requested() else 0
 
 
+def cmd_plan(args):
+    from .core.coach.plan import plan_report
+    from .core.config import load_config, resolve
+
+    config = load_config(args.config) if args.config else {}
+    given = {("train", "steps"): args.steps, ("dataset", "repeats"): args.repeats,
+             ("train", "batch_size"): args.batch_size, ("network", "linear"): args.linear,
+             ("train", "lr"): args.lr, ("train", "optimizer"): args.optimizer,
+             ("dataset", "resolution"): args.resolution, ("model", "path"): args.model}
+    for (section, key), value in given.items():
+        if value is not None:
+            config.setdefault(section, {})[key] = value
+    config.setdefault("dataset", {})["folder"] = args.dataset
+    # validated like a training config, so a bad value is named; no model is needed to plan
+    resolve({**config, "model": {"path": "-", **config.get("model", {})}})
+    print(plan_report(args.dataset, config))
+    return 0
+
+
+def cmd_runs_list(args):
+    from .core.runs.history import find_runs, runs_table
+
+    runs = find_runs(args.output_dir)
+    if not runs:
+        print(f"no runs in {os.path.abspath(args.output_dir)}")
+        return 0
+    print(runs_table(runs))
+    return 0
+
+
+def cmd_runs_compare(args):
+    from .core.runs.compare import compare_runs
+    from .core.runs.history import locate_run
+
+    comparison = compare_runs([locate_run(run, args.output_dir) for run in args.runs])
+    out = args.out or os.path.join(args.output_dir, "comparisons", "_vs_".join(comparison.labels))
+    os.makedirs(out, exist_ok=True)
+    print(comparison.text())
+    comparison.loss_image.save(os.path.join(out, "loss.png"))
+    print(f"loss curves: {os.path.join(out, 'loss.png')}")
+    if comparison.samples_image is not None:
+        comparison.samples_image.save(os.path.join(out, "samples.png"))
+        print(f"samples side by side: {os.path.join(out, 'samples.png')}")
+    else:
+        print("samples: not every run has sample images (sample.sample_every 0)")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="loralab", description="Train and test LoRAs for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +222,28 @@ def build_parser():
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     tiny.add_argument("--single-file", help="also write the transformer as one BFL-format .safetensors")
     tiny.set_defaults(handler=cmd_make_tiny_model)
+    plan = commands.add_parser("plan", help="check a dataset and plan a run by the guide: steps, epochs, memory, advice")
+    plan.add_argument("dataset", help="dataset folder (or builtin:demo)")
+    plan.add_argument("--config", help="a training config whose settings the plan starts from")
+    plan.add_argument("--steps", type=int)
+    plan.add_argument("--repeats", type=int)
+    plan.add_argument("--batch-size", type=int)
+    plan.add_argument("--linear", type=int, help="LoRA rank")
+    plan.add_argument("--lr", type=float)
+    plan.add_argument("--optimizer")
+    plan.add_argument("--resolution", type=lambda text: [int(r) for r in text.split(",")],
+                      help="comma-separated training resolutions, e.g. 512,768,1024")
+    plan.add_argument("--model", help="local base model folder, for exact memory figures (default: FLUX.1-dev shapes)")
+    plan.set_defaults(handler=cmd_plan)
+    runs = commands.add_parser("runs", help="list and compare earlier runs").add_subparsers(dest="runs_command", required=True)
+    runs_list = runs.add_parser("list", help="name, date, model, steps, final and best loss, warnings")
+    runs_list.add_argument("--output-dir", default="output")
+    runs_list.set_defaults(handler=cmd_runs_list)
+    runs_compare = runs.add_parser("compare", help="differing settings, loss curves on one plot, samples side by side")
+    runs_compare.add_argument("runs", nargs="+", help="run folders, or run names inside --output-dir")
+    runs_compare.add_argument("--output-dir", default="output")
+    runs_compare.add_argument("--out", help="folder for loss.png and samples.png (default: OUTPUT_DIR/comparisons/A_vs_B)")
+    runs_compare.set_defaults(handler=cmd_runs_compare)
     return parser
 
 
@@ -184,10 +254,11 @@ def main(argv=None):
     from .core.families.flux.model import ModelError
     from .core.trainer import ResumeError
     from .core.workflow import WorkflowError
+    from .core.runs.history import RunNotFound
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, ResumeError, WorkflowError) as error:
+    except (ConfigError, DatasetError, ModelError, ResumeError, WorkflowError, RunNotFound) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

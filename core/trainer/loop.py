@@ -15,6 +15,7 @@ from ..families import get_family
 from ..families.builtin import resolve_dataset_folder, resolve_model_path
 from ..lora import add_lora, load_lora_weights, lora_weights
 from ..runs import RunFolder, write_json
+from ..runs.fingerprint import dataset_fingerprint
 from ..runs.plot import loss_plot
 from ..sampling import prompts_with_trigger, sample_images, save_samples
 from .checkpoints import load_checkpoint_state, save_checkpoint, write_lora
@@ -119,6 +120,7 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     run.truncate_metrics(start_step)
     run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
                       "dataset_stats": {"images": len(scan.items), "skipped": scan.skipped,
+                                        "fingerprint": dataset_fingerprint(scan),
                                         "buckets": sorted({s for v in sizes.values() for s in v})}})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
     result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config)
