@@ -1,7 +1,6 @@
 """The nodes that prepare a training run: dataset, base model, LoRA settings."""
 import os
 
-from ..core.config import recommended_steps, step_band, steps_per_epoch
 from ..core.families.builtin import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_dataset_folder
 from . import comfy_adapter
 from .schema_widgets import checked, config_from, setting, widget_inputs
@@ -31,6 +30,16 @@ class LoRALabLoadDataset:
     DESCRIPTION = "A folder of images with same-name caption files, checked and summarised."
 
     @classmethod
+    def IS_CHANGED(cls, folder, **_):
+        """The folder's listing with sizes and times, so ComfyUI reruns (and TrainLoRA after it)
+        when images or captions change under the same path."""
+        folder = os.path.expanduser(folder)
+        if not os.path.isdir(folder):
+            return folder
+        return [(entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                for entry in sorted(os.scandir(folder), key=lambda e: e.name) if entry.is_file()]
+
+    @classmethod
     def VALIDATE_INPUTS(cls, folder):
         if folder in BUILTIN_DATASETS or os.path.isdir(os.path.expanduser(folder)):
             return True
@@ -38,29 +47,13 @@ class LoRALabLoadDataset:
                 "with same-name caption files (or builtin:demo to try).")
 
     def load(self, **values):
+        from ..core.coach.plan import plan_report
         from ..core.dataset import scan_folder
 
         section = checked(config_from(self.SETTINGS, values))["dataset"]
         scan = scan_folder(resolve_dataset_folder(section["folder"]), section["caption_ext"],
                            section["trigger_word"])
-        return DatasetSettings(section), dataset_report(scan, section["repeats"])
-
-
-def dataset_report(scan, repeats):
-    """A few lines on what the dataset holds and what the guide's step table says about it."""
-    count = len(scan.items)
-    low, high = step_band(count)
-    lines = [f"{count} image(s) in {scan.folder}",
-             f"steps per epoch: {steps_per_epoch(count, repeats)} (batch size 1, repeats {repeats})",
-             f"recommended steps: {recommended_steps(count)} (guide: {low}-{high or 'more'} "
-             f"for {count} images)"]
-    lines += [f"skipped {name}: {reason}" for name, reason in scan.skipped]
-    if scan.missing_captions:
-        lines.append(f"no caption file (trained on the trigger word alone): "
-                     f"{', '.join(scan.missing_captions)}")
-    if count < 15:
-        lines.append("advice: the guide recommends at least 15-20 images for good results")
-    return "\n".join(lines)
+        return DatasetSettings(section), plan_report(scan, {"dataset": section})
 
 
 class LoRALabLoadBaseModel:

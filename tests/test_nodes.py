@@ -1,8 +1,10 @@
 """The node classes as ComfyUI calls them: INPUT_TYPES, FUNCTION, return tuples, IMAGE layout,
 widget defaults from the schema; SaveCheckpoint's path rules; SampleGrid's grid; and the
 ComfyUI-only behaviour against stand-ins of ComfyUI's modules."""
+import importlib.util
 import inspect
 import os
+import shutil
 import sys
 import types
 
@@ -59,6 +61,28 @@ def test_every_design_node_is_registered_with_a_display_name():
 
 def test_importing_the_pack_does_not_import_comfyui():
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+
+
+def test_the_folder_loads_under_another_name_as_comfyui_loads_custom_nodes():
+    root = os.path.dirname(loralab.__file__)
+    spec = importlib.util.spec_from_file_location(
+        "comfyui-loralab", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert sorted(module.NODE_CLASS_MAPPINGS) == sorted(NODES)
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == spec.name]:
+            del sys.modules[name]
+
+
+def test_load_dataset_changes_when_the_folder_does(demo_dataset, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(demo_dataset, folder)
+    before = NODES["LoRALabLoadDataset"].IS_CHANGED(folder=str(folder))
+    (folder / "image_000.txt").write_text("a new caption, longer than before")
+    assert NODES["LoRALabLoadDataset"].IS_CHANGED(folder=str(folder)) != before
 
 
 @pytest.mark.parametrize("class_type", sorted(NODES))
@@ -138,7 +162,8 @@ def test_dataset_report_counts_images_and_gives_the_guides_steps(demo_dataset):
     dataset, report = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
                                                    "folder": demo_dataset, "repeats": 2})
     assert dataset.section["repeats"] == 2 and dataset.section["resolution"] == [512, 768, 1024]
-    assert "6 image(s)" in report and "steps per epoch: 12" in report
+    assert "images: 6 found" in report and "6 images x 2 repeats / batch 1 = 12" in report
+    assert "at least 15-20" in report  # the guide's advice for a small dataset
 
 
 # -- SaveCheckpoint's file names -------------------------------------------------------------------
