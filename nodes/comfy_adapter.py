@@ -115,6 +115,15 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def free_device_memory(pipeline):
+    """Inside ComfyUI, moves a LoRA Lab pipeline to the CPU so ComfyUI's own models get the GPU
+    back. Headless nothing else needs it, so it stays where it is for the next node."""
+    management = _comfy("comfy.model_management")
+    if management:
+        pipeline.to("cpu")
+        management.soft_empty_cache()
+
+
 # -- ComfyUI models -----------------------------------------------------------------------------
 
 def patch_model_with_lora(model, lora_tensors, strength):

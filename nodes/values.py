@@ -3,6 +3,7 @@ small objects holding config sections, plus the loaded base model and the traine
 from dataclasses import dataclass, field
 
 from ..core.families.builtin import resolve_model_path
+from . import comfy_adapter
 
 
 @dataclass
@@ -39,15 +40,10 @@ class BaseModel:
         return self._pipeline
 
     def release_device(self):
-        """Moves the pipeline to the CPU so ComfyUI's own models get the GPU memory back.
-        bitsandbytes-quantized weights cannot move, so those stay."""
-        if self._pipeline is None or self.section["quantize"] != "none":
-            return
-        import torch
-
-        self._pipeline.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Gives the accelerator back to ComfyUI between nodes; bitsandbytes-quantized weights
+        cannot move, so those stay."""
+        if self._pipeline is not None and self.section["quantize"] == "none":
+            comfy_adapter.free_device_memory(self._pipeline)
 
 
 @dataclass(eq=False)

@@ -288,7 +288,8 @@ def comfyui(tmp_path, monkeypatch):
         "comfy.model_management": types.SimpleNamespace(
             processing_interrupted=lambda: seen.interrupted,
             throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
-            get_torch_device=lambda: torch.device("cpu")),
+            get_torch_device=lambda: torch.device("cpu"),
+            soft_empty_cache=lambda: seen.progress.append("freed")),
         "comfy.sd": types.SimpleNamespace(load_lora_for_models=lambda model, clip, lora, sm, sc: (
             seen.patched.append((model, lora, sm, sc)) or ("patched", model), None)),
         "folder_paths": types.SimpleNamespace(
@@ -335,6 +336,7 @@ def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(
     run = tmp_path / "comfy_output" / "cancelled"
     assert (run / "cancelled_000000003.safetensors").is_file()  # saved at the step it stopped
     assert not (run / "cancelled.safetensors").exists()
+    assert comfyui.progress.pop() == "freed"  # the GPU goes back to ComfyUI after training
     previews = [p for _, _, p in comfyui.progress if p is not None]
     assert previews and all(p[0] == "JPEG" and isinstance(p[1], Image.Image) and p[2] == 256
                             for p in previews)
@@ -343,7 +345,7 @@ def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(
     comfyui.interrupt_at = None
     lora, _, summary = call("LoRALabTrainLoRA", **inputs)  # queued again: resumes at step 3
     assert lora.status == "finished" and lora.step == 5 and "step 5 of 5" in summary
-    assert comfyui.progress[-1][0] == 5
+    assert comfyui.progress[-2][0] == 5 and comfyui.progress[-1] == "freed"
 
     path, = call("LoRALabSaveCheckpoint", lora=lora, filename_prefix="mine/[name]",
                  dtype="float16", format="diffusers")
