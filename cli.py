@@ -1,6 +1,7 @@
 """`loralab`: run a workflow, train from a config, plan a dataset, build a tiny model, list runs."""
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -249,6 +250,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # Library chatter that is not about the user's run (optional kernels, image processors).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError

@@ -109,10 +109,12 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
         state = load_checkpoint_state(run, resumable)
         try:
             load_lora_weights(accelerator.unwrap_model(model), state["lora"])
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError):
+            ranks = {v.shape[0] for k, v in state["lora"].items() if ".lora_A." in k}
             raise ResumeError(f"{run.checkpoint(resumable)} was trained with other network settings "
-                              f"({str(error).splitlines()[0][:160]}). Give this run another name, or "
-                              "set train.resume to false to start over in the same folder.") from None
+                              f"(rank {sorted(ranks)}, this config network.linear = {net_cfg['linear']}). "
+                              "Give this run another name, or set train.resume to false to start "
+                              "over in the same folder.") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
