@@ -17,4 +17,9 @@ NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     LoRALabLoadDataset, LoRALabLoadBaseModel, LoRALabConfigureLoRA, LoRALabTrainLoRA,
     LoRALabSaveCheckpoint, LoRALabSampleGrid, LoRALabApplyLoRA)}
 
+from .compare import LoRALabCompareRuns  # noqa: E402 (the coach's node, kept apart from the seven above)
+
+NODE_CLASS_MAPPINGS["LoRALabCompareRuns"] = LoRALabCompareRuns
+NODE_DISPLAY_NAME_MAPPINGS["LoRALabCompareRuns"] = "LoRA Lab: Compare Runs"
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

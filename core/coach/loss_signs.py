@@ -10,7 +10,7 @@ import statistics
 MIN_TREND_LINES = 20   # fewer logged values cannot tell a slow fall from noise
 FLAT_T = 2.5           # the start-to-end fall must exceed 2.5 standard errors
 SPIKE_HALF_WINDOW = 10  # a value is judged against the 10 values before and the 10 after it
-MIN_SPIKE_LINES = 8
+MIN_SPIKE_LINES = 20   # the noise is measured on at least 20 values: a few early swings skew it
 SPIKE_NOISE = 6.0      # 6 noise units above the values around it ...
 SPIKE_RISE = 0.3       # ... and 30% above them, and above the value before it
 

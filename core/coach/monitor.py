@@ -68,9 +68,12 @@ class Monitor:
         return found
 
     def _check_spikes(self, final):
-        """Judges each value once it has SPIKE_HALF_WINDOW values after it (all left at the end)."""
+        """Judges each value once it has SPIKE_HALF_WINDOW values after it (all left at the end)
+        and the curve is long enough to measure its noise."""
         values = [value for _, value in self.losses]
         last = len(values) if final else len(values) - loss_signs.SPIKE_HALF_WINDOW
+        if len(values) < loss_signs.MIN_SPIKE_LINES:
+            return []
         found = []
         for index in range(self.judged, max(self.judged, last)):
             if loss_signs.is_spike(values, index):

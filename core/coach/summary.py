@@ -1,10 +1,34 @@
 """The plain-text summary of a training run (TrainLoRA's STRING output, the CLI's last words)."""
+import json
+import os
+
+from ..config import epochs, step_band, steps_per_epoch
+
+
+def _plan_line(run_folder):
+    """Images, steps per epoch and epochs by the guide's formulas, from the run's config.json."""
+    try:
+        with open(os.path.join(run_folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        images = config["dataset_stats"]["images"]
+        repeats, batch = config["dataset"]["repeats"], config["train"]["batch_size"]
+        steps = config["train"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    low, high = step_band(images)
+    return (f"plan: {images} images x {repeats} repeats / batch {batch} = "
+            f"{steps_per_epoch(images, repeats, batch)} steps per epoch; {steps} steps = "
+            f"{epochs(steps, images, repeats, batch):.4g} epochs (the guide: "
+            f"{low}-{high if high else ''} steps for {images} images)")
 
 
 def run_summary(result, metrics):
     """result: core.trainer.TrainResult; metrics: the run's metrics.jsonl lines."""
     lines = [f"{result.status}: step {result.step} of {result.steps}",
              f"LoRA: {result.lora_path}", f"run folder: {result.run_folder}"]
+    plan = _plan_line(result.run_folder)
+    if plan:
+        lines.append(plan)
     losses = [m["loss"] for m in metrics if isinstance(m.get("loss"), (int, float))]
     if losses:
         lines.append(f"loss: first {losses[0]:.4f}, final {losses[-1]:.4f}, best {min(losses):.4f}")
@@ -16,5 +40,5 @@ def run_summary(result, metrics):
         lines.append(f"{len(result.warnings)} warning(s):")
         lines += [f"  - {w}" for w in result.warnings]
     else:
-        lines.append("no warnings")
+        lines.append("no warnings: the loss and the samples showed none of the guide's signs of problems")
     return "\n".join(lines)
