@@ -105,7 +105,7 @@ def _workflow_event_text(event):
         return f"skipped {node} ({event['class_type']}): {event['reason']}"
     if event["kind"] == "node_start":
         return f"[{event['index']}/{event['total']}] {node} ({event['class_type']})"
-    return f"[{event['index']}/{event['total']}] {node} done in {event['seconds']:.1f}s"
+    return f"      done in {event['seconds']:.1f}s"
 
 
 def _output_lines(result, node_titles):
