@@ -1,5 +1,6 @@
 """LoRA Lab's ComfyUI nodes (V1 API). Each class only maps its widgets to a core call; what
 differs inside ComfyUI sits in comfy_adapter."""
+from .compare import LoRALabCompareRuns
 from .generate import LoRALabApplyLoRA, LoRALabSampleGrid
 from .inputs import LoRALabConfigureLoRA, LoRALabLoadBaseModel, LoRALabLoadDataset
 from .train import LoRALabSaveCheckpoint, LoRALabTrainLoRA
@@ -12,14 +13,10 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRALabSaveCheckpoint": "LoRA Lab: Save Checkpoint",
     "LoRALabSampleGrid": "LoRA Lab: Sample Grid",
     "LoRALabApplyLoRA": "LoRA Lab: Apply LoRA",
+    "LoRALabCompareRuns": "LoRA Lab: Compare Runs",
 }
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     LoRALabLoadDataset, LoRALabLoadBaseModel, LoRALabConfigureLoRA, LoRALabTrainLoRA,
-    LoRALabSaveCheckpoint, LoRALabSampleGrid, LoRALabApplyLoRA)}
-
-from .compare import LoRALabCompareRuns  # noqa: E402 (the coach's node, kept apart from the seven above)
-
-NODE_CLASS_MAPPINGS["LoRALabCompareRuns"] = LoRALabCompareRuns
-NODE_DISPLAY_NAME_MAPPINGS["LoRALabCompareRuns"] = "LoRA Lab: Compare Runs"
+    LoRALabSaveCheckpoint, LoRALabSampleGrid, LoRALabApplyLoRA, LoRALabCompareRuns)}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
