@@ -9,7 +9,6 @@ import statistics
 from PIL import Image
 
 from . import loss_signs, sample_signs
-from .images import comparable
 
 MAX_TRAINING_IMAGES = 200   # enough to catch a copied image; bounded memory on huge datasets
 
@@ -25,7 +24,7 @@ class Monitor:
         self.next_trend_check = loss_signs.MIN_TREND_LINES
         self.base = None            # Sampling of step 0: the base model's images
         self.changes = []           # (step, change from base) per later sampling
-        self._training = None       # comparable arrays of the training images, loaded on demand
+        self._training = None       # training images' signatures, loaded on demand
         self._training_names = []
         self._load_earlier_losses()
 
@@ -169,7 +168,7 @@ class Monitor:
         return sample_signs.Sampling(0, images)
 
     def _training_arrays(self):
-        """The training images as comparable arrays (loaded once; [] if they cannot be read)."""
+        """The training images' signatures (loaded once; [] if they cannot be read)."""
         if self._training is None:
             self._training = []
             try:
@@ -183,7 +182,7 @@ class Monitor:
             stride = max(1, len(items) // MAX_TRAINING_IMAGES)
             for item in items[::stride][:MAX_TRAINING_IMAGES]:
                 with Image.open(item.path) as image:
-                    self._training.append(comparable(image))
+                    self._training.append(sample_signs.training_signature(image))
                 self._training_names.append(os.path.basename(item.path))
         return self._training
 

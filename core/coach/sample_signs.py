@@ -7,16 +7,28 @@ property the base model already has is not something the LoRA did."""
 import itertools
 import statistics
 
-from .images import comparable, difference, sharpness
+from .images import COMPARE_SIZE, comparable, difference, sharpness
 
 UNCHANGED_LIMIT = 1.0        # mean |difference| to the base samples, 0..255: below it, unchanged
 MIN_UNCHANGED_SAMPLINGS = 2  # at this many samplings after the base, all unchanged: not learning
 DISTINCT_PROMPTS_MIN = 8.0   # base samples of different prompts must differ this much to judge
 COLLAPSE_FRACTION = 0.25     # prompts collapse when their samples differ 4x less than at base
-MEMORIZED_LIMIT = 12.0       # a sample this close to a training image copies it ...
-MEMORIZED_FRACTION = 0.5     # ... if it is also twice as close as the base sample was
+COARSE_SIZE = 32             # copying is judged on composition and colour, not on fine detail
+MEMORIZED_LIMIT = 15.0       # a sample this close to a training image copies it, if the base
+MEMORIZED_FRACTION = 0.5     # sample was not that close and the sample is twice as close as it
 BLURRY_RATIO = 0.25          # sharpness below a quarter of the base samples': blurry
 NOISY_RATIO = 4.0            # above four times: noisy
+
+
+def coarse(array):
+    """A comparable array averaged down to COARSE_SIZE: layout and colours, no detail."""
+    block = COMPARE_SIZE // COARSE_SIZE
+    return array.reshape(COARSE_SIZE, block, COARSE_SIZE, block, -1).mean(axis=(1, 3))
+
+
+def training_signature(image):
+    """What a training image is compared by, against each sample's `coarse` arrays."""
+    return coarse(comparable(image))
 
 
 class Sampling:
@@ -25,6 +37,7 @@ class Sampling:
     def __init__(self, step, images):
         self.step = step
         self.arrays = [comparable(image) for image in images]
+        self.coarse = [coarse(array) for array in self.arrays]
         self.sharpness = [sharpness(image) for image in images]
 
     def prompt_spread(self):
@@ -33,8 +46,9 @@ class Sampling:
         return statistics.fmean(difference(a, b) for a, b in pairs) if pairs else None
 
     def nearest(self, training):
-        """[(distance, training index)] of each sample's nearest training image."""
-        return [min((difference(a, t), i) for i, t in enumerate(training)) for a in self.arrays]
+        """[(distance, training index)] of each sample's nearest training image (training:
+        training_signature arrays)."""
+        return [min((difference(a, t), i) for i, t in enumerate(training)) for a in self.coarse]
 
 
 def change_from_base(sampling, base):
@@ -62,7 +76,7 @@ def memorized(sampling, base, training):
     if not training:
         return None
     for prompt, ((now, index), (then, _)) in enumerate(zip(sampling.nearest(training), base.nearest(training))):
-        if now < MEMORIZED_LIMIT and now < MEMORIZED_FRACTION * then:
+        if then >= MEMORIZED_LIMIT and now < min(MEMORIZED_LIMIT, MEMORIZED_FRACTION * then):
             return prompt, index, now, then
     return None
 

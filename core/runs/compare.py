@@ -57,17 +57,17 @@ def _open(path):
         return image.convert("RGB")
 
 
-def samples_side_by_side(runs, labels):
-    """One image: a column per run, a row per (step, prompt) at steps every run sampled, plus
-    each run's last samples when those steps differ. None when a run has no samples."""
+def sample_rows(runs):
+    """(rows, row labels): a row per (step, prompt) at steps every run sampled (a few, spread),
+    plus each run's last samples when those steps differ; each row holds one image per run."""
     all_steps = [run.sample_steps() for run in runs]
     if not all(all_steps):
-        return None
+        return [], []
     common = sorted(set.intersection(*map(set, all_steps)))
-    chosen = [(step, [step] * len(runs)) for step in _spread(common, MAX_SAMPLE_STEPS)]
+    chosen = [(f"step {step}", [step] * len(runs)) for step in _spread(common, MAX_SAMPLE_STEPS)]
     last = [steps[-1] for steps in all_steps]
-    if not chosen or any(step != chosen[-1][0] for step in last):
-        chosen.append(("last", last))
+    if not common or any(step != common[-1] for step in last):
+        chosen.append(("last (" + ", ".join(map(str, last)) + ")", last))
     prompts = runs[0].config.get("sample", {}).get("prompts", [])
     rows, row_labels = [], []
     for label, steps in chosen:
@@ -75,11 +75,14 @@ def samples_side_by_side(runs, labels):
         for index in range(min(len(p) for p in paths)):
             rows.append([_open(p[index]) for p in paths])
             prompt = prompts[index] if index < len(prompts) else f"prompt {index + 1}"
-            where = f"step {label}" if label != "last" else "last (" + ", ".join(map(str, steps)) + ")"
-            row_labels.append(f"{where}: {prompt}")
-    if not rows:
-        return None
-    return make_grid(rows, row_labels, labels, title="samples by run")
+            row_labels.append(f"{label}: {prompt}")
+    return rows, row_labels
+
+
+def samples_side_by_side(runs, labels):
+    """One image, a column per run (see sample_rows); None when a run has no samples."""
+    rows, row_labels = sample_rows(runs)
+    return make_grid(rows, row_labels, labels, title="samples by run") if rows else None
 
 
 @dataclass
