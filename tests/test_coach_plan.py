@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import run_cli
 from loralab.core.coach.advice import advise
-from loralab.core.coach.memory import FLUX_DEV, estimate_memory, lora_parameters, model_shape
+from loralab.core.coach.memory import FLUX_DEV, estimate_memory, lora_parameters, model_shape, state_bytes
 from loralab.core.coach.plan import plan_dataset, plan_report, with_defaults
 from loralab.core.dataset import scan_folder
 
@@ -195,6 +195,23 @@ def test_memory_grows_with_rank_and_optimizer_states():
     assert by_optimizer["adafactor"] < by_optimizer["adamw8bit"]
     assert total(model={"quantize": "nf4"}).base_bytes < total().base_bytes < total(model={"dtype": "fp32"}).base_bytes
     assert "GiB" in rank16.describe()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "prodigy", "adafactor", "lion"])
+def test_optimizer_state_bytes_match_the_optimizers(optimizer):
+    """Step the real optimizer on a rank-16 LoRA pair and weigh its state tensors."""
+    import torch
+
+    from loralab.core.trainer.optimizers import make_optimizer
+
+    parameters = [torch.nn.Parameter(torch.randn(16, 3072)), torch.nn.Parameter(torch.randn(3072, 16))]
+    step = make_optimizer(optimizer, parameters, 1e-4)
+    for parameter in parameters:
+        parameter.grad = torch.randn_like(parameter)
+    step.step()
+    weighed = sum(t.numel() * t.element_size() for state in step.state.values()
+                  for t in state.values() if torch.is_tensor(t))
+    assert weighed / sum(p.numel() for p in parameters) == pytest.approx(state_bytes(optimizer, 16), rel=0.1)
 
 
 def test_plan_command(good):

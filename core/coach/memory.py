@@ -13,8 +13,10 @@ from dataclasses import dataclass
 FLUX_DEV = {"num_layers": 19, "num_single_layers": 38, "hidden": 3072, "mlp": 12288,
             "parameters": 11_901_408_320}
 
-# The linears core.families.flux.LORA_TARGETS puts a LoRA on, as (name, in, out) per block.
+
 def flux_double_block_linears(hidden, mlp):
+    """The linears of a double block that core.families.flux.LORA_TARGETS puts a LoRA on, as
+    (name, in features, out features)."""
     attention = [(name, hidden, hidden) for name in (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")]
@@ -24,6 +26,7 @@ def flux_double_block_linears(hidden, mlp):
 
 
 def flux_single_block_linears(hidden, mlp):
+    """The same for a single block (its proj_out reads the attention and MLP outputs joined)."""
     return [("attn.to_q", hidden, hidden), ("attn.to_k", hidden, hidden),
             ("attn.to_v", hidden, hidden), ("proj_mlp", hidden, mlp),
             ("proj_out", hidden + mlp, hidden)]
@@ -31,9 +34,12 @@ def flux_single_block_linears(hidden, mlp):
 
 def lora_parameters(rank, shape):
     """A LoRA of rank r on a linear (in -> out) has r x (in + out) parameters (A and B)."""
-    per_rank = shape["num_layers"] * sum(i + o for _, i, o in flux_double_block_linears(shape["hidden"], shape["mlp"]))
-    per_rank += shape["num_single_layers"] * sum(i + o for _, i, o in flux_single_block_linears(shape["hidden"], shape["mlp"]))
-    return rank * per_rank
+    def per_rank(linears):
+        return sum(inputs + outputs for _, inputs, outputs in linears)
+
+    hidden, mlp = shape["hidden"], shape["mlp"]
+    return rank * (shape["num_layers"] * per_rank(flux_double_block_linears(hidden, mlp))
+                   + shape["num_single_layers"] * per_rank(flux_single_block_linears(hidden, mlp)))
 
 
 # Bytes per trainable parameter beyond its float32 weight and gradient (4 + 4 bytes).
@@ -41,9 +47,19 @@ OPTIMIZER_STATE_BYTES = {
     "adamw": 8,        # two float32 moments
     "adamw8bit": 2,    # two 8-bit moments
     "prodigy": 16,     # two moments, the initial weights and its step-size state, float32
-    "adafactor": 0.5,  # factored second moment: rows + columns, not rows x columns
+    "adafactor": None,  # factored second moment: see state_bytes
     "lion": 1,         # one 8-bit moment (bitsandbytes Lion8bit)
 }
+
+
+def state_bytes(optimizer, rank):
+    """Optimizer-state bytes per LoRA parameter. Adafactor keeps one float per row and one per
+    column of each matrix: for a rank x n LoRA matrix about 4 / rank bytes per parameter."""
+    if optimizer == "adafactor":
+        return 4 / rank
+    return OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+
+
 BASE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 QUANTIZED_BYTES = {"int8": 1, "nf4": 0.5}
 
@@ -63,13 +79,19 @@ class MemoryEstimate:
         return self.lora_bytes + self.base_bytes
 
     def describe(self):
-        per_parameter = 8 + OPTIMIZER_STATE_BYTES.get(self.optimizer, 8)
-        return (f"LoRA rank {self.rank}: {self.lora_parameters / 1e6:.1f} M parameters x "
-                f"{per_parameter:g} bytes (weights, gradients, {self.optimizer} states) = "
-                f"{gigabytes(self.lora_bytes)}; frozen transformer {self.base_parameters / 1e9:.2f} B "
+        per_parameter = 8 + state_bytes(self.optimizer, self.rank)
+        return (f"LoRA rank {self.rank}: {parameters(self.lora_parameters)} parameters x "
+                f"{per_parameter:.3g} bytes (weights, gradients, {self.optimizer} states) = "
+                f"{gigabytes(self.lora_bytes)}; frozen transformer {parameters(self.base_parameters)} "
                 f"parameters = {gigabytes(self.base_bytes)}; about {gigabytes(self.total_bytes)} "
                 f"in all, plus activations (they grow with resolution and batch size; gradient "
                 f"checkpointing keeps them small). Shapes: {self.model_source}.")
+
+
+def parameters(count):
+    if count >= 1e9:
+        return f"{count / 1e9:.2f} B"
+    return f"{count / 1e6:.1f} M" if count >= 1e6 else f"{count:,}"
 
 
 def gigabytes(count):
@@ -114,7 +136,7 @@ def estimate_memory(config):
     shape, source = model_shape(path, model.get("transformer_path"))
     rank, optimizer = config["network"]["linear"], config["train"]["optimizer"]
     lora = lora_parameters(rank, shape)
-    per_parameter = 8 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+    per_parameter = 8 + state_bytes(optimizer, rank)
     base = QUANTIZED_BYTES.get(model.get("quantize"), BASE_BYTES.get(model.get("dtype"), 2))
     return MemoryEstimate(rank, optimizer, lora, lora * per_parameter, shape["parameters"],
                           shape["parameters"] * base, source)

@@ -16,10 +16,11 @@ def _plan_line(run_folder):
     except (OSError, ValueError, KeyError, TypeError):
         return None
     low, high = step_band(images)
+    band = f"{low}-{high}" if high else f"{low}+"
     return (f"plan: {images} images x {repeats} repeats / batch {batch} = "
             f"{steps_per_epoch(images, repeats, batch)} steps per epoch; {steps} steps = "
-            f"{epochs(steps, images, repeats, batch):.4g} epochs (the guide: "
-            f"{low}-{high if high else ''} steps for {images} images)")
+            f"{epochs(steps, images, repeats, batch):.4g} epochs (the guide: {band} steps for "
+            f"{images} images)")
 
 
 def run_summary(result, metrics):
