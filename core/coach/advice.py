@@ -20,6 +20,12 @@ class Advice:
     level: str = "warning"   # "warning": the guide advises against it; "note": worth knowing
 
 
+def step_band_text(count):
+    """The guide's step band for `count` images as text: "1000-1500", or "2500+" for 50+."""
+    low, high = step_band(count)
+    return f"{low}-{high}" if high else f"{low}+"
+
+
 def _names(names, most=5):
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
@@ -150,10 +156,10 @@ def steps_band(scan, config):
     count = len(scan.items)
     low, high = step_band(count)
     if steps < low or (high is not None and steps > high):
-        band = f"{low}-{high}" if high else f"{low}+"
         side = "too few to learn the subject" if steps < low else "more than needed: overfitting risk"
-        return Advice("steps_band", f"train.steps = {steps} is outside the guide's {band} for "
-                      f"{count} images ({side}). Leave steps empty to use the recommended number.")
+        return Advice("steps_band", f"train.steps = {steps} is outside the guide's "
+                      f"{step_band_text(count)} for {count} images ({side}). Leave steps empty "
+                      "to use the recommended number.")
 
 
 RULES = (skipped_images, few_images, missing_captions, inconsistent_resolutions, below_resolution,

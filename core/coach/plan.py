@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config import defaults, epochs, recommended_steps, step_band, steps_per_epoch
 from ..dataset import bucket_size, scan_folder
-from .advice import advise
+from .advice import advise, step_band_text
 
 # Bucket sides are multiples of the VAE's downscale x the 2x2 packing: 8 x 2 for FLUX.1.
 SIZE_MULTIPLE = {"flux": 16}
@@ -86,21 +86,21 @@ def _counts(counter):
 def plan_report(scan_or_folder, config=None):
     """The plan as plain text: numbers first, then the advice that applies."""
     plan = scan_or_folder if isinstance(scan_or_folder, DatasetPlan) else plan_dataset(scan_or_folder, config)
-    low, high = plan.band
-    band = f"{low}-{high}" if high else f"{low}+"
     lines = [f"dataset: {plan.folder}",
              f"images: {plan.images} found, {len(plan.skipped)} skipped"]
     lines += [f"  skipped {name}: {reason}" for name, reason in plan.skipped]
     if plan.missing_captions:
-        lines.append(f"captions missing: {len(plan.missing_captions)} ({', '.join(plan.missing_captions[:10])}"
-                     + (", ..." if len(plan.missing_captions) > 10 else "") + ")")
+        missing = plan.missing_captions
+        lines.append(f"captions missing: {len(missing)} ({', '.join(missing[:10])}"
+                     + (", ..." if len(missing) > 10 else "") + ")")
     else:
         lines.append("captions: every image has one")
     lines.append(f"image sizes: {_counts(plan.sizes)}")
     for resolution, buckets in plan.buckets.items():
         lines.append(f"buckets at {resolution}: {_counts(buckets)}")
     chosen = "given" if plan.steps_given else "recommended for this dataset size"
-    lines.append(f"steps: {plan.steps} ({chosen}; the guide's band for {plan.images} images is {band})")
+    lines.append(f"steps: {plan.steps} ({chosen}; the guide's band for {plan.images} images "
+                 f"is {step_band_text(plan.images)})")
     lines.append(f"steps per epoch = {plan.images} images x {plan.repeats} repeats / batch "
                  f"{plan.batch_size} = {plan.steps_per_epoch}; epochs = {plan.steps} / "
                  f"{plan.steps_per_epoch} = {plan.epochs:.4g}")

@@ -75,7 +75,8 @@ def memorized(sampling, base, training):
     image, or None."""
     if not training:
         return None
-    for prompt, ((now, index), (then, _)) in enumerate(zip(sampling.nearest(training), base.nearest(training))):
+    pairs = zip(sampling.nearest(training), base.nearest(training))
+    for prompt, ((now, index), (then, _)) in enumerate(pairs):
         if then >= MEMORIZED_LIMIT and now < min(MEMORIZED_LIMIT, MEMORIZED_FRACTION * then):
             return prompt, index, now, then
     return None

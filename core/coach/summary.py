@@ -2,7 +2,8 @@
 import json
 import os
 
-from ..config import epochs, step_band, steps_per_epoch
+from ..config import epochs, steps_per_epoch
+from .advice import step_band_text
 
 
 def _plan_line(run_folder):
@@ -15,12 +16,10 @@ def _plan_line(run_folder):
         steps = config["train"]["steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    low, high = step_band(images)
-    band = f"{low}-{high}" if high else f"{low}+"
     return (f"plan: {images} images x {repeats} repeats / batch {batch} = "
             f"{steps_per_epoch(images, repeats, batch)} steps per epoch; {steps} steps = "
-            f"{epochs(steps, images, repeats, batch):.4g} epochs (the guide: {band} steps for "
-            f"{images} images)")
+            f"{epochs(steps, images, repeats, batch):.4g} epochs (the guide: "
+            f"{step_band_text(images)} steps for {images} images)")
 
 
 def run_summary(result, metrics):
