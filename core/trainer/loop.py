@@ -61,8 +61,12 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     # -- dataset and plan (before any model loads, so a bad folder fails fast) --------------
     scan = scan_folder(resolve_dataset_folder(data_cfg["folder"]), data_cfg["caption_ext"],
                        data_cfg["trigger_word"])
-    for name, reason in scan.skipped:
-        emit({"type": "warning", "message": f"skipped {name}: {reason}"})
+    notes = [f"skipped {name}: {reason}" for name, reason in scan.skipped]
+    if device.type == "cpu" and train_cfg["optimizer"] == "adamw8bit":
+        notes.append("train.optimizer adamw8bit runs on this CPU but slowly (bitsandbytes' 8-bit "
+                     "states are a GPU feature); without a GPU, adamw is much faster.")
+    for note in notes:
+        emit({"type": "warning", "message": note})
     steps = train_cfg["steps"] or recommended_steps(len(scan.items))
     batch_size = train_cfg["batch_size"]
     emit({"type": "plan", "images": len(scan.items), "steps": steps,
@@ -125,7 +129,8 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
                                         "fingerprint": dataset_fingerprint(scan),
                                         "buckets": sorted({s for v in sizes.values() for s in v})}})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
-    result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config)
+    result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
+                         warnings=notes)
     if start_step >= steps and os.path.isfile(run.final_lora):
         result.status, result.weights = "already finished", lora_weights(accelerator.unwrap_model(model))
         emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
