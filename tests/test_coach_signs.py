@@ -108,6 +108,20 @@ def test_monitor_warns_once_about_a_flat_loss(tmp_path):
     assert len(found) == 1 and "has not gone down between steps 1 and 20" in found[0]
 
 
+def test_a_flat_loss_with_changing_samples_says_the_lora_learns(tmp_path):
+    monitor = Monitor(config(tmp_path))
+    monitor.on_samples(0, [picture(1)])
+    monitor.on_samples(10, [picture(2)])
+    found = feed(monitor, noisy([1.0] * 20))
+    assert len(found) == 1 and "but the samples do change" in found[0]
+
+
+def test_a_rising_loss_says_went_up(tmp_path):
+    monitor = Monitor(config(tmp_path))
+    found = feed(monitor, noisy([1.0 + 0.02 * i for i in range(20)]))
+    assert len(found) == 1 and "the loss went up between steps 1 and 20" in found[0]
+
+
 def test_a_resumed_monitor_continues_the_curve_on_disk(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()

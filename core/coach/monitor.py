@@ -93,13 +93,23 @@ class Monitor:
             return []
         start, end, t = loss_signs.trend(values)
         first, last = self.losses[0][0], self.losses[-1][0]
-        direction = "went up" if t < -loss_signs.FLAT_T else "has not gone down"
-        return self._report("flat", f"the loss {direction} between steps {first} and {last} "
-                            f"(mean {start:.4g} at the start, {end:.4g} over the last third; "
-                            "the change is within the noise). Likely cause: a learning rate too low "
-                            "(or 0) for the LoRA to learn, or, if it went up, too high. Try "
-                            "train.lr between 1e-4 and 8e-4; a FLUX LoRA's loss falls slowly, so "
-                            "also look at whether the samples change.")
+        seen = (f"between steps {first} and {last} (mean {start:.4g} at the start, {end:.4g} "
+                "over the last third)")
+        if t < -loss_signs.FLAT_T:
+            return self._report("flat", f"the loss went up {seen}. Likely cause: a learning rate "
+                                "too high. Lower train.lr (the guide's range is 1e-4 to 8e-4) "
+                                "or use an earlier checkpoint.")
+        moved = max((change for _, change in self.changes), default=0.0)
+        if moved >= sample_signs.VISIBLE_CHANGE:  # the samples say the LoRA learns regardless
+            return self._report("flat", f"the loss has not gone down {seen}, but the samples do "
+                                f"change (up to {moved:.0f} of 255 from the base model's), so the "
+                                "LoRA is learning: a FLUX LoRA's loss often stays level. Judge the "
+                                "run by its samples; if they do not improve, try a higher train.lr "
+                                "within 1e-4 to 8e-4.")
+        return self._report("flat", f"the loss has not gone down {seen}: the change is within "
+                            "the noise. Likely cause: a learning rate too low (or 0) for the LoRA "
+                            "to learn. Try train.lr between 1e-4 and 8e-4, and check whether the "
+                            "samples change.")
 
     # -- samples ------------------------------------------------------------------------------
     def on_samples(self, step, images):

@@ -10,6 +10,7 @@ import statistics
 from .images import COMPARE_SIZE, comparable, difference, sharpness
 
 UNCHANGED_LIMIT = 1.0        # mean |difference| to the base samples, 0..255: below it, unchanged
+VISIBLE_CHANGE = 5.0         # samples this far from the base show that the LoRA learns
 MIN_UNCHANGED_SAMPLINGS = 2  # at this many samplings after the base, all unchanged: not learning
 DISTINCT_PROMPTS_MIN = 8.0   # base samples of different prompts must differ this much to judge
 COLLAPSE_FRACTION = 0.25     # prompts collapse when their samples differ 4x less than at base
