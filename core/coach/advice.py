@@ -133,20 +133,21 @@ def rank_band(scan, config):
                       "16-32 (the guide's recommendation) learns more detail.", "note")
 
 
+def _above_one(rule, setting, value, why):
+    if value > 1:
+        return Advice(rule, f"{setting} = {value}: {why}")
+
+
 def batch_size_above_one(scan, config):
-    batch = config["train"]["batch_size"]
-    if batch > 1:
-        return Advice("batch_size", f"train.batch_size = {batch}: the guide recommends 1, "
-                      "unequivocally. Larger batches train less stably, miss fine detail and "
-                      "take more memory for no real gain.")
+    return _above_one("batch_size", "train.batch_size", config["train"]["batch_size"],
+                      "the guide recommends 1, unequivocally. Larger batches train less stably, "
+                      "miss fine detail and take more memory for no real gain.")
 
 
 def repeats_above_one(scan, config):
-    repeats = config["dataset"]["repeats"]
-    if repeats > 1:
-        return Advice("repeats", f"dataset.repeats = {repeats}: the guide recommends 1 in most "
-                      "cases; it only changes how steps are counted into epochs. Keep 1 and set "
-                      "the number of steps instead.")
+    return _above_one("repeats", "dataset.repeats", config["dataset"]["repeats"],
+                      "the guide recommends 1 in most cases; it only changes how steps are "
+                      "counted into epochs. Keep 1 and set the number of steps instead.")
 
 
 def steps_band(scan, config):
