@@ -81,8 +81,9 @@ def cmd_train(args):
     config = load_config(args.config)
     with handle_ctrl_c():
         result = train(config, on_event=Progress(), should_stop=stop_requested)
-    print(json.dumps({"status": result.status, "step": result.step, "lora": result.lora_path,
-                      "run_folder": result.run_folder}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report for all processes
+        print(json.dumps({"status": result.status, "step": result.step, "lora": result.lora_path,
+                          "run_folder": result.run_folder}))
     return 0 if result.status in ("finished", "already finished", "interrupted") else 1
 
 
