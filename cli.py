@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -111,16 +112,40 @@ def _workflow_event_text(event):
 
 def _output_lines(result, node_titles):
     """What each output node returned: file paths, text, and the images it saved."""
-    from .nodes.comfy_adapter import output_directory
+    from .nodes.comfy_adapter import ui_file_path
 
     lines = []
-    for node_id, values in result.outputs.items():
+    for node_id in dict.fromkeys([*result.outputs, *result.ui]):
         shown = [v if isinstance(v, str) else f"{type(v).__name__} {list(getattr(v, 'shape', []))}"
-                 for v in values]
-        shown += [os.path.join(output_directory(), image["subfolder"], image["filename"])
-                  for image in (result.ui.get(node_id) or {}).get("images", [])]
+                 for v in result.outputs.get(node_id, ())]
+        ui = result.ui.get(node_id) or {}
+        shown += [text for text in ui.get("text", ()) if isinstance(text, str) and text not in shown]
+        shown += [ui_file_path(image) for image in ui.get("images", ())]
         lines.append(f"node {node_id} '{node_titles[node_id]}': " + ", ".join(shown))
     return lines
+
+
+def _registry(args):
+    """LoRA Lab's nodes, plus ComfyUI's own when --comfyui (or LORALAB_COMFYUI) names a ComfyUI
+    this Python can import; LoRA Lab's win where the names meet. Without ComfyUI its nodes are
+    skipped and named. A ComfyUI named by the environment only may fail: the run goes on
+    without it, saying why."""
+    from .nodes import NODE_CLASS_MAPPINGS
+
+    folder = args.comfyui or os.environ.get("LORALAB_COMFYUI")
+    if not folder:
+        return NODE_CLASS_MAPPINGS
+    from .nodes.comfyui_nodes import ComfyUINotImportable, load_comfyui_nodes
+
+    try:
+        comfy_nodes = load_comfyui_nodes(folder, shlex.split(args.comfyui_args))
+    except ComfyUINotImportable as error:
+        if args.comfyui:
+            raise
+        print(f"note: LORALAB_COMFYUI is set, but {error} Its nodes are skipped.",
+              file=sys.stderr)
+        return NODE_CLASS_MAPPINGS
+    return {**comfy_nodes, **NODE_CLASS_MAPPINGS}
 
 
 def cmd_run(args):
@@ -128,9 +153,9 @@ def cmd_run(args):
 
     from .core.workflow import NodeFailed, WorkflowInterrupted, run_workflow, to_api
     from .core.workflow.interrupt import handle_ctrl_c, stop_requested
-    from .nodes import NODE_CLASS_MAPPINGS
     from .nodes.events import listening
 
+    registry = _registry(args)  # first: ComfyUI must see its options before LoRA Lab's nodes ask
     progress, summaries = Progress(), []
 
     def on_node_event(event):  # TrainLoRA's summary is kept for the end, the rest printed now
@@ -139,10 +164,10 @@ def cmd_run(args):
         else:
             progress(event)
 
-    prompt = to_api(args.workflow, NODE_CLASS_MAPPINGS)
+    prompt = to_api(args.workflow, registry)
     try:
         with handle_ctrl_c(), listening(on_node_event):
-            result = run_workflow(prompt, NODE_CLASS_MAPPINGS,
+            result = run_workflow(prompt, registry,
                                   on_event=lambda event: progress.line(_workflow_event_text(event)))
     except WorkflowInterrupted as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
@@ -214,6 +239,14 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="replay a ComfyUI workflow (API or UI format) headless")
     run.add_argument("workflow")
+    run.add_argument("--comfyui", metavar="DIR",
+                     help="a ComfyUI folder whose own nodes run too (KSampler, SaveImage, ...); "
+                          "needs a Python that can import it, e.g. ComfyUI's. Default: "
+                          "$LORALAB_COMFYUI, if set and importable")
+    run.add_argument("--comfyui-args", default="", metavar="OPTIONS",
+                     help="ComfyUI's own options for that run, e.g. "
+                          "\"--base-directory DIR --output-directory DIR\" (--cpu is added "
+                          "when there is no CUDA device)")
     run.set_defaults(handler=cmd_run)
     train = commands.add_parser("train", help="train a LoRA from one config file")
     train.add_argument("config")
@@ -260,10 +293,12 @@ def main(argv=None):
     from .core.trainer import ResumeError
     from .core.workflow import WorkflowError
     from .core.runs.history import RunNotFound
+    from .nodes.comfyui_nodes import ComfyUINotImportable
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, ResumeError, WorkflowError, RunNotFound) as error:
+    except (ConfigError, DatasetError, ModelError, ResumeError, WorkflowError, RunNotFound,
+            ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

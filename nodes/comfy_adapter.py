@@ -1,6 +1,7 @@
 """Everything the nodes do differently inside ComfyUI, in one place: progress bar, interrupt,
 output and loras folders, model lists, patching a ComfyUI MODEL. Outside ComfyUI (comfy not
 importable) each function falls back to a plain local behaviour or does nothing."""
+import contextlib
 import functools
 import importlib
 import os
@@ -23,6 +24,11 @@ def in_comfyui():
     return _comfy("comfy.model_management") is not None
 
 
+def forget_imports():
+    """Look again: `loralab run --comfyui` makes ComfyUI importable after start-up."""
+    _comfy.cache_clear()
+
+
 # -- folders ------------------------------------------------------------------------------------
 
 def output_directory():
@@ -37,6 +43,15 @@ def loras_directory():
     if folder_paths:
         return folder_paths.get_folder_paths("loras")[0]
     return os.path.join(output_directory(), "loras")
+
+
+def ui_file_path(entry):
+    """The file of a node's {"filename", "subfolder", "type"} ui entry (type output, temp or
+    input, as ComfyUI's /view reads it); headless every type is under the output folder."""
+    folder_paths = _comfy("folder_paths")
+    root = (folder_paths.get_directory_by_type(entry.get("type", "output"))
+            if folder_paths else None) or output_directory()
+    return os.path.join(root, entry.get("subfolder", ""), entry["filename"])
 
 
 def model_choices():
@@ -103,6 +118,18 @@ def raise_if_interrupted():
     management = _comfy("comfy.model_management")
     if management:
         management.throw_exception_if_processing_interrupted()
+
+
+@contextlib.contextmanager
+def outside_inference_mode():
+    """ComfyUI runs every node under torch.inference_mode(). LoRA Lab's pipeline outlives a node
+    and is trained on, and inference tensors cannot be saved for backward: so whatever loads,
+    moves (a move copies the weights) or trains it leaves inference mode, with autograd on.
+    Headless this changes nothing."""
+    import torch
+
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def torch_device():

@@ -70,10 +70,12 @@ class LoRALabSampleGrid:
                                              "alpha": lora.config["network"]["linear_alpha"]}
         title = (f"{lora.name} step {lora.step}" if lora else "base model") + f", seed {values['seed']}"
         try:
-            grid, _ = strength_grid(base_model.family, base_model.pipeline(),
-                                    sample_config["prompts"], parse_strengths(strengths),
-                                    sample_config, comfy_adapter.torch_device(), lora=trained,
-                                    trigger_word=lora.trigger_word if lora else "", title=title)
+            with comfy_adapter.outside_inference_mode():  # it moves the pipeline
+                grid, _ = strength_grid(base_model.family, base_model.pipeline(),
+                                        sample_config["prompts"], parse_strengths(strengths),
+                                        sample_config, comfy_adapter.torch_device(), lora=trained,
+                                        trigger_word=lora.trigger_word if lora else "",
+                                        title=title)
         finally:
             base_model.release_device()
         output = comfy_adapter.output_directory()

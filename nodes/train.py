@@ -68,8 +68,9 @@ class LoRALabTrainLoRA:
         resolved = resolve(raw)
         pipeline, family = base_model.pipeline(), base_model.family
         try:
-            result = train(resolved, pipeline=pipeline, on_event=TrainingProgress(),
-                           should_stop=stop_requested)
+            with comfy_adapter.outside_inference_mode():
+                result = train(resolved, pipeline=pipeline, on_event=TrainingProgress(),
+                               should_stop=stop_requested)
         finally:
             base_model.release_device()
         if result.status == "interrupted":

@@ -34,16 +34,18 @@ class BaseModel:
     def pipeline(self):
         if self._pipeline is None:
             model = self.section
-            self._pipeline = self.family.load(resolve_model_path(model["path"]),
-                                              model.get("transformer_path"), model["dtype"],
-                                              model["quantize"])
+            with comfy_adapter.outside_inference_mode():  # TrainLoRA may train on them
+                self._pipeline = self.family.load(resolve_model_path(model["path"]),
+                                                  model.get("transformer_path"), model["dtype"],
+                                                  model["quantize"])
         return self._pipeline
 
     def release_device(self):
         """Gives the accelerator back to ComfyUI between nodes; bitsandbytes-quantized weights
         cannot move, so those stay."""
         if self._pipeline is not None and self.section["quantize"] == "none":
-            comfy_adapter.free_device_memory(self._pipeline)
+            with comfy_adapter.outside_inference_mode():
+                comfy_adapter.free_device_memory(self._pipeline)
 
 
 @dataclass(eq=False)

@@ -65,6 +65,8 @@ def resolved(make_config):
 
 
 def run_cli(*args, timeout=300, **kwargs):
-    """`loralab ...` as a real subprocess."""
+    """`loralab ...` as a real subprocess. Unless given an env, it runs without LORALAB_COMFYUI:
+    that names a ComfyUI for the integration tests, and would make `loralab run` run its nodes."""
     command = [sys.executable, "-m", "loralab.cli", *args]
+    kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "LORALAB_COMFYUI"})
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)

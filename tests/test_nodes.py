@@ -27,10 +27,11 @@ FAST_SETTINGS = {"steps": 12, "lr": 1e-3, "optimizer": "adamw", "sample_every": 
 
 
 def call(class_type, **inputs):
-    """What ComfyUI does: instantiate, call FUNCTION, unwrap {"ui", "result"}; checks the tuple
-    against RETURN_TYPES."""
+    """What ComfyUI does: instantiate, call FUNCTION under torch.inference_mode(), unwrap
+    {"ui", "result"}; checks the tuple against RETURN_TYPES."""
     node_class = NODES[class_type]
-    returned = getattr(node_class(), node_class.FUNCTION)(**inputs)
+    with torch.inference_mode():
+        returned = getattr(node_class(), node_class.FUNCTION)(**inputs)
     if isinstance(returned, dict):
         returned = returned["result"]
     assert isinstance(returned, tuple) and len(returned) == len(node_class.RETURN_TYPES)
@@ -319,6 +320,31 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
     assert single["transformer_path"].endswith("flux1-dev.safetensors")
     with pytest.raises(ValueError, match="single transformer file"):
         load("flux", "", "diffusion_models/flux1-dev.safetensors")
+
+
+def test_inside_comfyui_the_pipeline_is_loaded_moved_and_trained_outside_inference_mode(
+        comfyui, tiny_flux, demo_dataset, monkeypatch):
+    """ComfyUI runs nodes under torch.inference_mode(). A weight loaded or moved to another
+    device there becomes an inference tensor, which a later TrainLoRA cannot train on."""
+    from diffusers import FluxPipeline
+
+    moves = []
+    move = FluxPipeline.to
+    monkeypatch.setattr(FluxPipeline, "to", lambda pipeline, *args, **kwargs: (
+        moves.append(torch.is_inference_mode_enabled()), move(pipeline, *args, **kwargs))[1])
+    base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
+                 quantize="none")
+    dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
+                                              "folder": demo_dataset, "resolution": "64"})
+    config, = call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"),
+                                             **FAST_SETTINGS, "steps": 2})
+    call("LoRALabSampleGrid", base_model=base, prompts="a photo", strengths="0", seed=1,
+         steps=1, guidance=4.0, width=64, height=64)  # loads the pipeline, moves it twice
+    lora, _, _ = call("LoRALabTrainLoRA", base_model=base, dataset=dataset, config=config,
+                      name="inference_mode", resume=True)
+    assert lora.status == "finished"
+    assert len(moves) >= 4 and not any(moves)
+    assert not any(p.is_inference() for p in base.pipeline().transformer.parameters())
 
 
 def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(

@@ -1,0 +1,281 @@
+"""The pack inside a real ComfyUI server: it loads, /object_info lists the nodes, and a training
+workflow posted to /prompt trains, saves the LoRA where LoraLoader finds it and returns the grid.
+
+Runs only with LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (its Python, with
+the pack's requirements). The server runs with --cpu on a free port with a temporary
+--base-directory, so the user's models, outputs and custom nodes are left alone."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import loralab
+from loralab.nodes import NODE_CLASS_MAPPINGS
+
+PACK = os.path.dirname(os.path.abspath(loralab.__file__))
+WORKFLOWS = os.path.join(PACK, "workflows")
+STARTED = "To see the GUI go to"
+START_TIMEOUT, RUN_TIMEOUT = 180, 1200  # seconds; a busy CPU trains slowly
+
+
+def comfyui_or_skip():
+    folder, python = os.environ.get("LORALAB_COMFYUI"), os.environ.get("LORALAB_COMFYUI_PYTHON")
+    if not folder or not python:
+        pytest.skip("set LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (its "
+                    "Python) to check the pack in a real ComfyUI")
+    if not os.path.isfile(os.path.join(folder, "main.py")):
+        pytest.fail(f"LORALAB_COMFYUI={folder} has no main.py")
+    return folder, python
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A ComfyUI server process and the few endpoints the check uses."""
+
+    def __init__(self, folder, python, base, log_path, cache):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = log_path
+        command = [python, "main.py", "--cpu", "--listen", "127.0.0.1",
+                   "--port", self.url.rsplit(":", 1)[1], "--base-directory", str(base),
+                   "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
+                   "--disable-auto-launch"]
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=folder, stdout=log,
+                                            stderr=subprocess.STDOUT,
+                                            env={**os.environ, "LORALAB_CACHE": str(cache)})
+
+    def log(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def wait_started(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while STARTED not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("ComfyUI did not start:\n" + self.log()[-4000:])
+            time.sleep(1)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=60) as reply:
+            return reply.read()
+
+    def get_json(self, path):
+        return json.loads(self.get(path))
+
+    def run_prompt(self, prompt):
+        """POST /prompt, then poll /history until the prompt is done; its history entry."""
+        body = json.dumps({"prompt": prompt, "client_id": "loralab-test"}).encode()
+        request = urllib.request.Request(self.url + "/prompt", body,
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                prompt_id = json.load(reply)["prompt_id"]
+        except urllib.error.HTTPError as refused:
+            pytest.fail(f"/prompt refused the workflow: {refused.read().decode()[:4000]}")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                pytest.fail("ComfyUI exited while running the prompt:\n" + self.log()[-4000:])
+            time.sleep(2)
+        pytest.fail(f"the prompt did not finish in {RUN_TIMEOUT} s:\n" + self.log()[-4000:])
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder, python = comfyui_or_skip()
+    base = tmp_path_factory.mktemp("comfyui-base")
+    (base / "custom_nodes").mkdir()
+    # the pack as a user installs it: its folder in custom_nodes, under a hyphenated name
+    os.symlink(PACK, base / "custom_nodes" / "comfyui-loralab")
+    started = time.monotonic()
+    # builtin:tiny-flux and builtin:demo are built where the other tests build them
+    cache = tmp_path_factory.getbasetemp() / "loralab-cache"
+    server = Server(folder, python, base, base / "comfyui.log", cache)
+    try:
+        server.wait_started()
+        print(f"\nComfyUI started in {time.monotonic() - started:.1f} s")
+        server.base = base
+        yield server
+    finally:
+        server.stop()
+        shutil.copy(base / "comfyui.log", tmp_path_factory.getbasetemp() / "comfyui-server.log")
+
+
+def training_workflow(name):
+    """The shipped quickstart, shorter, with the grid and the loss plot also saved by
+    ComfyUI's SaveImage."""
+    with open(os.path.join(WORKFLOWS, "quickstart.json"), encoding="utf-8") as f:
+        prompt = json.load(f)
+    prompt["3"]["inputs"].update(steps=8, save_every=4, sample_every=4)
+    prompt["4"]["inputs"]["name"] = name
+    prompt["6"]["inputs"]["steps"] = 2
+    prompt["20"] = {"class_type": "SaveImage", "inputs": {
+        "images": ["6", 0], "filename_prefix": f"loralab/{name}_grid"}}
+    prompt["21"] = {"class_type": "SaveImage", "inputs": {
+        "images": ["4", 1], "filename_prefix": f"loralab/{name}_loss"}}
+    return prompt
+
+
+def test_the_pack_loads_and_object_info_lists_its_nodes_as_declared(server):
+    imported = [line for line in server.log().splitlines() if "comfyui-loralab" in line]
+    assert imported and not any("IMPORT FAILED" in line for line in imported), server.log()
+    assert "Traceback" not in server.log()
+    info = server.get_json("/object_info")
+    for class_type, node_class in NODE_CLASS_MAPPINGS.items():
+        listed = info[class_type]
+        declared = node_class.INPUT_TYPES()
+        for section in ("required", "optional"):
+            assert list(listed["input"].get(section, {})) == list(declared.get(section, {})), (
+                class_type, section)
+        assert listed["output"] == list(node_class.RETURN_TYPES)
+        assert listed["output_name"] == list(node_class.RETURN_NAMES)
+        assert listed["output_node"] == bool(getattr(node_class, "OUTPUT_NODE", False))
+        assert listed["category"] == "LoRA Lab"
+
+
+def test_a_posted_training_workflow_trains_saves_into_loras_and_returns_the_grid(server):
+    started = time.monotonic()
+    entry = server.run_prompt(training_workflow("server_check"))
+    seconds = time.monotonic() - started
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-4000:]
+    outputs = entry["outputs"]
+    print(f"\ntraining workflow ran in {seconds:.1f} s; outputs of nodes {sorted(outputs)}")
+
+    # SaveCheckpoint: into the first loras folder, and LoraLoader lists it
+    lora_path, = outputs["5"]["text"]
+    loras = server.base / "models" / "loras"
+    assert lora_path == str(loras / "loralab" / "server_check_00001.safetensors")
+    assert os.path.getsize(lora_path) > 0
+    listed = server.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]
+    assert "loralab/server_check_00001.safetensors" in listed["lora_name"][0]
+
+    # SampleGrid shows its grid in ComfyUI (its "ui" images), and /view serves it
+    grid, = outputs["6"]["images"]
+    assert grid["type"] == "output" and grid["filename"].endswith(".png")
+    png = server.get("/view?" + urllib.parse.urlencode(grid))
+    assert png.startswith(b"\x89PNG")
+    # ComfyUI's own SaveImage and PreviewImage took the grid and the loss plot
+    for node_id in ("20", "21", "7"):
+        image, = outputs[node_id]["images"]
+        assert server.get("/view?" + urllib.parse.urlencode(image)).startswith(b"\x89PNG")
+    summary, = outputs["8"]["text"]
+    assert "finished: step 8 of 8" in summary
+    run_folder = server.base / "output" / "server_check"
+    assert sorted(os.listdir(run_folder / "samples")) == ["000000000", "000000004", "000000008"]
+
+
+# -- train, then generate with ComfyUI's own sampler ------------------------------------------------
+
+COMFY_SHAPED = dict(layers=1, single_layers=1, heads=2, head_dim=128, rope=(16, 56, 56),
+                    text_dim=768, clip_dim=768, vae_channels=(16, 32, 32), latent_channels=16)
+
+
+def write_comfyui_loadable_models(models, monkeypatch):
+    """Random models that LoRA Lab trains on and ComfyUI's loaders take. ComfyUI detects a FLUX
+    transformer only with head_dim 128 (rope axes 16, 56, 56) and 16 latent channels, and builds
+    a 128-channel [1, 2, 4, 4] VAE; one CLIP-L file (CLIPLoader) gives 768-wide text and pooled
+    vectors, so the transformer takes those."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loralab.core.families.flux import tiny
+
+    monkeypatch.setitem(tiny.PRESETS, "comfyui-shaped", COMFY_SHAPED)
+    folder = tiny.build_tiny_flux(str(models / "diffusers" / "tiny-flux"), "comfyui-shaped")
+    (models / "diffusion_models").mkdir()
+    tiny.write_single_file(folder, str(models / "diffusion_models" / "tiny-flux.safetensors"))
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12,
+                                        projection_dim=768)).state_dict()
+    # ComfyUI's CLIP-L keys start with text_model. (transformers 5 leaves the prefix out)
+    clip = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()}
+    clip["text_projection.weight"] = torch.eye(768)
+    (models / "text_encoders").mkdir()
+    save_file({k: v.half().contiguous() for k, v in clip.items()},
+              str(models / "text_encoders" / "tiny-clip-l.safetensors"))
+    vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    (models / "vae").mkdir()
+    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()},
+              str(models / "vae" / "tiny-vae.safetensors"))
+
+
+def train_then_generate_workflow(strengths):
+    """TrainLoRA on the diffusers folder -> LoRALabApplyLoRA on the same transformer loaded by
+    UNETLoader -> KSampler -> VAEDecode -> SaveImage, once per strength."""
+    with open(os.path.join(WORKFLOWS, "quickstart.json"), encoding="utf-8") as f:
+        prompt = json.load(f)
+    for unused in ("6", "7", "8"):
+        del prompt[unused]
+    prompt["1"]["inputs"].update(path="", comfyui_model="diffusers/tiny-flux")
+    prompt["3"]["inputs"].update(steps=12, save_every=12, sample_every=0, lr=0.002)
+    prompt["4"]["inputs"]["name"] = "generate_check"
+
+    def node(node_id, class_type, **inputs):
+        prompt[node_id] = {"class_type": class_type, "inputs": inputs}
+
+    node("10", "UNETLoader", unet_name="tiny-flux.safetensors", weight_dtype="default")
+    node("11", "CLIPLoader", clip_name="tiny-clip-l.safetensors", type="stable_diffusion",
+         device="default")
+    node("12", "VAELoader", vae_name="tiny-vae.safetensors")
+    node("13", "CLIPTextEncode", text="a photo of sks", clip=["11", 0])
+    node("14", "FluxGuidance", guidance=3.5, conditioning=["13", 0])
+    node("15", "CLIPTextEncode", text="", clip=["11", 0])
+    node("16", "EmptySD3LatentImage", width=64, height=64, batch_size=1)
+    for index, strength in enumerate(strengths):
+        apply, sample, decode, save = (f"{20 + 10 * index + offset}" for offset in range(4))
+        node(apply, "LoRALabApplyLoRA", model=["10", 0], lora=["4", 0], strength=strength)
+        node(sample, "KSampler", model=[apply, 0], positive=["14", 0], negative=["15", 0],
+             latent_image=["16", 0], seed=42, steps=4, cfg=1.0, sampler_name="euler",
+             scheduler="simple", denoise=1.0)
+        node(decode, "VAEDecode", samples=[sample, 0], vae=["12", 0])
+        node(save, "SaveImage", images=[decode, 0], filename_prefix=f"generated/strength_{strength:g}")
+    return prompt
+
+
+def test_a_graph_that_trains_then_generates_with_comfyuis_sampler(server, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    started = time.monotonic()
+    write_comfyui_loadable_models(server.base / "models", monkeypatch)
+    built = time.monotonic() - started
+    entry = server.run_prompt(train_then_generate_workflow(strengths=(0, 10)))
+    print(f"\nmodels built in {built:.1f} s; train-then-generate ran in "
+          f"{time.monotonic() - started - built:.1f} s")
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-4000:]
+    images = []
+    for save in ("23", "33"):
+        image, = entry["outputs"][save]["images"]
+        images.append(np.asarray(Image.open(server.base / "output" / image["subfolder"]
+                                            / image["filename"])))
+    assert images[0].shape == (64, 64, 3)
+    assert not np.array_equal(images[0], images[1])  # the LoRA changed what was generated
+    assert "lora key not loaded" not in server.log()  # ComfyUI took every key of the LoRA
