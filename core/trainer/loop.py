@@ -153,6 +153,8 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
         warn(monitor.on_samples(step, images[1.0]), step)
 
     plan = BatchPlan(sizes, data_cfg["repeats"], batch_size, train_cfg["seed"])
+    compute_dtype = family.compute_dtype(pipeline)  # asked once: diffusers walks every module
+    uses_guidance = family.uses_guidance(pipeline)
     generator = torch.Generator()
     accumulation = train_cfg["gradient_accumulation_steps"]
     processes, rank = accelerator.num_processes, accelerator.process_index
@@ -176,10 +178,9 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
                 "text": torch.stack([cache.text(t)[0] for t in texts]),
                 "pooled": torch.stack([cache.text(t)[1] for t in texts]),
             }
-            batch = {k: v.to(device, family.compute_dtype(pipeline)) for k, v in batch.items()}
+            batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = family.training_loss(model, batch, generator, train_cfg,
-                                            family.uses_guidance(pipeline)) / accumulation
+                loss = family.training_loss(model, batch, generator, train_cfg, uses_guidance) / accumulation
             if not torch.isfinite(loss):
                 break
             accelerator.backward(loss)
