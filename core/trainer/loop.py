@@ -80,7 +80,7 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
         emit({"type": "status", "message": f"loading {model_cfg['path']}"})
         pipeline = family.load(model_path, model_cfg["transformer_path"], model_cfg["dtype"],
                                model_cfg["quantize"])
-    pipeline.to(device)
+    family.to_device(pipeline, device)
     multiple = family.size_multiple(pipeline)
 
     # -- cache latents and text embeddings once; a step then runs only the transformer -------

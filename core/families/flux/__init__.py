@@ -38,6 +38,16 @@ def uses_guidance(pipeline):
     return bool(pipeline.transformer.config.guidance_embeds)
 
 
+def to_device(pipeline, device):
+    """Moves the pipeline; a bitsandbytes-quantized transformer is placed by its loader and
+    cannot be moved, so it stays where it is."""
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        getattr(pipeline, name).to(device)
+    transformer = pipeline.transformer
+    if not (getattr(transformer, "is_quantized", False) or getattr(transformer, "hf_quantizer", None)):
+        transformer.to(device)
+
+
 def offload_text_encoders(pipeline):
     """After caching, T5 (about 9 GB for FLUX.1) and CLIP wait on the CPU, off the GPU."""
     pipeline.text_encoder.to("cpu")
@@ -120,4 +130,4 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 __all__ = ["LORA_TARGETS", "ModelError", "compute_dtype", "encode_image", "encode_prompts",
            "generate", "load", "lora_to_kohya", "offload_text_encoders", "predict", "remove_lora",
-           "size_multiple", "text_length", "trainable_model", "training_loss", "uses_guidance"]
+           "size_multiple", "text_length", "to_device", "trainable_model", "training_loss", "uses_guidance"]
