@@ -2,6 +2,7 @@
 
 The plan is a pure function of (seed, epoch), so a resumed run sees exactly the batches the
 interrupted one would have seen, and several processes can each take their own share."""
+import bisect
 import random
 from dataclasses import dataclass
 
@@ -24,10 +25,12 @@ class BatchPlan:
     def __init__(self, sizes, repeats, batch_size, seed):
         self.sizes, self.repeats, self.batch_size, self.seed = sizes, repeats, batch_size, seed
         self._epochs = []  # cached batch lists, epoch by epoch
+        self._starts = [0]  # stream position where each epoch starts (one more than _epochs)
 
     def epoch(self, number):
         while len(self._epochs) <= number:
             self._epochs.append(self._make_epoch(len(self._epochs)))
+            self._starts.append(self._starts[-1] + len(self._epochs[-1]))
         return self._epochs[number]
 
     def _make_epoch(self, number):
@@ -47,17 +50,13 @@ class BatchPlan:
         rng.shuffle(batches)
         return batches
 
+    def epoch_of(self, position):
+        """The epoch that holds `position` of the endless stream of batches."""
+        while self._starts[-1] <= position:
+            self.epoch(len(self._epochs))
+        return bisect.bisect_right(self._starts, position) - 1
+
     def batch(self, position):
         """The batch at `position` of the endless stream of epochs."""
-        epoch = 0
-        while position >= len(self.epoch(epoch)):
-            position -= len(self.epoch(epoch))
-            epoch += 1
-        return self.epoch(epoch)[position]
-
-    def epoch_of(self, position):
-        epoch = 0
-        while position >= len(self.epoch(epoch)):
-            position -= len(self.epoch(epoch))
-            epoch += 1
-        return epoch
+        number = self.epoch_of(position)
+        return self.epoch(number)[position - self._starts[number]]
