@@ -326,12 +326,10 @@ def test_inside_comfyui_the_pipeline_is_loaded_moved_and_trained_outside_inferen
         comfyui, tiny_flux, demo_dataset, monkeypatch):
     """ComfyUI runs nodes under torch.inference_mode(). A weight loaded or moved to another
     device there becomes an inference tensor, which a later TrainLoRA cannot train on."""
-    from diffusers import FluxPipeline
-
-    moves = []
-    move = FluxPipeline.to
-    monkeypatch.setattr(FluxPipeline, "to", lambda pipeline, *args, **kwargs: (
-        moves.append(torch.is_inference_mode_enabled()), move(pipeline, *args, **kwargs))[1])
+    moves = []  # every module move (the pipeline's and the trainer's own), in or out of inference mode
+    move = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda module, *args, **kwargs: (
+        moves.append(torch.is_inference_mode_enabled()), move(module, *args, **kwargs))[1])
     base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
                  quantize="none")
     dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
