@@ -151,6 +151,7 @@ def _registry(args):
 def cmd_run(args):
     import traceback
 
+    from .core.trainer import OutOfMemory
     from .core.workflow import NodeFailed, WorkflowInterrupted, run_workflow, to_api
     from .core.workflow.interrupt import handle_ctrl_c, stop_requested
     from .nodes.events import listening
@@ -173,7 +174,8 @@ def cmd_run(args):
         print(f"stopped: {stopped}", file=sys.stderr)
         return 130
     except NodeFailed as failed:
-        user_error = isinstance(failed.__cause__, ValueError)  # config, dataset, model, paths
+        # config, dataset, model, paths, memory: things the user fixes, not bugs to trace
+        user_error = isinstance(failed.__cause__, (ValueError, OutOfMemory))
         if not user_error:
             traceback.print_exception(failed.__cause__)
         print(f"error: {failed}", file=sys.stderr)
@@ -290,15 +292,15 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
-    from .core.trainer import ResumeError
+    from .core.trainer import OutOfMemory, ResumeError
     from .core.workflow import WorkflowError
     from .core.runs.history import RunNotFound
     from .nodes.comfyui_nodes import ComfyUINotImportable
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, ResumeError, WorkflowError, RunNotFound,
-            ComfyUINotImportable) as error:
+    except (ConfigError, DatasetError, ModelError, OutOfMemory, ResumeError, WorkflowError,
+            RunNotFound, ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

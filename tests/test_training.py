@@ -172,3 +172,28 @@ def test_resuming_with_another_rank_says_what_to_do(resolved):
     from loralab.core.trainer import ResumeError
     with pytest.raises(ResumeError, match="other network settings.*another name.*train.resume"):
         train(changed)
+
+
+def test_out_of_memory_says_what_to_change_and_leaves_the_model_clean(resolved, monkeypatch):
+    """A GPU cannot run out of memory here, so the family's loss raises what CUDA would raise."""
+    from loralab.core.families import flux
+    from loralab.core.trainer import OutOfMemory
+
+    config = resolved(train={"steps": 3, "batch_size": 2}, dataset={"resolution": [1024]},
+                      network={"linear": 64})
+    pipeline = flux.load(config["model"]["path"], dtype="fp32")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(flux, "training_loss", out_of_memory)
+    with pytest.raises(OutOfMemory) as error:
+        train(config, pipeline=pipeline)
+    message = str(error.value)
+    assert "Tried to allocate 2.00 GiB" in message
+    for advice in ("train.gradient_checkpointing", "dataset.resolution", "train.batch_size 1",
+                   "model.quantize", "network.linear", "resumes from the newest checkpoint"):
+        assert advice in message
+    assert not getattr(pipeline.transformer, "peft_config", None)  # the LoRA was taken off
+    monkeypatch.undo()
+    assert train(resolved(train={"steps": 1}), pipeline=pipeline).status == "finished"

@@ -1,5 +1,5 @@
 """The training loop (accelerate): optimizer, schedule, checkpoints, resume, events."""
 from .checkpoints import write_lora
-from .loop import ResumeError, TrainResult, train
+from .loop import OutOfMemory, ResumeError, TrainResult, train
 
-__all__ = ["ResumeError", "TrainResult", "train", "write_lora"]
+__all__ = ["OutOfMemory", "ResumeError", "TrainResult", "train", "write_lora"]

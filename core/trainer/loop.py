@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from ..coach.monitor import Monitor
+from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
 from ..families import get_family
@@ -41,10 +42,25 @@ class TrainResult:
     warnings: list = field(default_factory=list)
 
 
+class OutOfMemory(RuntimeError):
+    """The accelerator ran out of memory; the message says which settings to change."""
+
+
 def train(config, pipeline=None, on_event=None, should_stop=None):
     """Trains the LoRA that `config` (resolved, see core.config) describes. `pipeline` reuses an
     already loaded base model; `on_event(dict)` receives progress; `should_stop()` is checked
     every step (a stop saves a checkpoint first, so running again resumes)."""
+    try:
+        return _train(config, pipeline, on_event, should_stop)
+    except torch.cuda.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        raise OutOfMemory(out_of_memory_advice(config, error)) from None
+    finally:
+        if pipeline is not None:  # a shared base model (ComfyUI) leaves clean, error or not
+            get_family(config["model"]["family"]).remove_lora(pipeline)
+
+
+def _train(config, pipeline, on_event, should_stop):
     model_cfg, data_cfg, net_cfg = config["model"], config["dataset"], config["network"]
     train_cfg, save_cfg, sample_cfg = config["train"], config["save"], config["sample"]
     # A long-lived process (ComfyUI) trains many times with different precisions: accelerate keeps

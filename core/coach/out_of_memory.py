@@ -1,0 +1,33 @@
+"""What to say when the accelerator runs out of memory: the estimate for these settings and the
+changes that lower it, in the order that costs the LoRA least."""
+from .memory import estimate_memory, gigabytes
+
+
+def out_of_memory_advice(config, error):
+    model, train, network = config["model"], config["train"], config["network"]
+    lines = [f"the GPU ran out of memory ({str(error).splitlines()[0][:200]})."]
+    try:
+        estimate = estimate_memory(config)
+        lines.append(f"These settings need about {gigabytes(estimate.total_bytes)} "
+                     "before activations.")
+    except (OSError, KeyError, ValueError):
+        pass  # the advice below stands without an estimate
+    tries = []
+    if not train["gradient_checkpointing"]:
+        tries.append("set train.gradient_checkpointing to true (much smaller activations)")
+    if max(config["dataset"]["resolution"]) > 512:
+        tries.append(f"train at a lower dataset.resolution (now {config['dataset']['resolution']}; 512 first)")
+    if train["batch_size"] > 1:
+        tries.append(f"use train.batch_size 1 (now {train['batch_size']}; the guide recommends 1)")
+    if model["quantize"] == "none":
+        tries.append("set model.quantize to nf4 (4-bit frozen transformer; int8 saves less)")
+    if train["optimizer"] not in ("adamw8bit", "adafactor", "lion"):
+        tries.append(f"use train.optimizer adamw8bit (now {train['optimizer']})")
+    if network["linear"] > 16:
+        tries.append(f"lower network.linear (now {network['linear']}; 16 is the guide's default)")
+    if model["dtype"] == "fp32":
+        tries.append("load the model in bf16 (model.dtype)")
+    lines.append("Try, in this order: " + "; ".join(tries) + "." if tries else
+                 "These are already the leanest settings: a GPU with more memory is needed.")
+    lines.append("Run the same command again afterwards: training resumes from the newest checkpoint.")
+    return " ".join(lines)
