@@ -41,14 +41,14 @@ class Progress:
             self.line(f"step {event['step']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
                       f"{event['seconds_per_step']:.3f} s/step, peak RAM {event['cpu_peak_mb']:.0f} MiB"
                       + (f", GPU {event['gpu_peak_mb']:.0f} MiB" if event.get("gpu_peak_mb") else ""))
-        elif kind in ("plan",):
+        elif kind == "plan":
             self.line(f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
                       f"{event['steps']} steps")
-        elif kind in ("checkpoint",):
+        elif kind == "checkpoint":
             self.line(f"saved {event['path']}")
-        elif kind in ("warning",):
+        elif kind == "warning":
             self.line(f"warning: {event['message']}")
-        elif kind in ("status", "resume", "interrupted", "done", "sample", "node_start", "skipped"):
+        elif kind in ("status", "resume", "interrupted", "done", "sample"):
             self.line(_describe(event))
 
 
@@ -67,10 +67,6 @@ def _describe(event):
         return f"{event['status']}: {event['path']}"
     if kind == "sample":
         return f"samples at step {event['step']}: {len(event['paths'])} image(s)"
-    if kind == "node_start":
-        return f"[{event.get('index', '?')}/{event.get('total', '?')}] {event.get('title') or event.get('class_type')} (node {event.get('node_id')})"
-    if kind == "skipped":
-        return f"skipped ComfyUI node(s): {event.get('message') or event.get('nodes')}"
     return event.get("message", "")
 
 

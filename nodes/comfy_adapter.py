@@ -20,10 +20,6 @@ def _comfy(module):
         return None
 
 
-def in_comfyui():
-    return _comfy("comfy.model_management") is not None
-
-
 def forget_imports():
     """Look again: `loralab run --comfyui` makes ComfyUI importable after start-up."""
     _comfy.cache_clear()

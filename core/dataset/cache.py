@@ -37,6 +37,7 @@ class Cache:
     def __init__(self, folder=None):
         self.folder = folder  # None keeps everything in memory only
         self.latents, self.texts = {}, {}
+        self.digests = {}  # image index -> sha256 of its bytes (the run's fingerprint reuses them)
         self.computed = 0  # how many entries were encoded (not found on disk): tests read it
 
     def _path(self, key):
@@ -63,7 +64,7 @@ class Cache:
         total = sum(len(s) for s in sizes.values())
         done = 0
         for index, image_sizes in sizes.items():
-            digest = file_digest(items[index].path)
+            digest = self.digests[index] = file_digest(items[index].path)
             for size in image_sizes:
                 key = hashlib.sha256(f"latent:{model_key}:{digest}:{size}".encode()).hexdigest()
                 value = self._read(key)

@@ -1,6 +1,6 @@
 """LoRA adapters: inject with peft, convert to file formats, read and write files."""
 from .files import bake_alpha, file_metadata, file_tensors, read_lora_file, save_lora_file
-from .inject import add_lora, count_parameters, load_lora_weights, lora_strength, lora_weights
+from .inject import add_lora, load_lora_weights, lora_strength, lora_weights
 
-__all__ = ["add_lora", "bake_alpha", "count_parameters", "file_metadata", "file_tensors",
+__all__ = ["add_lora", "bake_alpha", "file_metadata", "file_tensors",
            "load_lora_weights", "lora_strength", "lora_weights", "read_lora_file", "save_lora_file"]

@@ -49,12 +49,4 @@ def lora_strength(model, strength):
             layer.scaling.update(scaling)
 
 
-def count_parameters(weights):
-    return sum(t.numel() for t in weights.values())
-
-
-def as_dtype(weights, dtype):
-    return {k: v.to(dtype).contiguous() for k, v in weights.items()}
-
-
 TORCH_SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

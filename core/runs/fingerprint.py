@@ -2,15 +2,15 @@
 as trained, so two runs can tell whether they saw the same data (names and folders aside)."""
 import hashlib
 
+from ..dataset.cache import file_digest
 
-def dataset_fingerprint(scan):
-    """"sha256:<hex>" over each image's bytes and caption, in the scan's (sorted) order."""
+
+def dataset_fingerprint(scan, digests=None):
+    """"sha256:<hex>" over each image's bytes and caption, in the scan's (sorted) order.
+    `digests` (image index -> hex sha256, as the latent cache computed them) saves a second read."""
     total = hashlib.sha256()
-    for item in scan.items:
-        image = hashlib.sha256()
-        with open(item.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                image.update(block)
-        total.update(image.digest())
+    for index, item in enumerate(scan.items):
+        digest = (digests or {}).get(index) or file_digest(item.path)
+        total.update(bytes.fromhex(digest))
         total.update(hashlib.sha256(item.caption.encode("utf-8")).digest())
     return "sha256:" + total.hexdigest()

@@ -142,7 +142,7 @@ def _train(config, pipeline, on_event, should_stop):
     run.truncate_metrics(start_step)
     run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
                       "dataset_stats": {"images": len(scan.items), "skipped": scan.skipped,
-                                        "fingerprint": dataset_fingerprint(scan),
+                                        "fingerprint": dataset_fingerprint(scan, cache.digests),
                                         "buckets": sorted({s for v in sizes.values() for s in v})}})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
     result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
@@ -150,7 +150,7 @@ def _train(config, pipeline, on_event, should_stop):
     if start_step >= steps and os.path.isfile(run.final_lora):
         result.status, result.weights = "already finished", lora_weights(accelerator.unwrap_model(model))
         emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
-        return _cleanup(family, pipeline, result)
+        return result
 
     monitor = Monitor(config)
 
@@ -202,8 +202,9 @@ def _train(config, pipeline, on_event, should_stop):
             accelerator.backward(loss)
             losses.append(loss.item() * accumulation)
         if not torch.isfinite(loss):  # stop before the bad gradient reaches the weights
+            last_good = run.resumable()
             result.status = "stopped: nan"
-            result.lora_path = run.checkpoint(run.resumable()) if run.resumable() else None
+            result.lora_path = run.checkpoint(last_good) if last_good is not None else None
             warn(["the loss became NaN/inf, so training stopped. The last good checkpoint is kept "
                   f"({result.lora_path}). Likely cause: a learning rate far too high or fp16 "
                   "overflow; lower train.lr or use train.dtype bf16/fp32."], step)
@@ -240,22 +241,17 @@ def _train(config, pipeline, on_event, should_stop):
             emit({"type": "interrupted", "step": step, "path": result.lora_path})
             break
 
-    # -- the final LoRA ----------------------------------------------------------------------------
-    warn(monitor.finish(), result.step)
+    # -- the final LoRA, its last samples, then the run's verdict ------------------------------------
     result.weights = lora_weights(accelerator.unwrap_model(model))
-    if accelerator.is_main_process:
-        loss_plot(run.read_metrics(), title=f"{config['name']} loss").save(run.file("loss.png"))
-        write_json(run.file("warnings.json"), result.warnings)
     if result.status == "finished" and accelerator.is_main_process:
         write_lora(run.final_lora, result.weights, config, result.step, to_kohya)
         if sampling:
             sample(result.step)
-        emit({"type": "done", "status": "finished", "step": result.step, "path": run.final_lora})
+    warn(monitor.finish(), result.step)
+    if accelerator.is_main_process:
+        loss_plot(run.read_metrics(), title=f"{config['name']} loss").save(run.file("loss.png"))
+        write_json(run.file("warnings.json"), result.warnings)
+        if result.status == "finished":
+            emit({"type": "done", "status": "finished", "step": result.step, "path": run.final_lora})
     accelerator.wait_for_everyone()
-    return _cleanup(family, pipeline, result)
-
-
-def _cleanup(family, pipeline, result):
-    """Takes the LoRA off the base model so the same loaded model can train or sample again."""
-    family.remove_lora(pipeline)
     return result

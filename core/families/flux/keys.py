@@ -63,26 +63,33 @@ def _swap_halves(tensor):
     return torch.cat([second, first], dim=0)
 
 
+def _one_to_one(num_double, num_single):
+    """(bfl key, diffusers key, swap halves) for every tensor that is not fused: top-level
+    weights and biases, and the q/k norms of each block."""
+    for bfl_name, diffusers_name in TOP_LEVEL.items():
+        for suffix in ("weight", "bias"):
+            yield (f"{bfl_name}.{suffix}", f"{diffusers_name}.{suffix}",
+                   bfl_name == "final_layer.adaLN_modulation.1")
+    for i in range(num_double):
+        for b, d in DOUBLE_BLOCK_NORMS.items():
+            yield f"double_blocks.{i}.{b}", f"transformer_blocks.{i}.{d}", False
+    for i in range(num_single):
+        for b, d in SINGLE_BLOCK_NORMS.items():
+            yield f"single_blocks.{i}.{b}", f"single_transformer_blocks.{i}.{d}", False
+
+
 def transformer_to_bfl(state_dict, num_double, num_single):
     """A diffusers FluxTransformer2DModel state dict with BFL keys (what ComfyUI loads)."""
     bfl = {}
-    for bfl_name, diffusers_name in TOP_LEVEL.items():
-        for suffix in ("weight", "bias"):
-            key = f"{diffusers_name}.{suffix}"
-            if key in state_dict:
-                value = state_dict[key]
-                bfl[f"{bfl_name}.{suffix}"] = _swap_halves(value) if bfl_name.startswith("final_layer.ada") else value
+    for bfl_key, diffusers_key, swap in _one_to_one(num_double, num_single):
+        if diffusers_key in state_dict:  # biases are optional (guidance_in only on dev)
+            value = state_dict[diffusers_key]
+            bfl[bfl_key] = _swap_halves(value) if swap else value
     for bfl_name, parts in block_modules(num_double, num_single):
         for suffix in ("weight", "bias"):
             tensors = [state_dict[f"{p}.{suffix}"] for p in parts if f"{p}.{suffix}" in state_dict]
             if tensors:
                 bfl[f"{bfl_name}.{suffix}"] = torch.cat(tensors, dim=0)
-    for i in range(num_double):
-        for b, d in DOUBLE_BLOCK_NORMS.items():
-            bfl[f"double_blocks.{i}.{b}"] = state_dict[f"transformer_blocks.{i}.{d}"]
-    for i in range(num_single):
-        for b, d in SINGLE_BLOCK_NORMS.items():
-            bfl[f"single_blocks.{i}.{b}"] = state_dict[f"single_transformer_blocks.{i}.{d}"]
     return bfl
 
 
@@ -115,11 +122,9 @@ def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
             bfl = {k[len(prefix):]: v for k, v in bfl.items() if k.startswith(prefix)}
             break
     diffusers = {}
-    for bfl_name, diffusers_name in TOP_LEVEL.items():
-        for suffix in ("weight", "bias"):
-            if f"{bfl_name}.{suffix}" in bfl:
-                value = bfl[f"{bfl_name}.{suffix}"]
-                diffusers[f"{diffusers_name}.{suffix}"] = _swap_halves(value) if bfl_name.startswith("final_layer.ada") else value
+    for bfl_key, diffusers_key, swap in _one_to_one(num_double, num_single):
+        if bfl_key in bfl:
+            diffusers[diffusers_key] = _swap_halves(bfl[bfl_key]) if swap else bfl[bfl_key]
     for bfl_name, parts in block_modules(num_double, num_single):
         for suffix in ("weight", "bias"):
             if f"{bfl_name}.{suffix}" not in bfl:
@@ -127,14 +132,8 @@ def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
             sizes = [reference_shapes[f"{p}.{suffix}"][0] for p in parts]
             for part, tensor in zip(parts, torch.split(bfl[f"{bfl_name}.{suffix}"], sizes, dim=0)):
                 diffusers[f"{part}.{suffix}"] = tensor
-    for i in range(num_double):
-        for b, d in DOUBLE_BLOCK_NORMS.items():
-            diffusers[f"transformer_blocks.{i}.{d}"] = bfl[f"double_blocks.{i}.{b}"]
-    for i in range(num_single):
-        for b, d in SINGLE_BLOCK_NORMS.items():
-            diffusers[f"single_transformer_blocks.{i}.{d}"] = bfl[f"single_blocks.{i}.{b}"]
     return diffusers
 
 
 def is_bfl(keys):
-    return any(".double_blocks." in "." + k or k.startswith("double_blocks.") for k in keys)
+    return any(".double_blocks." in "." + k for k in keys)
