@@ -78,13 +78,21 @@ def resolve(config, source=None):
     if errors:
         raise ConfigError([_describe(e) for e in errors], source)
     resolved = _fill_defaults(config, SCHEMA)
+    model = resolved["model"]
+    single_files = ("transformer_path", "clip_l_path", "t5_path", "vae_path")
+    if not model["path"] and not all(model[key] for key in single_files):
+        missing = ", ".join(f"model.{key}" for key in single_files if not model[key])
+        raise ConfigError([f"model.path is empty and {missing} not given: give a local diffusers "
+                           "folder in model.path, or all four single files (transformer, CLIP-L, "
+                           "T5, VAE) as ComfyUI keeps them"], source)
     if resolved["network"]["linear_alpha"] is None:
         resolved["network"]["linear_alpha"] = resolved["network"]["linear"]
     if resolved["save"]["format"] is None:
         resolved["save"]["format"] = "diffusers" if resolved["model"]["family"] == "flux" else "kohya"
     if source:  # relative paths in a config file are relative to the file, not to the shell
         base = os.path.dirname(os.path.abspath(source))
-        for section, key in (("model", "path"), ("model", "transformer_path"),
+        for section, key in (("model", "path"), ("model", "transformer_path"), ("model", "clip_l_path"),
+                             ("model", "t5_path"), ("model", "vae_path"),
                              ("dataset", "folder"), ("save", "output_dir")):
             value = resolved[section].get(key)
             if value and not value.startswith("builtin:") and not os.path.isabs(os.path.expanduser(value)):

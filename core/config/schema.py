@@ -7,6 +7,7 @@ OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
 FAMILIES = ["flux", "sdxl", "sd15"]
+QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
 
 def _int(default, minimum, maximum=None, help=""):
@@ -41,15 +42,24 @@ SCHEMA = {
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
             "family": _choice(FAMILIES, "flux", "Model family. FLUX.1 is supported today."),
-            "path": {"type": "string", "minLength": 1, "description":
-                     "Local diffusers folder of the base model (transformer, vae, text encoders)."},
+            "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
+                     "Local diffusers folder of the base model (transformer, vae, text encoders). "
+                     "Not needed when the four single files below are given."},
             "transformer_path": {"type": ["string", "null"], "default": None, "description":
-                                 "Optional single-file transformer (.safetensors, BFL or diffusers "
-                                 "keys) that replaces the folder's transformer."},
+                                 "Single-file transformer (.safetensors, BFL or diffusers keys; bf16, "
+                                 "fp8 or scaled fp8), as ComfyUI keeps it in models/diffusion_models."},
+            "clip_l_path": {"type": ["string", "null"], "default": None, "description":
+                            "CLIP-L text encoder file (ComfyUI's models/text_encoders/clip_l.safetensors)."},
+            "t5_path": {"type": ["string", "null"], "default": None, "description":
+                        "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
+            "vae_path": {"type": ["string", "null"], "default": None, "description":
+                         "VAE file (ComfyUI's models/vae/ae.safetensors)."},
             "dtype": _choice(DTYPES, "bf16", "Precision the frozen base model is loaded in."),
-            "quantize": _choice(["none", "int8", "nf4"], "none",
-                                "Quantize the frozen transformer with bitsandbytes (GPU) to save memory."),
-        }, required=["path"]),
+            "quantize": _choice(QUANTIZE, "auto",
+                                "How the frozen transformer is stored: auto picks the least saving mode "
+                                "whose estimate fits the device (none on a CPU); fp8 stores float8 "
+                                "weights computed in bf16; nf4/int8 use bitsandbytes (CUDA)."),
+        }),
         "dataset": _section({
             "folder": {"type": "string", "minLength": 1,
                        "description": "Folder of images with same-name caption files."},
@@ -82,8 +92,10 @@ SCHEMA = {
             "lr_warmup_steps": _int(0, 0, 1000000, "Warm-up steps for the schedule."),
             "max_grad_norm": _number(1.0, 0.0, 1000.0, "Gradient clipping; 0 turns it off."),
             "dtype": _choice(DTYPES, "bf16", "Mixed precision of the training step."),
-            "gradient_checkpointing": {"type": "boolean", "default": True,
-                                       "description": "Trade compute for memory."},
+            "gradient_checkpointing": {"type": ["string", "boolean"], "enum": ["auto", True, False],
+                                       "default": "auto", "description":
+                                       "Trade compute for memory; auto turns it on only when the "
+                                       "memory estimate needs it."},
             "seed": _int(42, 0, 2**32 - 1, "Seed of noise, timesteps, caption dropout and order."),
             "timestep_type": _choice(TIMESTEP_TYPES, "sigmoid", "How noise levels are drawn."),
             "guidance": _number(1.0, 0.0, 100.0, "Guidance embedding value while training FLUX.1-dev."),

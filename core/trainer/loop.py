@@ -95,7 +95,7 @@ def _train(config, pipeline, on_event, should_stop):
     if pipeline is None:
         emit({"type": "status", "message": f"loading {model_cfg['path']}"})
         pipeline = family.load(model_path, model_cfg["transformer_path"], model_cfg["dtype"],
-                               model_cfg["quantize"])
+                               "none" if model_cfg["quantize"] == "auto" else model_cfg["quantize"])
     family.to_device(pipeline, device)
     multiple = family.size_multiple(pipeline)
 
@@ -115,7 +115,7 @@ def _train(config, pipeline, on_event, should_stop):
     # -- LoRA, optimizer, schedule -----------------------------------------------------------
     model = family.trainable_model(pipeline)
     parameters = add_lora(model, net_cfg["linear"], net_cfg["linear_alpha"], family.LORA_TARGETS)
-    if train_cfg["gradient_checkpointing"]:
+    if train_cfg["gradient_checkpointing"] is True:
         model.enable_gradient_checkpointing()
     model.train()
     optimizer = make_optimizer(train_cfg["optimizer"], parameters, train_cfg["lr"])
