@@ -285,3 +285,27 @@ def transformer_config(tensors, metadata):
 
 def file_size(path):
     return os.path.getsize(path)
+
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_streaming(path, specs, metadata=None):
+    """Writes a .safetensors file tensor by tensor: specs is [(name, shape, dtype, make)] where
+    make() returns the tensor; only one tensor is in memory at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype, _ in specs:
+        size = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, make in specs:
+            tensor = make().to(dtype).contiguous().reshape(shape)
+            f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return path

@@ -132,3 +132,170 @@ def write_single_file(folder, path):
     weights = transformer_to_bfl(transformer.state_dict(), config.num_layers, config.num_single_layers)
     save_file({k: v.contiguous() for k, v in weights.items()}, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The same tiny model as the single files ComfyUI users have (models/diffusion_models,
+# text_encoders, vae), in the key layouts ComfyUI's own loaders read.
+
+CLIP_VOCAB, T5_VOCAB = 49408, 32128  # the real tokenizers' vocabularies (ComfyUI's checkout)
+
+
+def _vae_key_to_bfl(key):
+    """A diffusers AutoencoderKL key -> its name in BFL's ae.safetensors (LDM layout)."""
+    import re
+
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    key = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", key)
+    key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
+    for old, new in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                     ("to_out.0", "proj_out")):
+        key = key.replace(f"attn_1.{old}.", f"attn_1.{new}.")
+    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
+    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+    key = re.sub(r"up_blocks\.(\d+)\.resnets\.", r"up.U\1.block.", key)
+    key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", r"up.U\1.upsample.", key)
+    return key
+
+
+def vae_to_bfl(shapes, levels):
+    """{bfl key: (diffusers key, bfl shape)} of an AutoencoderKL (diffusers key -> shape); the
+    decoder's up blocks run in reverse order in BFL's layout, and attention projections are
+    1x1 convolutions there."""
+    import re
+
+    mapping = {}
+    for key, shape in shapes.items():
+        bfl = _vae_key_to_bfl(key)
+        bfl = re.sub(r"up\.U(\d+)\.", lambda m: f"up.{levels - 1 - int(m.group(1))}.", bfl)
+        if ".attn_1." in bfl and bfl.endswith(".weight") and len(shape) == 2:
+            shape = (*shape, 1, 1)
+        mapping[bfl] = (key, tuple(shape))
+    return mapping
+
+
+def _padded_rows(weight, rows, seed):
+    """An embedding grown to `rows` (the real vocabulary): its own rows first, then small random
+    ones, so the same token ids give the same embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randn(rows - weight.shape[0], weight.shape[1], generator=generator) * weight.float().std()
+    return torch.cat([weight.float(), extra]).to(weight.dtype)
+
+
+def write_comfyui_files(folder):
+    """The folder's tiny model as ComfyUI's single files, beside it in FOLDER/comfyui/: paths
+    {"transformer", "transformer_fp8", "clip_l", "t5", "vae"}. The text encoders' embeddings are
+    grown to the real CLIP/T5 vocabularies (ComfyUI's tokenizers), the tiny ids keeping theirs."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from . import files, fp8, single_files
+    from .keys import transformer_to_bfl
+
+    out = os.path.join(folder, "comfyui")
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    paths = {
+        "transformer": os.path.join(out, "diffusion_models", "tiny-flux.safetensors"),
+        "transformer_fp8": os.path.join(out, "diffusion_models", "tiny-flux-fp8.safetensors"),
+        "clip_l": os.path.join(out, "text_encoders", "clip_l.safetensors"),
+        "t5": os.path.join(out, "text_encoders", "t5xxl.safetensors"),
+        "vae": os.path.join(out, "vae", "ae.safetensors"),
+    }
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    config = transformer.config
+    bfl = transformer_to_bfl(transformer.state_dict(), config.num_layers, config.num_single_layers)
+    bfl = {k: v.to(torch.bfloat16).contiguous() for k, v in bfl.items()}
+    meta = {files.AXES_METADATA_KEY: json.dumps(list(config.axes_dims_rope))}
+    save_file(bfl, paths["transformer"], metadata=meta)
+    # scaled fp8 as ComfyUI writes it: block linear weights in float8_e4m3fn, each with a float32
+    # `<layer>.scale_weight`, and the `scaled_fp8` marker
+    scaled = {files.SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
+    for key, value in bfl.items():
+        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and value.dim() == 2:
+            weight, scale = fp8.to_fp8(value)
+            scaled[key] = weight
+            scaled[key[:-len(".weight")] + ".scale_weight"] = scale.reshape(())
+        else:
+            scaled[key] = value
+    save_file(scaled, paths["transformer_fp8"], metadata=meta)
+
+    clip = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
+    weights = {("text_model." + k if not k.startswith("text_model.") else k): v.contiguous()
+               for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    embed = "text_model.embeddings.token_embedding.weight"
+    weights[embed] = _padded_rows(weights[embed], CLIP_VOCAB, 1)
+    weights["text_projection.weight"] = torch.eye(clip.config.hidden_size)
+    save_file(weights, paths["clip_l"],
+              metadata={single_files.CLIP_HEADS_KEY: str(clip.config.num_attention_heads)})
+
+    t5 = T5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder_2"))
+    weights = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    weights["shared.weight"] = _padded_rows(weights["shared.weight"], T5_VOCAB, 2)
+    save_file(weights, paths["t5"])
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"))
+    state = vae.state_dict()
+    mapping = vae_to_bfl({k: v.shape for k, v in state.items()}, len(vae.config.block_out_channels))
+    save_file({b: state[d].reshape(shape).contiguous() for b, (d, shape) in mapping.items()}, paths["vae"],
+              metadata={single_files.VAE_GROUPS_KEY: str(vae.config.norm_num_groups)})
+    return paths
+
+
+def _random(shape, name):
+    if len(shape) == 1 and "bias" not in name and ("norm" in name or name.endswith(".scale")):
+        return lambda: torch.ones(shape)
+    if len(shape) == 1:
+        return lambda: torch.zeros(shape)
+    return lambda: torch.randn(shape) * 0.02
+
+
+def write_real_width_files(folder, seed=0):
+    """FLUX-width single files for the benchmark, random, written tensor by tensor (little RAM):
+    a transformer of hidden 3072 / 24 heads with one double and one single block (bf16, BFL
+    keys), a T5 of T5-XXL's widths with one layer, a real-shape CLIP-L and FLUX.1's VAE."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from . import files, keys, single_files
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    bf16 = torch.bfloat16
+    paths = {name: os.path.join(folder, file) for name, file in (
+        ("transformer", "flux-real-width.safetensors"), ("clip_l", "clip_l.safetensors"),
+        ("t5", "t5xxl-1-layer.safetensors"), ("vae", "ae.safetensors"))}
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, projection_dim=768))
+        t5 = T5EncoderModel(T5Config(vocab_size=T5_VOCAB, d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
+                                     num_layers=1, feed_forward_proj="gated-gelu"))
+        vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            use_quant_conv=False, use_post_quant_conv=False)
+    shapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+    bfl_shapes = {}
+    for bfl_key, diffusers_key, _ in keys._one_to_one(1, 1):
+        if diffusers_key in shapes:
+            bfl_shapes[bfl_key] = shapes[diffusers_key]
+    for bfl_name, parts in keys.block_modules(1, 1):
+        for suffix in ("weight", "bias"):
+            part_shapes = [shapes[f"{p}.{suffix}"] for p in parts]
+            bfl_shapes[f"{bfl_name}.{suffix}"] = (sum(s[0] for s in part_shapes), *part_shapes[0][1:])
+    files.write_streaming(paths["transformer"], [(k, s, bf16, _random(s, k)) for k, s in bfl_shapes.items()])
+
+    clip_shapes = {("text_model." + k if not k.startswith("text_model.") else k): tuple(v.shape)
+                   for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    clip_shapes["text_projection.weight"] = (768, 768)
+    files.write_streaming(paths["clip_l"], [(k, s, bf16, _random(s, k)) for k, s in clip_shapes.items()],
+                          {single_files.CLIP_HEADS_KEY: "12"})
+    t5_shapes = {k: tuple(v.shape) for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    files.write_streaming(paths["t5"], [(k, s, bf16, _random(s, k)) for k, s in t5_shapes.items()])
+    mapping = vae_to_bfl({k: tuple(v.shape) for k, v in vae.state_dict().items()}, 4)
+    files.write_streaming(paths["vae"], [(b, s, bf16, _random(s, b)) for b, (_, s) in mapping.items()],
+                          {single_files.VAE_GROUPS_KEY: "32"})
+    return paths

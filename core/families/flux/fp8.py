@@ -1,0 +1,103 @@
+"""fp8 weights kept in memory, computed in the load dtype layer by layer: the transformer's block
+linears hold float8_e4m3fn weights (half of bf16's memory) and upcast them per call.
+
+`Float8Linear` is an `nn.Linear` (peft wraps it as a LoRA `base_layer` like any Linear); its
+`compute_dtype` tells peft which dtype to give the LoRA weights (peft reads it as it reads
+bitsandbytes' 4-bit layers), not fp8.
+"""
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def to_fp8(weight):
+    """(fp8 weight, float32 scale) of a full-precision weight: one scale per tensor, the largest
+    magnitude mapped to fp8's largest value."""
+    weight = weight.float()
+    amax = weight.abs().max()
+    scale = (amax / FP8_MAX).clamp(min=1e-12) if amax > 0 else torch.tensor(1.0)
+    return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.reshape(1).float()
+
+
+class Float8Linear(nn.Linear):
+    """A Linear whose weight is stored in fp8 (times `weight_scale`: one value, or one per output
+    row) and used in `compute_dtype`; the bias is kept in `compute_dtype`."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None,
+                 compute_dtype=torch.bfloat16):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=compute_dtype)
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=FP8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear, compute_dtype):
+        """Replaces a full-precision Linear (weights quantized with one scale per tensor)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device="meta", compute_dtype=compute_dtype)
+        weight, scale = to_fp8(linear.weight.detach())
+        layer.set_weight(weight, scale)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+        return layer
+
+    def set_weight(self, weight, scale=None):
+        """Places an fp8 weight (and its scale) as is: no full-precision copy is made."""
+        if weight.dtype != FP8:
+            weight, scale = to_fp8(weight)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        scale = torch.ones(1) if scale is None else scale.detach().float().reshape(-1)
+        self.weight_scale = scale.to(weight.device)
+
+    def dequantized_weight(self):
+        weight = self.weight.to(self.compute_dtype)
+        scale = self.weight_scale
+        if scale.numel() > 1:
+            scale = scale.reshape(-1, 1)
+        return weight * scale.to(self.compute_dtype)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return nn.functional.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) moves the weight but keeps it fp8 (every fp8 value is exact in bf16,
+        # fp16 and fp32, so the round trip loses nothing); the compute dtype follows the cast.
+        stored = self.weight.dtype
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        super()._apply(fn, recurse)
+        if self.weight.dtype != stored:
+            self.weight.data = self.weight.data.to(stored)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = self.weight_scale.float()
+        return self
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fp8, compute_dtype={self.compute_dtype}"
+
+
+def is_block_linear(name):
+    """The block linears kept in fp8: those of transformer_blocks.* and single_transformer_blocks.*."""
+    return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+
+
+def replace_block_linears(transformer, compute_dtype, convert=False):
+    """Every block nn.Linear of the transformer becomes a Float8Linear: empty on the meta device
+    (to be filled by a loader) or, with convert=True, quantized from the layer's own weight one
+    layer at a time."""
+    targets = [(name, module) for name, module in transformer.named_modules()
+               if is_block_linear(name) and type(module) is nn.Linear]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
+        if convert:
+            layer = Float8Linear.from_linear(module, compute_dtype)
+        else:
+            layer = Float8Linear(module.in_features, module.out_features,
+                                 bias=module.bias is not None, device="meta",
+                                 compute_dtype=compute_dtype)
+        setattr(parent, child, layer)
+    return [name for name, _ in targets]
