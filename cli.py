@@ -92,6 +92,11 @@ def cmd_make_tiny_model(args):
         from .core.families.flux.tiny import write_single_file
 
         write_single_file(folder, args.single_file)
+    if args.comfyui:
+        from .core.families.flux.tiny import write_comfyui_files
+
+        for path in write_comfyui_files(folder).values():
+            print(path)
     print(folder)
     return 0
 
@@ -254,6 +259,9 @@ def build_parser():
     tiny.add_argument("folder")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     tiny.add_argument("--single-file", help="also write the transformer as one BFL-format .safetensors")
+    tiny.add_argument("--comfyui", action="store_true",
+                      help="also write the model as ComfyUI's single files in FOLDER/comfyui/ "
+                           "(diffusion_models, text_encoders, vae)")
     tiny.set_defaults(handler=cmd_make_tiny_model)
     plan = commands.add_parser("plan", help="check a dataset and plan a run by the guide: steps, epochs, memory, advice")
     plan.add_argument("dataset", help="dataset folder (or builtin:demo)")
@@ -288,14 +296,14 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
-    from .core.trainer import OutOfMemory, ResumeError
+    from .core.trainer import OutOfMemory, PrecisionError, ResumeError
     from .core.workflow import WorkflowError
     from .core.runs.history import RunNotFound
     from .nodes.comfyui_nodes import ComfyUINotImportable
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, OutOfMemory, ResumeError, WorkflowError,
+    except (ConfigError, DatasetError, ModelError, OutOfMemory, PrecisionError, ResumeError, WorkflowError,
             RunNotFound, ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

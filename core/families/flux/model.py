@@ -1,12 +1,12 @@
-"""Load a FLUX.1 pipeline from local files only: a diffusers folder, optionally with a
-single-file transformer (BFL keys, as ComfyUI keeps it in models/diffusion_models)."""
+"""Load a FLUX.1 pipeline from local files only: a diffusers folder, single files as ComfyUI
+keeps them (models/diffusion_models, text_encoders, vae) replacing its parts, or the single files
+alone (see single_files.py)."""
 import contextlib
 import os
 import warnings
 
 import torch
 
-from . import keys
 from .flow import DTYPES
 
 
@@ -26,28 +26,13 @@ def check_model_folder(path):
     return path
 
 
-def load_transformer_file(file_path, folder, dtype):
+def load_transformer_file(file_path, folder=None, dtype=torch.bfloat16, quantize="none"):
     """A single-file transformer with BFL keys (ComfyUI's models/diffusion_models) or diffusers
-    keys, shaped by the folder's transformer config."""
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
+    keys, fp8 or not, streamed into an empty model whose config is read from the file (dev or
+    schnell, block counts). `folder` is unused: the file says what it is."""
+    from .single_files import load_part
 
-    if not os.path.isfile(file_path):
-        raise ModelError(f"model.transformer_path: file not found: {file_path}")
-    config = FluxTransformer2DModel.load_config(os.path.join(folder, "transformer"))
-    transformer = FluxTransformer2DModel.from_config(config)
-    weights = load_file(file_path)
-    if keys.is_bfl(weights):
-        shapes = {k: v.shape for k, v in transformer.state_dict().items()}
-        weights = keys.bfl_to_transformer(weights, shapes, config["num_layers"],
-                                          config["num_single_layers"])
-    missing, unexpected = transformer.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ModelError(f"model.transformer_path: {file_path} does not fit the transformer of "
-                         f"{folder} (missing {len(missing)} keys, e.g. {missing[:2]}; unexpected "
-                         f"{len(unexpected)}, e.g. {unexpected[:2]}). Is it a FLUX.1 transformer of "
-                         "the same variant (dev/schnell) as the folder?")
-    return transformer.to(dtype)
+    return load_part("transformer", file_path, dtype, quantize)
 
 
 def _quantized_transformer(folder, quantize, dtype):
@@ -84,23 +69,49 @@ def quiet_loading():
         yield
 
 
-def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none"):
-    """The FLUX.1 pipeline, every part loaded from local files in `dtype`."""
+def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", clip_l_path=None,
+                  t5_path=None, vae_path=None):
+    """The FLUX.1 pipeline, every part loaded from local files in `dtype`: a diffusers folder
+    (`path`), single files (ComfyUI's) replacing its parts, or the four single files alone.
+    quantize: "none", "fp8" (block linears kept in fp8), "nf4"/"int8" (bitsandbytes, CUDA)."""
     from diffusers import FluxPipeline
 
-    folder = check_model_folder(path)
+    from . import single_files
+
     torch_dtype = DTYPES[dtype]
+    if not path:
+        pipeline = single_files.load_pipeline_from_files(transformer_path, clip_l_path, t5_path,
+                                                         vae_path, torch_dtype, quantize)
+        return _frozen(pipeline)
+    folder = check_model_folder(path)
     parts = {}
+    for name, slot, file in (("text_encoder", "clip_l", clip_l_path), ("text_encoder_2", "t5", t5_path),
+                             ("vae", "vae", vae_path)):
+        if file:
+            parts[name] = single_files.load_part(slot, file, torch_dtype)
     if transformer_path:
-        parts["transformer"] = load_transformer_file(transformer_path, folder, torch_dtype)
-    elif quantize != "none":
+        parts["transformer"] = load_transformer_file(transformer_path, folder, torch_dtype, quantize)
+    elif quantize == "fp8":
+        shards = single_files.folder_transformer_files(folder)
+        if not shards:
+            raise ModelError(f"model.quantize = \"fp8\": {folder}/transformer has no .safetensors "
+                             "weights to convert; give model.transformer_path or set model.quantize "
+                             "to \"none\".")
+        parts["transformer"] = single_files.load_transformer(shards, torch_dtype, "fp8", "model.path")
+    elif quantize in ("nf4", "int8"):
         parts["transformer"] = _quantized_transformer(folder, quantize, torch_dtype)
+    if transformer_path:  # dev or schnell: the file says, not the folder
+        parts["scheduler"] = single_files.scheduler_for(parts["transformer"].config.guidance_embeds)
     try:
         with quiet_loading():
             pipeline = FluxPipeline.from_pretrained(folder, torch_dtype=torch_dtype,
                                                     local_files_only=True, **parts)
     except (OSError, ValueError) as error:
         raise ModelError(f"model.path: could not load a FLUX.1 pipeline from {folder}: {error}") from error
+    return _frozen(pipeline)
+
+
+def _frozen(pipeline):
     pipeline.set_progress_bar_config(disable=True)
     for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         module.requires_grad_(False)

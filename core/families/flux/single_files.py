@@ -322,8 +322,9 @@ def load_tokenizers(comfyui=None, model_files=()):
         clip_dir, t5_dir = os.path.join(base, _CLIP_TOKENIZER), os.path.join(base, _T5_TOKENIZER)
         if os.path.isfile(os.path.join(clip_dir, "vocab.json")) and \
                 os.path.isfile(os.path.join(t5_dir, "tokenizer.json")):
-            return (CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True),
-                    T5TokenizerFast.from_pretrained(t5_dir, local_files_only=True))
+            # FLUX.1 reads 77 CLIP tokens and at most 512 T5 tokens, whatever the files say
+            return (CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True, model_max_length=77),
+                    T5TokenizerFast.from_pretrained(t5_dir, local_files_only=True, model_max_length=512))
     raise ModelError(
         "The CLIP and T5 tokenizers were not found: they come with ComfyUI's source "
         f"({_CLIP_TOKENIZER} and {_T5_TOKENIZER}). Set the environment variable LORALAB_COMFYUI "
