@@ -296,14 +296,14 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
-    from .core.trainer import OutOfMemory, PrecisionError, ResumeError
+    from .core.trainer import OutOfMemory, ResumeError
     from .core.workflow import WorkflowError
     from .core.runs.history import RunNotFound
     from .nodes.comfyui_nodes import ComfyUINotImportable
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, OutOfMemory, PrecisionError, ResumeError, WorkflowError,
+    except (ConfigError, DatasetError, ModelError, OutOfMemory, ResumeError, WorkflowError,
             RunNotFound, ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
