@@ -176,9 +176,10 @@ def cmd_run(args):
         return 130
     except NodeFailed as failed:
         # config, dataset, model, paths, memory: things the user fixes, not bugs to trace
-        user_error = isinstance(failed.__cause__, (ValueError, OutOfMemory))
+        cause = getattr(failed.__cause__, "original", failed.__cause__)  # a node's NodeError
+        user_error = isinstance(cause, (ValueError, OutOfMemory))
         if not user_error:
-            traceback.print_exception(failed.__cause__)
+            traceback.print_exception(cause)
         print(f"error: {failed}", file=sys.stderr)
         return 2 if user_error else 1
     for text in summaries:
@@ -296,14 +297,14 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
-    from .core.trainer import OutOfMemory, ResumeError
+    from .core.trainer import OutOfMemory, PrecisionError, ResumeError
     from .core.workflow import WorkflowError
     from .core.runs.history import RunNotFound
     from .nodes.comfyui_nodes import ComfyUINotImportable
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, OutOfMemory, ResumeError, WorkflowError,
+    except (ConfigError, DatasetError, ModelError, OutOfMemory, PrecisionError, ResumeError, WorkflowError,
             RunNotFound, ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

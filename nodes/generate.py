@@ -3,6 +3,7 @@ LoRA to ComfyUI's own sampling."""
 import os
 
 from . import comfy_adapter
+from .errors import one_line_errors
 from .images import image_tensor
 from .output_files import numbered_file
 from .schema_widgets import checked, config_from, setting, widget_inputs
@@ -60,6 +61,10 @@ class LoRALabSampleGrid:
         return True
 
     def sample(self, base_model, prompts, strengths, lora=None, **values):
+        with one_line_errors("LoRA Lab SampleGrid"):
+            return self._sample(base_model, prompts, strengths, lora, **values)
+
+    def _sample(self, base_model, prompts, strengths, lora=None, **values):
         from ..core.sampling import strength_grid
 
         sample_config = checked(config_from(self.SETTINGS, {"prompts": prompts, **values}))["sample"]

@@ -3,6 +3,7 @@ into the loras folder."""
 from ..core.config import resolve
 from ..core.workflow import interrupt
 from . import comfy_adapter, events
+from .errors import one_line_errors
 from .images import image_tensor
 from .output_files import check_prefix, numbered_file
 from .schema_widgets import config_from, setting, widget_inputs
@@ -54,6 +55,10 @@ class LoRALabTrainLoRA:
                    "a step and saves a checkpoint first; queue again to resume.")
 
     def train(self, base_model, dataset, config, name, resume):
+        with one_line_errors("LoRA Lab TrainLoRA"):
+            return self._train(base_model, dataset, config, name, resume)
+
+    def _train(self, base_model, dataset, config, name, resume):
         # imported here: peft and diffusers take seconds, and ComfyUI imports every pack at start
         from ..core.coach.summary import run_summary
         from ..core.runs import RunFolder

@@ -2,7 +2,7 @@
 small objects holding config sections, plus the loaded base model and the trained weights."""
 from dataclasses import dataclass, field
 
-from ..core.families.builtin import resolve_model_path
+from ..core.families import load_model
 from . import comfy_adapter
 
 
@@ -35,9 +35,7 @@ class BaseModel:
         if self._pipeline is None:
             model = self.section
             with comfy_adapter.outside_inference_mode():  # TrainLoRA may train on them
-                self._pipeline = self.family.load(resolve_model_path(model["path"]),
-                                                  model.get("transformer_path"), model["dtype"],
-                                                  model["quantize"])
+                self._pipeline = load_model(model, "none" if model["quantize"] == "auto" else model["quantize"])
         return self._pipeline
 
     def release_device(self):

@@ -19,15 +19,17 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-def model_fingerprint(folder, extra=""):
+def model_fingerprint(paths, extra=""):
     """Changes when the model's files change (path, sizes and modification times of its configs
-    and weights), without hashing gigabytes."""
+    and weights: a diffusers folder and/or single files), without hashing gigabytes."""
     digest = hashlib.sha256(extra.encode())
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if name.endswith((".json", ".safetensors", ".bin", ".txt", ".model")):
-                stat = os.stat(os.path.join(root, name))
-                digest.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for path in [paths] if isinstance(paths, str) else paths:
+        walked = sorted(os.walk(path)) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]
+        for root, _, files in walked:
+            for name in sorted(files):
+                if name.endswith((".json", ".safetensors", ".bin", ".txt", ".model")):
+                    stat = os.stat(os.path.join(root, name))
+                    digest.update(f"{os.path.abspath(os.path.join(root, name))}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 

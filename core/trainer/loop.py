@@ -12,8 +12,8 @@ from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
-from ..families import get_family
-from ..families.builtin import resolve_dataset_folder, resolve_model_path
+from ..families import get_family, load_model, model_files
+from ..families.builtin import resolve_dataset_folder
 from ..lora import add_lora, load_lora_weights, lora_weights
 from ..runs import RunFolder, write_json
 from ..runs.fingerprint import dataset_fingerprint
@@ -22,6 +22,7 @@ from ..sampling import prompts_with_trigger, sample_images, save_samples
 from .checkpoints import load_checkpoint_state, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
+from .precision import check_precision
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -69,6 +70,7 @@ def _train(config, pipeline, on_event, should_stop):
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]],
                               cpu=not torch.cuda.is_available())  # cpu: torchrun on CPUs is DDP too
     device = accelerator.device
+    check_precision(model_cfg["dtype"], train_cfg["dtype"], device.type)
     emit = (on_event if accelerator.is_main_process else None) or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     family = get_family(model_cfg["family"])
@@ -91,11 +93,10 @@ def _train(config, pipeline, on_event, should_stop):
     torch.manual_seed(train_cfg["seed"])
 
     # -- base model ---------------------------------------------------------------------------
-    model_path = resolve_model_path(model_cfg["path"])
+    quantize = "none" if model_cfg["quantize"] == "auto" else model_cfg["quantize"]
     if pipeline is None:
-        emit({"type": "status", "message": f"loading {model_cfg['path']}"})
-        pipeline = family.load(model_path, model_cfg["transformer_path"], model_cfg["dtype"],
-                               "none" if model_cfg["quantize"] == "auto" else model_cfg["quantize"])
+        emit({"type": "status", "message": f"loading {model_cfg['path'] or model_cfg['transformer_path']}"})
+        pipeline = load_model(model_cfg, quantize)
     family.to_device(pipeline, device)
     multiple = family.size_multiple(pipeline)
 
@@ -103,7 +104,7 @@ def _train(config, pipeline, on_event, should_stop):
     sizes = image_sizes(scan.items, data_cfg["resolution"], multiple)
     sample_prompts = prompts_with_trigger(sample_cfg["prompts"], data_cfg["trigger_word"])
     captions = [item.caption for item in scan.items] + [""] + sample_prompts
-    model_key = model_fingerprint(model_path, f"{model_cfg['transformer_path']}:{model_cfg['dtype']}")
+    model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{quantize}")
     cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None)
     cache.fill(scan.items, sizes, captions,
                encode_image=lambda image: family.encode_image(pipeline, image, device),
@@ -121,6 +122,11 @@ def _train(config, pipeline, on_event, should_stop):
     optimizer = make_optimizer(train_cfg["optimizer"], parameters, train_cfg["lr"])
     scheduler = make_scheduler(train_cfg["lr_scheduler"], optimizer, train_cfg["lr_warmup_steps"], steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # With mixed precision, prepare() wraps the transformer's forward in autocast and float32
+    # outputs. The loop runs its own accelerator.autocast(); sampling (and ComfyUI, which shares
+    # this transformer) need the model's own forward, or float32 latents meet a bf16 VAE.
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    vars(unwrapped).pop("forward", None)  # unwrap rebinds the original; the class method is it
 
     # -- resume from the newest complete checkpoint -------------------------------------------
     start_step = 0

@@ -76,7 +76,9 @@ def _call_node(prompt, node_id, node_class, values):
     except (WorkflowInterrupted, KeyboardInterrupt):
         raise
     except Exception as exc:
-        raise NodeFailed(node_id, title, kind, f"{type(exc).__name__}: {exc}") from exc
+        # a node's own one-line error (nodes.errors.NodeError) already names what failed
+        reason = str(exc) if hasattr(exc, "original") else f"{type(exc).__name__}: {exc}"
+        raise NodeFailed(node_id, title, kind, reason) from exc
     ui = None
     if isinstance(returned, dict):  # ComfyUI's {"ui": ..., "result": (...)}
         ui, returned = returned.get("ui"), returned.get("result", ())
