@@ -9,9 +9,22 @@ import struct
 from dataclasses import dataclass
 
 # FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double
-# blocks, 38 single blocks, hidden 24 heads x 128 = 3072, MLP 4 x 3072 = 12288.
+# blocks, 38 single blocks, hidden 24 heads x 128 = 3072, MLP 4 x 3072 = 12288; guidance-distilled
+# (dev), so it reads 512 T5 tokens (schnell: 256).
 FLUX_DEV = {"num_layers": 19, "num_single_layers": 38, "hidden": 3072, "mlp": 12288,
-            "parameters": 11_901_408_320}
+            "parameters": 11_901_408_320, "guidance": True}
+
+
+def block_linear_parameters(shape):
+    """Weights of every nn.Linear inside transformer_blocks and single_transformer_blocks: what
+    fp8 (core.families.flux.fp8.is_block_linear) and bitsandbytes store quantized. A double
+    block: q, k, v, out for both streams (8 d^2), two MLPs in and out (4 d m), two modulation
+    linears d -> 6d (12 d^2); a single block: q, k, v (3 d^2), proj_mlp (d m), proj_out
+    ((d + m) d), modulation d -> 3d (3 d^2). FLUX.1-dev: 11.83 B of its 11.90 B parameters; the
+    rest (embedders, final norm and projection, biases) stays in model.dtype."""
+    d, m = shape["hidden"], shape["mlp"]
+    return (shape["num_layers"] * (20 * d * d + 4 * d * m)
+            + shape["num_single_layers"] * (7 * d * d + 2 * d * m))
 
 
 def flux_double_block_linears(hidden, mlp):
@@ -61,7 +74,19 @@ def state_bytes(optimizer, rank):
 
 
 BASE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-QUANTIZED_BYTES = {"int8": 1, "nf4": 0.5}
+# Bytes per quantized block-linear weight: fp8 and int8 one byte (one float32 scale per tensor /
+# per output row, negligible); nf4 half a byte plus a float32 absmax per 64-value block
+# (bitsandbytes' default blocksize, no double quantization as core.families.flux.model loads it).
+QUANTIZED_BYTES = {"fp8": 1, "int8": 1, "nf4": 0.5 + 4 / 64}
+
+
+def base_bytes(shape, quantize, dtype):
+    """Resident bytes of the frozen transformer: quantized block linears, the rest in dtype."""
+    full = BASE_BYTES.get(dtype, 2)
+    if quantize not in QUANTIZED_BYTES:
+        return shape["parameters"] * full
+    quantized = min(block_linear_parameters(shape), shape["parameters"])
+    return quantized * QUANTIZED_BYTES[quantize] + (shape["parameters"] - quantized) * full
 
 
 @dataclass
@@ -109,34 +134,51 @@ def _safetensors_parameters(paths):
     return total
 
 
+def _shape_of(config, parameters):
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"],
+            "hidden": hidden, "mlp": int(hidden * config.get("mlp_ratio", 4.0)),
+            "parameters": parameters, "guidance": bool(config.get("guidance_embeds", True))}
+
+
 def model_shape(model_path=None, transformer_path=None):
-    """(shape dict, description) of the transformer in a local diffusers folder; FLUX.1-dev's
-    when there is no such folder (the plan can run before any model is downloaded)."""
+    """(shape dict, description) of the transformer: from a single transformer file's header
+    when one is given (BFL or diffusers keys, bf16 or fp8: the shapes, not the stored dtype,
+    count), else from a local diffusers folder; FLUX.1-dev's when there is neither (the plan
+    can run before any model is downloaded)."""
+    if transformer_path and os.path.isfile(transformer_path):
+        from ..families.flux.files import is_scale_key, read_header, transformer_config
+
+        tensors, metadata = read_header(transformer_path)
+        parameters = sum(math.prod(v["shape"]) for k, v in tensors.items() if not is_scale_key(k))
+        return _shape_of(transformer_config(tensors, metadata), parameters), transformer_path
     config_path = os.path.join(model_path or "", "transformer", "config.json")
     if not model_path or not os.path.isfile(config_path):
         return dict(FLUX_DEV), "FLUX.1-dev (no local model folder read)"
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    files = [transformer_path] if transformer_path else glob.glob(
-        os.path.join(model_path, "transformer", "*.safetensors"))
-    return ({"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"],
-             "hidden": hidden, "mlp": int(hidden * config.get("mlp_ratio", 4.0)),
-             "parameters": _safetensors_parameters(files)}, config_path)
+    files = glob.glob(os.path.join(model_path, "transformer", "*.safetensors"))
+    return _shape_of(config, _safetensors_parameters(files)), config_path
 
 
-def estimate_memory(config):
-    """MemoryEstimate for a resolved (or defaults-filled) config."""
+def config_shape(config):
+    """(shape, description) of the config's transformer (model.transformer_path, model.path)."""
     from ..families.builtin import BUILTIN_MODELS, resolve_model_path
 
     model = config["model"]
     path = model.get("path")
     if path in BUILTIN_MODELS:
         path = resolve_model_path(path)
-    shape, source = model_shape(path, model.get("transformer_path"))
+    return model_shape(path, model.get("transformer_path"))
+
+
+def estimate_memory(config, quantize=None, shape=None):
+    """MemoryEstimate for a resolved (or defaults-filled) config; quantize overrides
+    model.quantize ("auto" counts as "none": the unquantized base)."""
+    shape, source = shape or config_shape(config)
     rank, optimizer = config["network"]["linear"], config["train"]["optimizer"]
     lora = lora_parameters(rank, shape)
     per_parameter = 8 + state_bytes(optimizer, rank)
-    base = QUANTIZED_BYTES.get(model.get("quantize"), BASE_BYTES.get(model.get("dtype"), 2))
+    base = base_bytes(shape, quantize or config["model"].get("quantize"), config["model"].get("dtype"))
     return MemoryEstimate(rank, optimizer, lora, lora * per_parameter, shape["parameters"],
-                          shape["parameters"] * base, source)
+                          base, source)
