@@ -206,6 +206,11 @@ def cmd_plan(args):
     # validated like a training config, so a bad value is named; no model is needed to plan
     resolve({**config, "model": {"path": "-", **config.get("model", {})}})
     print(plan_report(args.dataset, config))
+    if args.vram is not None:
+        from .core.coach.fit import fit_report
+        from .core.coach.plan import with_defaults
+
+        print(fit_report(with_defaults(config), int(args.vram * 2**30)))
     return 0
 
 
@@ -276,6 +281,9 @@ def build_parser():
     plan.add_argument("--resolution", type=lambda text: [int(r) for r in text.split(",")],
                       help="comma-separated training resolutions, e.g. 512,768,1024")
     plan.add_argument("--model", help="local base model folder, for exact memory figures (default: FLUX.1-dev shapes)")
+    plan.add_argument("--vram", type=float, metavar="GB",
+                      help="GPU memory in GiB: print the estimated peak per model.quantize mode and "
+                           "gradient checkpointing, and which fit")
     plan.set_defaults(handler=cmd_plan)
     runs = commands.add_parser("runs", help="list and compare earlier runs").add_subparsers(dest="runs_command", required=True)
     runs_list = runs.add_parser("list", help="name, date, model, steps, final and best loss, warnings")
