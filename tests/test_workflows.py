@@ -16,12 +16,12 @@ from conftest import run_cli
 NODES = loralab.NODE_CLASS_MAPPINGS
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 NAMES = ["quickstart", "flux-dev-train", "train-then-generate"]
-# The FLUX.1-dev graphs with the user's model swapped for the tiny one and fast settings.
+# The FLUX.1-dev graphs with the user's model swapped for the tiny one, and only the steps and
+# the sizes made small: their precision, optimizer, checkpointing and sampling stay as shipped.
 TINY = {
-    "LoRALabLoadBaseModel": {"path": "builtin:tiny-flux", "dtype": "fp32"},
+    "LoRALabLoadBaseModel": {"path": "builtin:tiny-flux"},
     "LoRALabLoadDataset": {"folder": "builtin:demo", "resolution": "64"},
-    "LoRALabConfigureLoRA": {"steps": 6, "train_dtype": "fp32", "gradient_checkpointing": False,
-                             "optimizer": "adamw", "sample_every": 0},
+    "LoRALabConfigureLoRA": {"steps": 6, "sample_width": 64, "sample_height": 64, "sample_steps": 2},
     "LoRALabSampleGrid": {"width": 64, "height": 64, "steps": 2},
 }
 
@@ -93,6 +93,24 @@ def test_train_then_generate_runs_its_lora_lab_part_and_names_what_it_skipped(tm
                     "node 20 'Save image' (SaveImage)"):
         assert f"skipped {skipped}" in done.stderr
     assert (tmp_path / "output" / "loras" / "loralab" / "my_flux_lora_00001.safetensors").is_file()
+
+
+@pytest.mark.parametrize("file_name", [f"{n}{ext}" for n in NAMES if n != "quickstart"
+                                       for ext in (".json", ".ui.json")])
+def test_every_workflow_trains_and_samples_with_its_own_precision_on_a_tiny_model(file_name, tmp_path):
+    """Shipped dtypes, optimizer and sampling (bf16, adamw8bit, samples at step 0 and the end),
+    only the model, the dataset, the steps and the sizes swapped (the quickstart runs as is)."""
+    api = {node_id: dict(node) for node_id, node in to_api(workflow(file_name), NODES).nodes.items()}
+    shipped = next(n["inputs"] for n in api.values() if n["class_type"] == "LoRALabConfigureLoRA")
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(with_tiny_model(api)))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "output" / "my_flux_lora"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["dtype"] == shipped["train_dtype"]
+    assert config["train"]["optimizer"] == shipped["optimizer"]
+    assert sorted(int(step) for step in os.listdir(run / "samples")) == [0, 6]
 
 
 @pytest.mark.parametrize("file_name", ["flux-dev-train.json", "flux-dev-train.ui.json"])
