@@ -37,18 +37,9 @@ def status_bytes(key):
 
 def build(shape, mode, device, dtype):
     """The transformer on `device`, block linears stored as `mode` says, random weights."""
-    from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
-
     from loralab.core.families.flux.fp8 import is_block_linear, replace_block_linears
 
-    with init_empty_weights():
-        model = FluxTransformer2DModel(
-            in_channels=shape["in_channels"], num_layers=shape["layers"],
-            num_single_layers=shape["single"], num_attention_heads=shape["heads"],
-            attention_head_dim=128, joint_attention_dim=shape["joint"],
-            pooled_projection_dim=shape["pooled"], guidance_embeds=True)
-    model = model.to(dtype)  # still on meta: nothing is allocated
+    model = empty_model(shape).to(dtype)  # still on meta: nothing is allocated
     if mode == "fp8":
         replace_block_linears(model, dtype)
     model = model.to_empty(device=device)
@@ -128,26 +119,25 @@ def predicted(shape, mode, resolution, device):
 
     config = with_defaults({"model": {"path": None}, "network": {"linear": 16},
                             "train": {"optimizer": "adamw8bit"}})
-    hidden = shape["heads"] * 128
     model_shape = _shape_of({"num_layers": shape["layers"], "num_single_layers": shape["single"],
                              "num_attention_heads": shape["heads"], "attention_head_dim": 128,
                              "guidance_embeds": shape["text"] == 512}, 0)
-    model_shape["parameters"] = parameters_of(shape, hidden)
+    model_shape["parameters"] = sum(p.numel() for p in empty_model(shape).parameters())
     estimate = peak_breakdown(config, mode, True, resolution, (model_shape, "benchmark"), device)
     return estimate.allocated - estimate.vae   # the benchmark has no VAE
 
 
-def parameters_of(shape, hidden):
+def empty_model(shape):
+    """The transformer on the meta device: shapes only, no memory."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
     with init_empty_weights():
-        model = FluxTransformer2DModel(
+        return FluxTransformer2DModel(
             in_channels=shape["in_channels"], num_layers=shape["layers"],
             num_single_layers=shape["single"], num_attention_heads=shape["heads"],
             attention_head_dim=128, joint_attention_dim=shape["joint"],
             pooled_projection_dim=shape["pooled"], guidance_embeds=True)
-    return sum(p.numel() for p in model.parameters())
 
 
 def run_mode(shape, mode, resolutions, steps, device, dtype):
