@@ -305,6 +305,7 @@ def main(argv=None):
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError
+    from .core.coach.fit import DoesNotFit
     from .core.trainer import OutOfMemory, PrecisionError, ResumeError
     from .core.workflow import WorkflowError
     from .core.runs.history import RunNotFound
@@ -312,8 +313,8 @@ def main(argv=None):
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, ModelError, OutOfMemory, PrecisionError, ResumeError, WorkflowError,
-            RunNotFound, ComfyUINotImportable) as error:
+    except (ConfigError, DatasetError, DoesNotFit, ModelError, OutOfMemory, PrecisionError,
+            ResumeError, WorkflowError, RunNotFound, ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

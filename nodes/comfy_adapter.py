@@ -6,7 +6,12 @@ import functools
 import importlib
 import os
 
-MODEL_FOLDERS = ("diffusers", "diffusion_models", "checkpoints")  # searched for base models
+MODEL_FOLDERS = ("diffusers",)  # searched for diffusers folders (model_index.json)
+# ComfyUI's folder kind -> its folders under models/ (folder_paths merges unet into
+# diffusion_models and clip into text_encoders); headless, they are looked for under
+# $LORALAB_MODELS or ./models.
+FILE_FOLDERS = {"diffusion_models": ("diffusion_models", "unet"),
+                "text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
 NO_MODEL = "none"
 PREVIEW_SIZE = 512  # ComfyUI's --preview-size default, used when its args cannot be read
 
@@ -51,8 +56,8 @@ def ui_file_path(entry):
 
 
 def model_choices():
-    """Base models in ComfyUI's model folders, as "<folder kind>/<name>": diffusers folders
-    (holding model_index.json) and single .safetensors files. Just NO_MODEL outside ComfyUI."""
+    """Diffusers folders (holding model_index.json) in ComfyUI's models/diffusers, as
+    "diffusers/<name>". Just NO_MODEL outside ComfyUI."""
     folder_paths = _comfy("folder_paths")
     if folder_paths is None:
         return [NO_MODEL]
@@ -62,14 +67,11 @@ def model_choices():
             if os.path.isdir(base):
                 choices += [f"{kind}/{name}" for name in sorted(os.listdir(base))
                             if os.path.isfile(os.path.join(base, name, "model_index.json"))]
-        if kind != "diffusers":
-            choices += [f"{kind}/{name}" for name in folder_paths.get_filename_list(kind)
-                        if name.endswith(".safetensors")]
     return [NO_MODEL] + choices
 
 
 def model_choice_path(choice):
-    """The full path of a model_choices() entry (a folder or a file), or None."""
+    """The full path of a model_choices() entry, or None."""
     folder_paths = _comfy("folder_paths")
     if choice == NO_MODEL or not folder_paths or "/" not in choice:
         return None
@@ -78,6 +80,38 @@ def model_choice_path(choice):
         if os.path.exists(os.path.join(base, name)):
             return os.path.join(base, name)
     return None
+
+
+def file_folders(kind):
+    """The folders that hold single model files of a kind (diffusion_models, text_encoders, vae)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths:
+        return folder_paths.get_folder_paths(kind)
+    root = os.environ.get("LORALAB_MODELS") or os.path.abspath("models")
+    return [os.path.join(root, name) for name in FILE_FOLDERS[kind]]
+
+
+def file_choices(kind):
+    """NO_MODEL and the .safetensors files of a kind, as names relative to their folder (what
+    ComfyUI's own loader nodes list)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths:
+        names = folder_paths.get_filename_list(kind)
+    else:
+        names = [os.path.relpath(os.path.join(root, name), base).replace(os.sep, "/")
+                 for base in file_folders(kind) for root, _, files in os.walk(base) for name in files]
+    return [NO_MODEL] + sorted({name for name in names if name.endswith(".safetensors")})
+
+
+def file_choice_path(kind, choice):
+    """The full path of a file_choices() entry (or of a path given as is), or None."""
+    if not choice or choice == NO_MODEL:
+        return None
+    for base in file_folders(kind):
+        if os.path.isfile(os.path.join(base, choice)):
+            return os.path.join(base, choice)
+    path = os.path.expanduser(choice)
+    return path if os.path.isabs(path) and os.path.isfile(path) else None
 
 
 # -- progress and interrupt ---------------------------------------------------------------------

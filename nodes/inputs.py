@@ -3,7 +3,8 @@ import os
 
 from ..core.families.builtin import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_dataset_folder
 from . import comfy_adapter
-from .schema_widgets import checked, config_from, setting, widget_inputs
+from ..core.config import field, resolve
+from .schema_widgets import PLACEHOLDERS, checked, config_from, setting, widget_inputs
 from .values import BaseModel, DatasetSettings, TrainingSettings
 
 CATEGORY = "LoRA Lab"
@@ -53,7 +54,18 @@ class LoRALabLoadDataset:
         section = checked(config_from(self.SETTINGS, values))["dataset"]
         scan = scan_folder(resolve_dataset_folder(section["folder"]), section["caption_ext"],
                            section["trigger_word"])
-        return DatasetSettings(section), plan_report(scan, {"dataset": section})
+        return DatasetSettings(section), plan_report(scan, {"dataset": section}) + self.fit(section)
+
+    @staticmethod
+    def fit(section):
+        """Which quantize modes fit ComfyUI's GPU at these resolutions (FLUX.1-dev's shapes and
+        the default LoRA settings; TrainLoRA decides with the real ones)."""
+        from ..core.coach.fit import device_memory, fit_report
+
+        vram = device_memory(comfy_adapter.torch_device())
+        if vram is None:
+            return "\nmemory fit: no CUDA GPU, so training runs with model.quantize none."
+        return "\n" + fit_report(resolve({**PLACEHOLDERS, "dataset": section}), vram)
 
 
 class LoRALabLoadBaseModel:
@@ -63,57 +75,74 @@ class LoRALabLoadBaseModel:
         "dtype": setting("model.dtype"),
         "quantize": setting("model.quantize"),
     }
+    # widget -> (ComfyUI's folder kind, the config key it fills)
+    FILES = {"diffusion_model": ("diffusion_models", "transformer_path"),
+             "clip_l": ("text_encoders", "clip_l_path"),
+             "t5": ("text_encoders", "t5_path"),
+             "vae": ("vae", "vae_path")}
 
     @classmethod
     def INPUT_TYPES(cls):
+        files = {widget: (comfy_adapter.file_choices(kind), {
+            "default": comfy_adapter.NO_MODEL,
+            "tooltip": f"{field('model.' + key)['description']} From ComfyUI's "
+                       f"{' and '.join(comfy_adapter.FILE_FOLDERS[kind])} folders; replaces "
+                       "that part of a diffusers folder in path, or with all four, no folder "
+                       "is needed."}) for widget, (kind, key) in cls.FILES.items()}
         return {"required": widget_inputs(cls.SETTINGS),
                 "optional": {"comfyui_model": (comfy_adapter.model_choices(), {
                     "default": comfy_adapter.NO_MODEL, "tooltip":
-                    "A model from ComfyUI's model folders. A diffusers folder is used when path "
-                    "is empty; a single .safetensors transformer replaces the transformer of "
-                    "the diffusers folder in path (which still gives the VAE and text encoders)."})}}
+                    "A diffusers folder from ComfyUI's models/diffusers, used when path is empty."}),
+                    **files}}
 
     RETURN_TYPES = ("LORALAB_BASE_MODEL",)
     RETURN_NAMES = ("base_model",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "The frozen base model to train on; loaded once, when first needed."
+    DESCRIPTION = ("The frozen base model to train on: ComfyUI's single files (diffusion model, "
+                   "CLIP-L, T5, VAE) and/or a diffusers folder; loaded once, when first needed.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, path):
+    def VALIDATE_INPUTS(cls, path, diffusion_model=comfy_adapter.NO_MODEL,
+                        clip_l=comfy_adapter.NO_MODEL, t5=comfy_adapter.NO_MODEL,
+                        vae=comfy_adapter.NO_MODEL):
         """Checked before anything runs, so a wrong path fails before a long training."""
-        path = path.strip()
+        chosen = {"diffusion_model": diffusion_model, "clip_l": clip_l, "t5": t5, "vae": vae}
+        for widget, name in chosen.items():
+            kind = cls.FILES[widget][0]
+            if name != comfy_adapter.NO_MODEL and comfy_adapter.file_choice_path(kind, name) is None:
+                return (f"{widget}: {name!r} is not in ComfyUI's {kind} folders "
+                        f"({', '.join(comfy_adapter.file_folders(kind))}). Put the file there "
+                        "(headless: set LORALAB_MODELS to a ComfyUI models folder), or pick none.")
+        path = (path or "").strip()
         if not path or path in BUILTIN_MODELS or os.path.isdir(os.path.expanduser(path)):
-            return True  # an empty path is checked when the node runs, with comfyui_model
+            return True  # an empty path is checked when the node runs, with the files
         return (f"model folder not found: {path!r}. Give the local diffusers folder of the base "
-                "model (the one holding model_index.json), or builtin:tiny-flux to try.")
+                "model (the one holding model_index.json), or builtin:tiny-flux to try, or leave "
+                "it empty and pick the four files.")
 
     @classmethod
-    def model_section(cls, family, path, comfyui_model):
+    def model_section(cls, family, path, comfyui_model=comfy_adapter.NO_MODEL, **files):
         """The `model` section for these widgets; ValueError says what is wrong."""
         from ..core.families import get_family
 
         get_family(family)  # sdxl and sd15 fail here, with what is supported
-        chosen = comfy_adapter.model_choice_path(comfyui_model)
-        path = path.strip()
-        if chosen and os.path.isfile(chosen):
-            if not path:
-                raise ValueError(f"{comfyui_model} is a single transformer file: give in path "
-                                 "the diffusers folder of the same model for its VAE and text "
-                                 "encoders")
-            section = {"path": path, "transformer_path": chosen}
-        else:
-            section = {"path": path or chosen or ""}
-        if not section["path"]:
-            raise ValueError("path is empty: give a diffusers folder (or builtin:tiny-flux), "
-                             "or pick a model in comfyui_model")
-        problem = cls.VALIDATE_INPUTS(section["path"])
+        problem = cls.VALIDATE_INPUTS(path, **files)
         if problem is not True:
             raise ValueError(problem)
-        return {"family": family, **section}
+        section = {"family": family,
+                   "path": (path or "").strip() or comfy_adapter.model_choice_path(comfyui_model)}
+        for widget, (kind, key) in cls.FILES.items():
+            section[key] = comfy_adapter.file_choice_path(kind, files.get(widget, comfy_adapter.NO_MODEL))
+        missing = [widget for widget, (_, key) in cls.FILES.items() if not section[key]]
+        if not section["path"] and missing:
+            raise ValueError(f"no diffusers folder in path or comfyui_model, and {', '.join(missing)} "
+                             "not picked: pick all four files (diffusion_model, clip_l, t5, vae), "
+                             "or give a diffusers folder (builtin:tiny-flux to try)")
+        return section
 
-    def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL):
-        section = {**self.model_section(family, path, comfyui_model), "dtype": dtype,
+    def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL, **files):
+        section = {**self.model_section(family, path, comfyui_model, **files), "dtype": dtype,
                    "quantize": quantize}
         return (BaseModel(checked({"model": section})["model"]),)
 

@@ -39,8 +39,8 @@ class Setting:
         tooltip = spec.get("description", "")
         options = {"default": self.widget_value(spec.get("default")), "tooltip": tooltip}
         if kind == "COMBO":
-            choices = [choice for choice in spec["enum"] if choice is not None]
-            options["default"] = spec.get("default") or choices[0]
+            choices = [self.widget_value(choice) for choice in spec["enum"] if choice is not None]
+            options["default"] = self.widget_value(spec.get("default")) or choices[0]
             return choices, {**options, **self.options}
         if kind in ("INT", "FLOAT"):
             low = spec.get("minimum", spec.get("exclusiveMinimum", 0))
@@ -60,6 +60,8 @@ class Setting:
             return 0 if self.nullable else ""
         if isinstance(value, list):
             return ("\n" if self.schema["items"]["type"] == "string" else ",").join(map(str, value))
+        if isinstance(value, bool) and "enum" in self.schema:  # "auto"/true/false: combo strings
+            return str(value).lower()
         return value
 
     def config_value(self, value):
@@ -67,6 +69,8 @@ class Setting:
         spec = self.schema
         if self.nullable and value == 0:
             return None
+        if True in spec.get("enum", ()) and value in ("true", "false"):
+            return value == "true"
         if spec.get("type") != "array":
             return value
         if spec["items"]["type"] == "string":

@@ -71,7 +71,7 @@ class LoRALabTrainLoRA:
         raw.update(model=base_model.section, dataset=dataset.section)
         raw["save"] = {**raw.get("save", {}), "output_dir": comfy_adapter.output_directory()}
         resolved = resolve(raw)
-        pipeline, family = base_model.pipeline(), base_model.family
+        pipeline, family = base_model.pipeline(resolved), base_model.family
         try:
             with comfy_adapter.outside_inference_mode():
                 result = train(resolved, pipeline=pipeline, on_event=TrainingProgress(),

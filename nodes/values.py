@@ -24,6 +24,7 @@ class BaseModel:
     shared by TrainLoRA and SampleGrid (ComfyUI keeps the node's output between runs)."""
     section: dict
     _pipeline: object = field(default=None, repr=False)
+    _quantize: str = field(default=None, repr=False)    # what the loaded pipeline was loaded with
 
     @property
     def family(self):
@@ -31,17 +32,30 @@ class BaseModel:
 
         return get_family(self.section["family"])
 
-    def pipeline(self):
-        if self._pipeline is None:
-            model = self.section
+    def pipeline(self, config=None):
+        """The loaded pipeline. quantize "auto" is chosen for `config` (the resolved training
+        config; else the defaults, whose estimate covers sampling too) on ComfyUI's device; a
+        different choice than the loaded one reloads."""
+        quantize = self.quantize_for(config)
+        if self._pipeline is None or quantize != self._quantize:
+            self._pipeline = None  # the old one goes before the new one loads
             with comfy_adapter.outside_inference_mode():  # TrainLoRA may train on them
-                self._pipeline = load_model(model, "none" if model["quantize"] == "auto" else model["quantize"])
+                self._pipeline = load_model(self.section, quantize)
+            self._quantize = quantize
         return self._pipeline
+
+    def quantize_for(self, config=None):
+        from ..core.coach.fit import device_memory, resolve_memory_settings
+        from ..core.config import resolve
+
+        config = config or resolve({"model": self.section, "dataset": {"folder": "-"}})
+        device = comfy_adapter.torch_device()
+        return resolve_memory_settings(config, device_memory(device), device.type)[0]
 
     def release_device(self):
         """Gives the accelerator back to ComfyUI between nodes; bitsandbytes-quantized weights
         cannot move, so those stay."""
-        if self._pipeline is not None and self.section["quantize"] == "none":
+        if self._pipeline is not None and self._quantize not in ("nf4", "int8"):
             with comfy_adapter.outside_inference_mode():
                 comfy_adapter.free_device_memory(self._pipeline)
 

@@ -18,6 +18,29 @@ def tiny_flux(tmp_path_factory):
     return build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux"))
 
 
+# ComfyUI's source (read-only): its tokenizers are what single-file FLUX.1 models use.
+COMFYUI_SOURCE = os.environ.get("LORALAB_COMFYUI") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "comfyui")
+
+
+@pytest.fixture(scope="session")
+def comfyui_folder(tiny_flux, tmp_path_factory):
+    """A ComfyUI-like folder: models/ holds the tiny model as ComfyUI's single files
+    (diffusion_models/tiny-flux.safetensors and -fp8, text_encoders/clip_l and t5xxl,
+    vae/ae.safetensors) and comfy/ is ComfyUI's source (its tokenizers)."""
+    from loralab.core.families.flux.tiny import write_comfyui_files
+
+    if not os.path.isdir(os.path.join(COMFYUI_SOURCE, "comfy", "sd1_tokenizer")):
+        pytest.skip(f"no ComfyUI source at {COMFYUI_SOURCE} (set LORALAB_COMFYUI): its tokenizers "
+                    "are needed to load single-file models")
+    write_comfyui_files(tiny_flux)
+    folder = tmp_path_factory.mktemp("comfyui") / "ComfyUI"
+    folder.mkdir()
+    os.symlink(os.path.join(tiny_flux, "comfyui"), folder / "models")
+    os.symlink(os.path.join(os.path.abspath(COMFYUI_SOURCE), "comfy"), folder / "comfy")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     return make_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), count=6)

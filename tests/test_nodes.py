@@ -301,25 +301,35 @@ def comfyui(tmp_path, monkeypatch):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     comfy_adapter._comfy.cache_clear()
-    for kind in ("diffusers/FLUX.1-dev", "diffusion_models", "checkpoints", "loras"):
+    for kind in ("diffusers/FLUX.1-dev", "diffusion_models", "text_encoders", "vae", "loras"):
         (models / kind).mkdir(parents=True)
     (models / "diffusers" / "FLUX.1-dev" / "model_index.json").write_text("{}")
-    (models / "diffusion_models" / "flux1-dev.safetensors").write_bytes(b"")
+    for name in ("diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l.safetensors",
+                 "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors"):
+        (models / name).write_bytes(b"")
     yield seen
     comfy_adapter._comfy.cache_clear()
 
 
 def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tiny_flux, tmp_path):
-    choices = NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["optional"]["comfyui_model"][0]
-    assert choices == ["none", "diffusers/FLUX.1-dev", "diffusion_models/flux1-dev.safetensors"]
+    optional = NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["optional"]
+    assert optional["comfyui_model"][0] == ["none", "diffusers/FLUX.1-dev"]
+    assert optional["diffusion_model"][0] == ["none", "flux1-dev.safetensors"]
+    assert optional["clip_l"][0] == optional["t5"][0] == ["none", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert optional["vae"][0] == ["none", "ae.safetensors"]
     load = NODES["LoRALabLoadBaseModel"].model_section
     assert load("flux", "", "diffusers/FLUX.1-dev")["path"] == str(
         tmp_path / "models" / "diffusers" / "FLUX.1-dev")
     assert load("flux", tiny_flux, "diffusers/FLUX.1-dev")["path"] == tiny_flux
-    single = load("flux", tiny_flux, "diffusion_models/flux1-dev.safetensors")
-    assert single["transformer_path"].endswith("flux1-dev.safetensors")
-    with pytest.raises(ValueError, match="single transformer file"):
-        load("flux", "", "diffusion_models/flux1-dev.safetensors")
+    single = load("flux", tiny_flux, diffusion_model="flux1-dev.safetensors")
+    assert single["transformer_path"] == str(tmp_path / "models" / "diffusion_models" / "flux1-dev.safetensors")
+    four = load("flux", "", diffusion_model="flux1-dev.safetensors", clip_l="clip_l.safetensors",
+                t5="t5xxl_fp16.safetensors", vae="ae.safetensors")
+    assert four["path"] is None and four["vae_path"].endswith("vae/ae.safetensors")
+    with pytest.raises(ValueError, match="clip_l, t5, vae not picked"):
+        load("flux", "", diffusion_model="flux1-dev.safetensors")
+    with pytest.raises(ValueError, match="vae: 'nothing.safetensors' is not in ComfyUI's vae folders"):
+        load("flux", tiny_flux, vae="nothing.safetensors")
 
 
 def test_inside_comfyui_the_pipeline_is_loaded_moved_and_trained_outside_inference_mode(

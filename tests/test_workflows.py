@@ -19,7 +19,8 @@ NAMES = ["quickstart", "flux-dev-train", "train-then-generate"]
 # The FLUX.1-dev graphs with the user's model swapped for the tiny one, and only the steps and
 # the sizes made small: their precision, optimizer, checkpointing and sampling stay as shipped.
 TINY = {
-    "LoRALabLoadBaseModel": {"path": "builtin:tiny-flux"},
+    "LoRALabLoadBaseModel": {"path": "builtin:tiny-flux", "diffusion_model": "none", "clip_l": "none",
+                             "t5": "none", "vae": "none"},
     "LoRALabLoadDataset": {"folder": "builtin:demo", "resolution": "64"},
     "LoRALabConfigureLoRA": {"steps": 6, "sample_width": 64, "sample_height": 64, "sample_steps": 2},
     "LoRALabSampleGrid": {"width": 64, "height": 64, "steps": 2},
@@ -95,21 +96,33 @@ def test_train_then_generate_runs_its_lora_lab_part_and_names_what_it_skipped(tm
     assert (tmp_path / "output" / "loras" / "loralab" / "my_flux_lora_00001.safetensors").is_file()
 
 
+# The FLUX.1-dev graphs as shipped (four ComfyUI files, quantize and checkpointing auto, bf16,
+# adamw8bit, samples at step 0 and the end) with the tiny model's files in their dropdowns.
+TINY_FILES = {"diffusion_model": "tiny-flux.safetensors", "clip_l": "clip_l.safetensors",
+              "t5": "t5xxl.safetensors", "vae": "ae.safetensors"}
+
+
 @pytest.mark.parametrize("file_name", [f"{n}{ext}" for n in NAMES if n != "quickstart"
                                        for ext in (".json", ".ui.json")])
-def test_every_workflow_trains_and_samples_with_its_own_precision_on_a_tiny_model(file_name, tmp_path):
-    """Shipped dtypes, optimizer and sampling (bf16, adamw8bit, samples at step 0 and the end),
-    only the model, the dataset, the steps and the sizes swapped (the quickstart runs as is)."""
+def test_every_workflow_trains_and_samples_as_shipped_from_comfyui_files(file_name, comfyui_folder, tmp_path):
     api = {node_id: dict(node) for node_id, node in to_api(workflow(file_name), NODES).nodes.items()}
-    shipped = next(n["inputs"] for n in api.values() if n["class_type"] == "LoRALabConfigureLoRA")
+    shipped = {n["class_type"]: n["inputs"] for n in api.values()}
+    for node in api.values():
+        node["inputs"].update({key: value for key, value in TINY.get(node["class_type"], {}).items()
+                               if node["class_type"] != "LoRALabLoadBaseModel"})
+        if node["class_type"] == "LoRALabLoadBaseModel":
+            node["inputs"].update(TINY_FILES)
     path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(with_tiny_model(api)))
-    done = run_cli("run", str(path), cwd=tmp_path)
+    path.write_text(json.dumps(api))
+    env = {k: v for k, v in os.environ.items() if k != "LORALAB_COMFYUI"}
+    done = run_cli("run", str(path), cwd=tmp_path, env={**env, "LORALAB_MODELS": str(comfyui_folder / "models")})
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "output" / "my_flux_lora"
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["dtype"] == shipped["train_dtype"]
-    assert config["train"]["optimizer"] == shipped["optimizer"]
+    assert config["model"]["path"] is None and config["model"]["t5_path"].endswith("t5xxl.safetensors")
+    assert config["model"]["quantize"] == "none"  # auto on a CPU
+    assert config["train"]["dtype"] == shipped["LoRALabConfigureLoRA"]["train_dtype"] == "bf16"
+    assert config["train"]["optimizer"] == shipped["LoRALabConfigureLoRA"]["optimizer"]
     assert sorted(int(step) for step in os.listdir(run / "samples")) == [0, 6]
 
 
@@ -118,8 +131,9 @@ def test_flux_dev_workflow_without_the_model_fails_before_running_naming_the_pat
     done = run_cli("run", workflow(file_name), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ")
-    assert ("node 1 'FLUX.1-dev (edit path)' (LoRALabLoadBaseModel), input 'path': model folder "
-            "not found: '/path/to/FLUX.1-dev'") in done.stderr
+    assert ("node 1 'FLUX.1-dev (ComfyUI's model files)' (LoRALabLoadBaseModel), input 'clip_l, "
+            "diffusion_model, path, t5, vae': diffusion_model: 'flux1-dev.safetensors' is not in "
+            "ComfyUI's diffusion_models folders") in done.stderr
     assert ("node 2 'My dataset (edit folder)' (LoRALabLoadDataset), input 'folder': dataset "
             "folder not found: '/path/to/my_dataset'") in done.stderr
     assert not (tmp_path / "output").exists()

@@ -14,9 +14,10 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
     width, height. The pipeline is left as it was found: no LoRA on it, text encoders on the CPU.
     """
     prompts = prompts_with_trigger(prompts, trigger_word)
-    pipeline.to(device)
+    family.encoders_to_device(pipeline, device)
     encoded = family.encode_prompts(pipeline, prompts, device)
-    family.offload_text_encoders(pipeline)  # the trainer keeps them there too; they are done
+    family.offload_text_encoders(pipeline)  # done: off the accelerator before the transformer
+    family.to_device(pipeline, device)
     model = family.trainable_model(pipeline)
     family.remove_lora(pipeline)  # nothing else may add to the strengths asked for
     if lora is None:

@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
@@ -71,6 +72,13 @@ def _train(config, pipeline, on_event, should_stop):
                               cpu=not torch.cuda.is_available())  # cpu: torchrun on CPUs is DDP too
     device = accelerator.device
     check_precision(model_cfg["dtype"], train_cfg["dtype"], device.type)
+    # quantize and gradient checkpointing "auto" become what the memory estimate needs on this
+    # device (a run that cannot fit stops here, before loading); the run folder records them.
+    quantize, checkpointing, memory_notes = resolve_memory_settings(config, device_memory(device),
+                                                                    device.type)
+    config = {**config, "model": {**model_cfg, "quantize": quantize},
+              "train": {**train_cfg, "gradient_checkpointing": checkpointing}}
+    model_cfg, train_cfg = config["model"], config["train"]
     emit = (on_event if accelerator.is_main_process else None) or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     family = get_family(model_cfg["family"])
@@ -85,6 +93,8 @@ def _train(config, pipeline, on_event, should_stop):
                      "states are a GPU feature); without a GPU, adamw is much faster.")
     for note in notes:
         emit({"type": "warning", "message": note})
+    for note in memory_notes:
+        emit({"type": "status", "message": note})
     steps = train_cfg["steps"] or recommended_steps(len(scan.items))
     batch_size = train_cfg["batch_size"]
     emit({"type": "plan", "images": len(scan.items), "steps": steps,
@@ -93,11 +103,11 @@ def _train(config, pipeline, on_event, should_stop):
     torch.manual_seed(train_cfg["seed"])
 
     # -- base model ---------------------------------------------------------------------------
-    quantize = "none" if model_cfg["quantize"] == "auto" else model_cfg["quantize"]
-    if pipeline is None:
+    shared = pipeline is not None  # ComfyUI's: others encode prompts with it after this run
+    if not shared:
         emit({"type": "status", "message": f"loading {model_cfg['path'] or model_cfg['transformer_path']}"})
         pipeline = load_model(model_cfg, quantize)
-    family.to_device(pipeline, device)
+    family.encoders_to_device(pipeline, device)
     multiple = family.size_multiple(pipeline)
 
     # -- cache latents and text embeddings once; a step then runs only the transformer -------
@@ -111,12 +121,14 @@ def _train(config, pipeline, on_event, should_stop):
                encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
                model_key=model_key,
                on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
-    family.offload_text_encoders(pipeline)  # their work is done: free the accelerator for training
+    # their work is done: off the accelerator before the transformer comes on
+    (family.offload_text_encoders if shared else family.free_text_encoders)(pipeline)
+    family.to_device(pipeline, device)
 
     # -- LoRA, optimizer, schedule -----------------------------------------------------------
     model = family.trainable_model(pipeline)
     parameters = add_lora(model, net_cfg["linear"], net_cfg["linear_alpha"], family.LORA_TARGETS)
-    if train_cfg["gradient_checkpointing"] is True:
+    if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     optimizer = make_optimizer(train_cfg["optimizer"], parameters, train_cfg["lr"])

@@ -38,20 +38,36 @@ def uses_guidance(pipeline):
     return bool(pipeline.transformer.config.guidance_embeds)
 
 
-def to_device(pipeline, device):
-    """Moves the pipeline; a bitsandbytes-quantized transformer is placed by its loader and
-    cannot be moved, so it stays where it is."""
+def encoders_to_device(pipeline, device):
+    """The VAE and text encoders, for caching; the transformer stays where it is, so T5-XXL
+    (about 9 GB in bf16) and the transformer are never on the accelerator together."""
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        getattr(pipeline, name).to(device)
+        module = getattr(pipeline, name)
+        if module is not None:
+            module.to(device)
+
+
+def to_device(pipeline, device):
+    """The VAE and the transformer, for training and sampling. A bitsandbytes-quantized
+    transformer is placed by its loader and cannot be moved, so it stays where it is."""
+    pipeline.vae.to(device)
     transformer = pipeline.transformer
     if not (getattr(transformer, "is_quantized", False) or getattr(transformer, "hf_quantizer", None)):
         transformer.to(device)
 
 
 def offload_text_encoders(pipeline):
-    """After caching, T5 (about 9 GB for FLUX.1) and CLIP wait on the CPU, off the GPU."""
-    pipeline.text_encoder.to("cpu")
-    pipeline.text_encoder_2.to("cpu")
+    """After caching, T5 (about 9 GB for FLUX.1) and CLIP wait on the CPU, off the accelerator,
+    for the next prompts (ComfyUI's SampleGrid shares this pipeline)."""
+    for module in (pipeline.text_encoder, pipeline.text_encoder_2):
+        if module is not None:
+            module.to("cpu")
+
+
+def free_text_encoders(pipeline):
+    """After caching, when no one else will encode with this pipeline: T5 and CLIP are dropped,
+    not parked in RAM (sampling reads cached embeddings)."""
+    pipeline.register_modules(text_encoder=None, text_encoder_2=None)
 
 
 def remove_lora(pipeline):
@@ -129,5 +145,6 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 
 __all__ = ["LORA_TARGETS", "ModelError", "compute_dtype", "encode_image", "encode_prompts",
-           "generate", "load", "lora_to_kohya", "offload_text_encoders", "predict", "remove_lora",
-           "size_multiple", "text_length", "to_device", "trainable_model", "training_loss", "uses_guidance"]
+           "encoders_to_device", "free_text_encoders", "generate", "load", "lora_to_kohya",
+           "offload_text_encoders", "predict", "remove_lora", "size_multiple", "text_length",
+           "to_device", "trainable_model", "training_loss", "uses_guidance"]
