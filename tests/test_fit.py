@@ -49,6 +49,17 @@ def test_rank_16_at_1024_fits_24_gib_with_a_quantized_base():
     assert resolve_memory_settings(config, 24 * GIB, "cuda")[:2] == ("fp8", True)
 
 
+def test_fp8_without_checkpointing_costs_less_than_bf16():
+    """Float8Linear saves only its fp8 weight for backward: one layer's bf16 copy at a time, as
+    bitsandbytes, not a bf16 copy of every block linear."""
+    config = dev_config()
+    for resolution in (512, 1024):
+        for checkpointing in (False, True):
+            fp8 = estimate_peak(config, "fp8", checkpointing, resolution)
+            assert fp8 < estimate_peak(config, "none", checkpointing, resolution) - 10 * GIB
+            assert fp8 == estimate_peak(config, "int8", checkpointing, resolution)
+
+
 def test_512_fits_12_gib_with_nf4_only():
     config = dev_config(dataset={"resolution": [512]})
     assert fits(estimate_peak(config, "nf4", True, 512), 12 * GIB)

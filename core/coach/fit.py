@@ -34,8 +34,7 @@ matches those measurements within 3%; tests/test_fit.py checks it on fresh shape
 """
 from dataclasses import dataclass
 
-from .memory import (BASE_BYTES, block_linear_parameters, config_shape, estimate_memory,
-                     gigabytes)
+from .memory import BASE_BYTES, config_shape, estimate_memory, gigabytes
 
 QUANTIZE_ORDER = ("none", "fp8", "int8", "nf4")   # least memory-saving first
 CUDA_ONLY = ("int8", "nf4")                        # bitsandbytes
@@ -51,7 +50,7 @@ FRAMEWORK = 0.3 * 2**30          # caching-allocator fragmentation, workspaces, 
 VAE_PARAMETERS = 83_819_683      # FLUX.1 AutoencoderKL (ae.safetensors)
 T5_XXL_PARAMETERS = 4_762_310_656  # T5-XXL encoder: encodes captions once, then on the CPU
 # 1 byte (fp8) or less per weight is stored, computed in bf16: each block linear's weight is
-# dequantized to a bf16 copy per call, and autograd keeps that copy for the input's gradient.
+# dequantized to a bf16 copy per call (forward, and again in backward), freed after the call.
 COMPUTE_BYTES = 2
 
 
@@ -81,21 +80,13 @@ def activation_bytes(shape, resolution, batch_size, checkpointing, train_dtype="
     return tokens * shape["hidden"] * per_token
 
 
-def _largest_block_linears(shape):
-    d, m = shape["hidden"], shape["mlp"]
-    return 20 * d * d + 4 * d * m if shape["num_layers"] else 7 * d * d + 2 * d * m
-
-
 def quantize_transient_bytes(shape, quantize, checkpointing):
-    """Dequantized copies alive during a step. fp8 (Float8Linear): autograd keeps each layer's
-    bf16 weight for backward, so without checkpointing every block linear exists in bf16 too;
-    with it, only the block being recomputed. bitsandbytes dequantizes one layer at a time."""
+    """Dequantized copies alive during a step: one layer's at a time, with or without
+    checkpointing. fp8 (Float8Linear) saves only the fp8 weight for backward and upcasts it again
+    there; bitsandbytes dequantizes per call too. The widest layer is single blocks' proj_out."""
     d, m = shape["hidden"], shape["mlp"]
-    if quantize == "fp8":
-        kept = _largest_block_linears(shape) if checkpointing else block_linear_parameters(shape)
-        return kept * COMPUTE_BYTES
-    if quantize in CUDA_ONLY:
-        return (d + m) * d * COMPUTE_BYTES   # the widest layer, single blocks' proj_out
+    if quantize == "fp8" or quantize in CUDA_ONLY:
+        return (d + m) * d * COMPUTE_BYTES
     return 0
 
 

@@ -4,6 +4,9 @@ linears hold float8_e4m3fn weights (half of bf16's memory) and upcast them per c
 `Float8Linear` is an `nn.Linear` (peft wraps it as a LoRA `base_layer` like any Linear); its
 `compute_dtype` tells peft which dtype to give the LoRA weights (peft reads it as it reads
 bitsandbytes' 4-bit layers), not fp8.
+
+Under autograd the layer saves only its fp8 weight and scale (`_FrozenFloat8Linear`) and upcasts
+again in backward, so one layer's compute-dtype copy exists at a time, in forward and backward.
 """
 import torch
 from torch import nn
@@ -19,6 +22,48 @@ def to_fp8(weight):
     amax = weight.abs().max()
     scale = (amax / FP8_MAX).clamp(min=1e-12) if amax > 0 else torch.tensor(1.0)
     return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.reshape(1).float()
+
+
+def _dequantize(weight, scale, dtype):
+    """The fp8 weight times its scale (one value, or one per output row) as a new `dtype` tensor:
+    one copy, scaled in place."""
+    weight = weight.to(dtype, copy=True)
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, 1)
+    return weight.mul_(scale.to(dtype))
+
+
+def _compute_dtype(x, compute_dtype):
+    """autocast's dtype where autocast is on for x's device (bf16 / fp16), else compute_dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return compute_dtype
+
+
+class _FrozenFloat8Linear(torch.autograd.Function):
+    """y = x W^T + b for a frozen fp8 W: saves the fp8 W and scale, upcasts again in backward."""
+    # Hand-written: F.linear on the upcast W would make autograd keep that bf16 copy until backward.
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, dtype):
+        ctx.save_for_backward(weight, scale)
+        ctx.dtype, ctx.input_dtype = dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        bias = None if bias is None else bias.to(dtype)
+        return nn.functional.linear(x.to(dtype), _dequantize(weight, scale, dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scale = ctx.saved_tensors
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.to(ctx.dtype).matmul(_dequantize(weight, scale, ctx.dtype))
+            grad_input = grad_input.to(ctx.input_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).float().sum(0)
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_input, None, None, grad_bias, None
 
 
 class Float8Linear(nn.Linear):
@@ -52,16 +97,18 @@ class Float8Linear(nn.Linear):
         scale = torch.ones(1) if scale is None else scale.detach().float().reshape(-1)
         self.weight_scale = scale.to(weight.device)
 
-    def dequantized_weight(self):
-        weight = self.weight.to(self.compute_dtype)
-        scale = self.weight_scale
-        if scale.numel() > 1:
-            scale = scale.reshape(-1, 1)
-        return weight * scale.to(self.compute_dtype)
+    def dequantized_weight(self, dtype=None):
+        return _dequantize(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return nn.functional.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
+        dtype = _compute_dtype(x, self.compute_dtype)
+        bias = self.bias
+        if self.weight.requires_grad:
+            raise RuntimeError("Float8Linear's fp8 weight is frozen: it has no gradient")
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _FrozenFloat8Linear.apply(x, self.weight, self.weight_scale, bias, dtype)
+        bias = None if bias is None else bias.to(dtype)   # no_grad / inference_mode: plain path
+        return nn.functional.linear(x.to(dtype), self.dequantized_weight(dtype), bias)
 
     def _apply(self, fn, recurse=True):
         # module.to(dtype) moves the weight but keeps it fp8 (every fp8 value is exact in bf16,
