@@ -37,7 +37,8 @@ def status_bytes(key):
 
 def build(shape, mode, device, dtype):
     """The transformer on `device`, block linears stored as `mode` says, random weights."""
-    from loralab.core.families.flux.fp8 import is_block_linear, replace_block_linears
+    from loralab.core.families.flux.bnb import quantize_block_linears
+    from loralab.core.families.flux.fp8 import replace_block_linears
 
     model = empty_model(shape).to(dtype)  # still on meta: nothing is allocated
     if mode == "fp8":
@@ -54,33 +55,9 @@ def build(shape, mode, device, dtype):
             if hasattr(module, "weight_scale"):
                 module.weight_scale.fill_(1.0)
     if mode in ("nf4", "int8"):
-        quantize_bnb(model, mode, dtype, is_block_linear)
+        quantize_block_linears(model, mode, dtype, device)
     model.requires_grad_(False)
     return model
-
-
-def quantize_bnb(model, mode, dtype, is_block_linear):
-    """Block linears to bitsandbytes 4-bit NF4 or 8-bit layers, one layer at a time."""
-    import bitsandbytes as bnb
-
-    names = [name for name, module in model.named_modules()
-             if is_block_linear(name) and type(module) is torch.nn.Linear]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent, linear = model.get_submodule(parent_name), model.get_submodule(name)
-        weight = linear.weight.data
-        if mode == "nf4":
-            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
-                                      compute_dtype=dtype, quant_type="nf4", device="meta")
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-        else:
-            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
-                                        has_fp16_weights=False, device="meta")
-            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        setattr(parent, child, layer.to(weight.device))
-        del linear, weight
 
 
 def train_steps(model, shape, resolution, steps, device, dtype):

@@ -109,3 +109,11 @@ def test_a_node_failure_is_one_line_naming_the_node_and_what_to_change(
     with pytest.raises(NodeError, match=r"SampleGrid failed \(KeyError\).*traceback is in the ComfyUI log"):
         call("LoRALabSampleGrid", base_model=Broken(), prompts="a", strengths="0", seed=1,
              steps=2, guidance=4.0, width=64, height=64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA GPU nf4 trains")
+def test_nf4_on_a_cpu_is_refused_before_loading_with_what_to_use(resolved):
+    from loralab.core.trainer import PrecisionError, train
+
+    with pytest.raises(PrecisionError, match='model.quantize = "nf4" trains only on a CUDA GPU.*"fp8"'):
+        train(resolved(model={"path": "/nowhere", "quantize": "nf4"}))  # refused before loading

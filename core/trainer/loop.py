@@ -71,7 +71,7 @@ def _train(config, pipeline, on_event, should_stop):
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]],
                               cpu=not torch.cuda.is_available())  # cpu: torchrun on CPUs is DDP too
     device = accelerator.device
-    check_precision(model_cfg["dtype"], train_cfg["dtype"], device.type)
+    check_precision(model_cfg["dtype"], train_cfg["dtype"], device.type, model_cfg["quantize"])
     # quantize and gradient checkpointing "auto" become what the memory estimate needs on this
     # device (a run that cannot fit stops here, before loading); the run folder records them.
     quantize, checkpointing, memory_notes = resolve_memory_settings(config, device_memory(device),

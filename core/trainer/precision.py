@@ -7,7 +7,12 @@ class PrecisionError(ValueError):
     """model.dtype / train.dtype that this device cannot run; the message says what to use."""
 
 
-def check_precision(model_dtype, train_dtype, device_type):
+def check_precision(model_dtype, train_dtype, device_type, quantize="none"):
+    if device_type != "cuda" and quantize == "nf4":
+        # bitsandbytes' CPU 4-bit path runs inference, but its backward fails under a LoRA
+        raise PrecisionError(
+            f"model.quantize = \"nf4\" trains only on a CUDA GPU (bitsandbytes 4-bit); this is a "
+            f"{device_type}. Use model.quantize \"fp8\" (or \"auto\") here.")
     if device_type == "cuda" and "bf16" in (model_dtype, train_dtype) and not torch.cuda.is_bf16_supported():
         raise PrecisionError(
             f"model.dtype = {model_dtype!r}, train.dtype = {train_dtype!r}: this GPU has no bfloat16 "

@@ -163,7 +163,8 @@ def _bfl_plan(prefix, config, shapes):
 
 def load_transformer(paths, dtype, quantize="none", setting="model.transformer_path"):
     """FluxTransformer2DModel from one file (BFL or diffusers keys) or the shards of a diffusers
-    folder, its config read from the file. quantize "fp8" keeps the block linears in fp8."""
+    folder, its config read from the file. quantize "fp8" keeps the block linears in fp8; "nf4" and
+    "int8" make them bitsandbytes layers after loading."""
     from diffusers import FluxTransformer2DModel
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -182,6 +183,10 @@ def load_transformer(paths, dtype, quantize="none", setting="model.transformer_p
                 plan = _identity_plan(source, model)
             _fill(model, source, plan, dtype, setting, fp8_names)
     _check_complete(model, setting, paths[0])
+    if quantize in ("nf4", "int8"):
+        from .bnb import quantize_block_linears
+
+        quantize_block_linears(model, quantize, dtype, "cuda" if torch.cuda.is_available() else "cpu")
     return _frozen(model)
 
 
