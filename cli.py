@@ -198,7 +198,8 @@ def cmd_plan(args):
     given = {("train", "steps"): args.steps, ("dataset", "repeats"): args.repeats,
              ("train", "batch_size"): args.batch_size, ("network", "linear"): args.linear,
              ("train", "lr"): args.lr, ("train", "optimizer"): args.optimizer,
-             ("dataset", "resolution"): args.resolution, ("model", "path"): args.model}
+             ("dataset", "resolution"): args.resolution, ("model", "path"): args.model,
+             ("model", "transformer_path"): args.transformer}
     for (section, key), value in given.items():
         if value is not None:
             config.setdefault(section, {})[key] = value
@@ -281,6 +282,8 @@ def build_parser():
     plan.add_argument("--resolution", type=lambda text: [int(r) for r in text.split(",")],
                       help="comma-separated training resolutions, e.g. 512,768,1024")
     plan.add_argument("--model", help="local base model folder, for exact memory figures (default: FLUX.1-dev shapes)")
+    plan.add_argument("--transformer", help="a single-file FLUX.1 transformer (ComfyUI's "
+                      "diffusion_models) whose shapes the memory estimate reads")
     plan.add_argument("--vram", type=float, metavar="GB",
                       help="GPU memory in GiB: print the estimated peak per model.quantize mode and "
                            "gradient checkpointing, and which fit")

@@ -124,8 +124,9 @@ def test_widgets_carry_the_schema_defaults_ranges_and_tooltips(class_type):
             assert options["default"] == schema["default"], name
         if "maximum" in schema:
             assert options["max"] == schema["maximum"], name
-        if "enum" in schema:
-            assert declared[name][0] == [c for c in schema["enum"] if c is not None]
+        if "enum" in schema:  # a combo lists strings: true/false for the booleans beside "auto"
+            shown = [str(c).lower() if isinstance(c, bool) else c for c in schema["enum"] if c is not None]
+            assert declared[name][0] == shown
 
 
 def test_widget_defaults_resolve_to_the_config_defaults():
