@@ -92,6 +92,17 @@ class SafetensorsFile:
                 handle.close()
         return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
 
+    def read_rows(self, name, start, stop, buffer):
+        """Rows start:stop of a tensor's first dimension, read into `buffer` (a bytearray that
+        is reused, so a tensor can be processed a block at a time); returns the bytes read."""
+        info = self.tensors[name]
+        row_bytes = (info["data_offsets"][1] - info["data_offsets"][0]) // max(1, info["shape"][0])
+        view = memoryview(buffer)[:(stop - start) * row_bytes]
+        self._file.seek(self._data_start + info["data_offsets"][0] + start * row_bytes)
+        if self._file.readinto(view) != len(view):
+            raise ValueError(f"{self.path} is truncated (tensor {name})")
+        return view
+
     def scale_of(self, name):
         """The name of the scale tensor of an fp8 weight, if the file has one."""
         if not name.endswith(".weight"):

@@ -2,6 +2,7 @@
 each part is built empty on the meta device and filled tensor by tensor from the file, so no
 random full-precision model is ever made and at most one tensor is read ahead of the model."""
 import json
+import math
 import os
 import re
 
@@ -10,8 +11,8 @@ from torch import nn
 
 from . import fp8 as fp8_ops
 from . import keys
-from .files import (SafetensorsFile, clip_prefix, describe, identify, is_scale_key, strip_prefix,
-                    transformer_config)
+from .files import (DTYPES, FP8_NAMES, SafetensorsFile, clip_prefix, describe, identify, is_scale_key,
+                    strip_prefix, transformer_config)
 from .model import ModelError
 
 # metadata our writers store for what shapes alone cannot tell
@@ -94,6 +95,15 @@ def _fill(model, source, plan, dtype, setting, fp8_names=()):
         if file_key not in source:
             continue
         fp8_targets = [n for n, _ in targets if n[:-len(".weight")] in fp8_names and n.endswith(".weight")]
+        if fp8_targets and len(fp8_targets) == len(targets) and not swap and \
+                source.tensors[file_key]["dtype"] not in FP8_NAMES:
+            # quantize "fp8" of a full-precision file: each weight made fp8 as it is read
+            for (name, _), (weight, scale) in zip(targets, _fp8_pieces(source, file_key, [r for _, r in targets])):
+                if tuple(weight.shape) != shapes[name]:
+                    raise ModelError(f"{setting}: {source.path}: {file_key} has shape {tuple(weight.shape)} "
+                                     f"where the model needs {shapes[name]} for {name}")
+                model.get_submodule(name[:-len(".weight")]).set_weight(weight, scale)
+            continue
         raw = source.raw(file_key)
         if fp8_targets and raw.dtype in (torch.float8_e4m3fn,):
             scale_key = source.scale_of(file_key)
@@ -117,6 +127,43 @@ def _fill(model, source, plan, dtype, setting, fp8_names=()):
                 model.get_submodule(name[:-len(".weight")]).set_weight(piece)
             else:
                 _assign(model, name, piece)
+
+
+def _fp8_pieces(source, file_key, rows, block_bytes=16 << 20):
+    """[(fp8 weight, float32 scale)] of each row range `rows` of a full-precision file tensor,
+    equal to fp8.to_fp8 of each piece, read from the file a block of rows at a time into one
+    reused buffer (twice: the scale needs the largest magnitude first). Neither the whole tensor
+    nor a float32 copy of it is ever in memory (to_fp8 of a whole bf16 weight holds 6x its bytes
+    at once), and no buffer is freed between the fp8 weights kept, which would fragment the heap."""
+    info = source.tensors[file_key]
+    dtype, shape = DTYPES[info["dtype"]], info["shape"]
+    row_size = math.prod(shape[1:])
+    row_bytes = row_size * torch.empty(0, dtype=dtype).element_size()
+    block = max(1, block_bytes // (row_size * 4))
+    buffer = bytearray(block * row_bytes)
+    stored = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(block, *shape[1:])
+    work = torch.empty((block, *shape[1:]), dtype=torch.float32)
+
+    def read(start, stop):
+        source.read_rows(file_key, start, stop, buffer)
+        return stored[:stop - start]
+
+    rows = [shape[0]] if len(rows) == 1 else rows
+    pieces, first = [], 0
+    for count in rows:
+        amax = torch.zeros((), dtype=torch.float32)
+        for start in range(first, first + count, block):
+            low, high = torch.aminmax(read(start, min(start + block, first + count)))
+            amax = torch.maximum(amax, torch.maximum(low.abs(), high.abs()).float())
+        scale = (amax / fp8_ops.FP8_MAX).clamp(min=1e-12) if amax > 0 else torch.tensor(1.0)
+        weight = torch.empty((count, *shape[1:]), dtype=fp8_ops.FP8)
+        for start in range(first, first + count, block):
+            part = read(start, min(start + block, first + count))
+            scaled = work[:len(part)].copy_(part).div_(scale).clamp_(-fp8_ops.FP8_MAX, fp8_ops.FP8_MAX)
+            weight[start - first:start - first + len(part)].copy_(scaled)
+        pieces.append((weight, scale.reshape(1).float()))
+        first += count
+    return pieces
 
 
 def _split(tensor, rows):
