@@ -1,6 +1,6 @@
 """ComfyUI's own code reads our ComfyUI-layout files: run in ComfyUI's Python (env
 LORALAB_COMFYUI_PYTHON; ComfyUI's source at LORALAB_COMFYUI or ../shared/comfyui), skipped
-otherwise.
+otherwise (a failure with LORALAB_REQUIRE_COMFYUI=1, see comfyui_env.py).
 
 ComfyUI's FLUX loaders assume FLUX's widths (head_dim 128, a 128-channel VAE, T5-XXL and CLIP-L
 sizes), so the tiny files are checked with ComfyUI's detection and ComfyUI's own modules built
@@ -10,13 +10,10 @@ import json
 import os
 import subprocess
 
-import pytest
-
 from loralab.core.families.flux.tiny import write_comfyui_files, write_real_width_files
 
-PYTHON = os.environ.get("LORALAB_COMFYUI_PYTHON")
-COMFYUI = os.environ.get("LORALAB_COMFYUI") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "comfyui")
+from comfyui_env import comfyui_python_or_skip, comfyui_source
+
 
 def _script(paths):
     return r'''
@@ -105,14 +102,15 @@ print(json.dumps(problems))
 ''' % json.dumps(paths)
 
 
-@pytest.mark.skipif(not PYTHON, reason="set LORALAB_COMFYUI_PYTHON to a Python that imports ComfyUI")
 def test_comfyui_reads_our_files(tiny_flux, tmp_path):
+    python, comfyui = comfyui_python_or_skip(), comfyui_source()
     paths = dict(write_comfyui_files(tiny_flux))
     if os.environ.get("LORALAB_COMFYUI_REAL_WIDTH", "1") == "1":
         real = write_real_width_files(str(tmp_path / "real"))
         paths.update({f"real_{k}": v for k, v in real.items()}, **{"--real": "1"})
-    result = subprocess.run([PYTHON, "-c", _script(paths)], cwd=COMFYUI, capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "PYTHONPATH": os.path.abspath(COMFYUI)})
+    result = subprocess.run([python, "-c", _script(paths)], cwd=comfyui, capture_output=True,
+                            text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui)})
     assert result.returncode == 0, result.stderr[-3000:]
     problems = json.loads(result.stdout.strip().splitlines()[-1])
     assert problems == [], problems

@@ -2,10 +2,13 @@
 workflow posted to /prompt trains, saves the LoRA where LoraLoader finds it and returns the grid.
 
 Runs only with LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (its Python, with
-the pack's requirements). The server runs with --cpu on a free port with a temporary
---base-directory, so the user's models, outputs and custom nodes are left alone."""
+the pack's requirements), else skips (fails with LORALAB_REQUIRE_COMFYUI=1, see comfyui_env.py).
+Afterwards ComfyUI's log must hold no warning, error or traceback from the pack. The server runs
+with --cpu on a free port with a temporary --base-directory, so the user's models, outputs and
+custom nodes are left alone."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,20 +21,12 @@ import pytest
 import loralab
 from loralab.nodes import NODE_CLASS_MAPPINGS
 
+from comfyui_env import comfyui_or_skip
+
 PACK = os.path.dirname(os.path.abspath(loralab.__file__))
 WORKFLOWS = os.path.join(PACK, "workflows")
 STARTED = "To see the GUI go to"
 START_TIMEOUT, RUN_TIMEOUT = 180, 1200  # seconds; a busy CPU trains slowly
-
-
-def comfyui_or_skip():
-    folder, python = os.environ.get("LORALAB_COMFYUI"), os.environ.get("LORALAB_COMFYUI_PYTHON")
-    if not folder or not python:
-        pytest.skip("set LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (its "
-                    "Python) to check the pack in a real ComfyUI")
-    if not os.path.isfile(os.path.join(folder, "main.py")):
-        pytest.fail(f"LORALAB_COMFYUI={folder} has no main.py")
-    return folder, python
 
 
 def free_port():
@@ -155,13 +150,21 @@ def test_the_pack_loads_and_object_info_lists_its_nodes_as_declared(server):
         assert listed["category"] == "LoRA Lab"
 
 
-def test_a_posted_training_workflow_trains_saves_into_loras_and_returns_the_grid(server):
+@pytest.fixture(scope="module")
+def quickstart(server):
+    """The shipped quickstart posted to /prompt, once per server: its history entry."""
     started = time.monotonic()
     entry = server.run_prompt(training_workflow("server_check"))
-    seconds = time.monotonic() - started
+    print(f"\ntraining workflow ran in {time.monotonic() - started:.1f} s; "
+          f"outputs of nodes {sorted(entry.get('outputs', {}))}")
+    return entry
+
+
+def test_a_posted_training_workflow_trains_saves_into_loras_and_returns_the_grid(quickstart,
+                                                                                   server):
+    entry = quickstart
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-4000:]
     outputs = entry["outputs"]
-    print(f"\ntraining workflow ran in {seconds:.1f} s; outputs of nodes {sorted(outputs)}")
 
     # SaveCheckpoint: into the first loras folder, and LoraLoader lists it
     lora_path, = outputs["5"]["text"]
@@ -279,3 +282,72 @@ def test_a_graph_that_trains_then_generates_with_comfyuis_sampler(server, monkey
     assert images[0].shape == (64, 64, 3)
     assert not np.array_equal(images[0], images[1])  # the LoRA changed what was generated
     assert "lora key not loaded" not in server.log()  # ComfyUI took every key of the LoRA
+
+
+# -- ComfyUI's log, once the pack was imported and ran ---------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+TROUBLE = re.compile(r"\[(WARNING|ERROR|CRITICAL)\]|warn|error|exception|traceback|failed|fatal"
+                     r"|cannot import", re.IGNORECASE)
+
+
+def pack_trouble(log, pack=PACK):
+    """What in ComfyUI's log ties a warning, an error or a traceback to the pack: a line that
+    names the pack (loralab, LoRA Lab, its folder) and is a warning or an error, or a whole
+    traceback any line of which names it. ComfyUI prints a logged record's level as [LEVEL]; a
+    Python warning reads `file:line: SomeWarning: ...`."""
+    def names_pack(line):
+        lowered = line.lower()
+        return "loralab" in lowered or "lora lab" in lowered or pack in line
+
+    lines = ANSI.sub("", log).splitlines()
+    found, index = [], 0
+    while index < len(lines):
+        if "Traceback (most recent call last)" not in lines[index]:
+            if names_pack(lines[index]) and TROUBLE.search(lines[index]):
+                found.append(lines[index])
+            index += 1
+            continue
+        end = index + 1  # the frames are indented; the exception's own line closes the block
+        while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t"):
+            end += 1
+        block = lines[index:end + 1]
+        if any(names_pack(line) for line in block):
+            found.append("\n".join(block))
+        index = end + 1
+    return found
+
+
+def test_pack_trouble_finds_warnings_errors_and_tracebacks_that_name_the_pack():
+    log = "\n".join([
+        "\x1b[32m[INFO]\x1b[0m    0.4 seconds: /base/custom_nodes/comfyui-loralab",
+        "\x1b[33m[WARNING]\x1b[0m ****** User settings have been changed ******",
+        "\x1b[31m[ERROR]\x1b[0m LoRA Lab TrainLoRA failed",
+        "Traceback (most recent call last):",
+        '  File "/elsewhere/execution.py", line 1, in run',
+        f'  File "{PACK}/nodes/train.py", line 2, in train',
+        "    raise ValueError('no')",
+        "ValueError: no",
+        "Traceback (most recent call last):",
+        '  File "/elsewhere/nodes.py", line 3, in load',
+        "ImportError: not ours",
+        f"{PACK}/core/x.py:7: FutureWarning: old",
+        "   0.1 seconds (IMPORT FAILED): /base/custom_nodes/comfyui-loralab",
+        "[INFO] LoRALabTrainLoRA: step 8 of 8",
+    ])
+    found = pack_trouble(log)
+    assert found == ["[ERROR] LoRA Lab TrainLoRA failed", "\n".join(log.splitlines()[3:8]),
+                     f"{PACK}/core/x.py:7: FutureWarning: old",
+                     "   0.1 seconds (IMPORT FAILED): /base/custom_nodes/comfyui-loralab"], found
+
+
+def test_comfyuis_log_has_no_warning_error_or_traceback_from_the_pack(server, quickstart):
+    """Last in this file, so the log holds the pack's import, its node registration and every
+    run above (at least the quickstart)."""
+    log = ANSI.sub("", server.log())
+    imported = [line for line in log.splitlines() if "custom_nodes/comfyui-loralab" in line]
+    assert any(re.search(r"\d seconds: ", line) for line in imported), log[-4000:]
+    assert not any("IMPORT FAILED" in line for line in imported), log[-4000:]
+    assert "got prompt" in log and "Prompt executed" in log, log[-4000:]
+    trouble = pack_trouble(log)
+    assert not trouble, "ComfyUI's log ties these to LoRA Lab:\n" + "\n".join(trouble)

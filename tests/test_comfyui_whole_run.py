@@ -2,27 +2,19 @@
 whole, headless, with ComfyUI's Python.
 
 The runs need LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (its Python, with
-the pack's requirements); ComfyUI gets a temporary --base-directory, so the user's models and
+the pack's requirements), else they skip (fail with LORALAB_REQUIRE_COMFYUI=1, see
+comfyui_env.py); ComfyUI gets a temporary --base-directory, so the user's models and
 outputs are left alone."""
 import json
 import os
 import subprocess
 
-import pytest
-
 import loralab
 
+from comfyui_env import comfyui_or_skip
 from conftest import run_cli
 
 PACK = os.path.dirname(os.path.abspath(loralab.__file__))
-
-
-def comfyui_or_skip():
-    folder, python = os.environ.get("LORALAB_COMFYUI"), os.environ.get("LORALAB_COMFYUI_PYTHON")
-    if not folder or not python:
-        pytest.skip("set LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (its "
-                    "Python) to run workflows whole with ComfyUI's nodes")
-    return folder, python
 
 
 def run_whole(workflow, tmp_path):
