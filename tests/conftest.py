@@ -19,8 +19,8 @@ def tiny_flux(tmp_path_factory):
 
 
 # ComfyUI's source (read-only): its tokenizers are what single-file FLUX.1 models use.
-COMFYUI_SOURCE = os.environ.get("LORALAB_COMFYUI") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "comfyui")
+COMFYUI_SOURCE = os.path.abspath(os.environ.get("LORALAB_COMFYUI") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "comfyui"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from loralab.core.families.flux.fp8 import Float8Linear
 from loralab.core.families.flux.model import ModelError, load_pipeline
 from loralab.core.families.flux.tiny import write_comfyui_files
 
-COMFYUI = os.environ.get("LORALAB_COMFYUI", "/work/shared/comfyui")
+from conftest import COMFYUI_SOURCE as COMFYUI
+
 F32 = torch.float32
 
 

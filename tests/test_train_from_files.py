@@ -17,9 +17,8 @@ from loralab.core.config import resolve
 from loralab.core.families.flux.tiny import write_comfyui_files
 from loralab.core.trainer.loop import train
 
-from conftest import FAST, merge, run_cli
+from conftest import COMFYUI_SOURCE as COMFYUI, FAST, merge, run_cli
 
-COMFYUI = os.environ.get("LORALAB_COMFYUI") or "/work/shared/comfyui"
 CLIP_TOKENIZER = os.path.join(COMFYUI, "comfy", "sd1_tokenizer")
 T5_TOKENIZER = os.path.join(COMFYUI, "comfy", "text_encoders", "t5_tokenizer")
 STEPS = 18  # three epochs of the six demo images
