@@ -48,12 +48,17 @@ def test_every_precision_pair_samples_before_during_and_after_training(
     for step_folder in samples.iterdir():
         image = Image.open(next(step_folder.iterdir()))
         assert image.size == (64, 64)
-    transformer = base.pipeline().transformer
+    pipeline = base.pipeline()
     # the training wrapper is gone: ComfyUI's later nodes get the model's own forward
-    assert "forward" not in vars(transformer) and "_original_forward" not in vars(transformer)
+    assert "forward" not in vars(pipeline.transformer)
+    assert "_original_forward" not in vars(pipeline.transformer)
+    # T5 and CLIP were freed after the captions were encoded, not parked in RAM ...
+    assert pipeline.text_encoder is None and pipeline.text_encoder_2 is None
     grid, = call("LoRALabSampleGrid", base_model=base, lora=lora, prompts="a photo of sks",
                  strengths="0,1", seed=1, steps=2, guidance=4.0, width=64, height=64)
     assert grid.shape[0] == 1 and torch.isfinite(grid).all()
+    # ... and SampleGrid loaded them again for its prompts, then freed them too
+    assert pipeline.text_encoder is None and pipeline.text_encoder_2 is None
 
 
 def test_the_shipped_defaults_train_and_sample(tiny_flux, demo_dataset, tmp_path):

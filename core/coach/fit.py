@@ -8,8 +8,8 @@ The peak of a step is:
   + activations kept for backward (below) + quantization transients (below)
   + VAE (resident: the trainer keeps it on the device for sample images)
   + CUDA context and framework overhead.
-T5-XXL and CLIP-L are not counted: they encode the captions once before training, then wait on
-the CPU (flux.offload_text_encoders), so they are never resident during a step.
+T5-XXL and CLIP-L are not counted: they encode the captions once before the transformer moves to
+the device, then are freed (flux.free_text_encoders), so they are never resident during a step.
 
 Activations. Each block keeps, per token (image + text) and per unit of hidden width, a fixed
 number of bytes for backward. Counted on diffusers' FluxTransformerBlock and

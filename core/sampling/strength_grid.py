@@ -11,12 +11,12 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
 
     lora: None (the base model alone: one column) or a dict with the float32 peft `weights`,
     `rank` and `alpha` it was trained with. sample_config: seed, sample_steps, guidance_scale,
-    width, height. The pipeline is left as it was found: no LoRA on it, text encoders on the CPU.
+    width, height. The pipeline is left as it was found: no LoRA on it, text encoders freed (loaded again for the next prompts).
     """
     prompts = prompts_with_trigger(prompts, trigger_word)
     family.encoders_to_device(pipeline, device)
     encoded = family.encode_prompts(pipeline, prompts, device)
-    family.offload_text_encoders(pipeline)  # done: off the accelerator before the transformer
+    family.free_text_encoders(pipeline)  # done: freed before the transformer comes on
     family.to_device(pipeline, device)
     model = family.trainable_model(pipeline)
     family.remove_lora(pipeline)  # nothing else may add to the strengths asked for

@@ -103,8 +103,7 @@ def _train(config, pipeline, on_event, should_stop):
     torch.manual_seed(train_cfg["seed"])
 
     # -- base model ---------------------------------------------------------------------------
-    shared = pipeline is not None  # ComfyUI's: others encode prompts with it after this run
-    if not shared:
+    if pipeline is None:
         emit({"type": "status", "message": f"loading {model_cfg['path'] or model_cfg['transformer_path']}"})
         pipeline = load_model(model_cfg, quantize)
     family.encoders_to_device(pipeline, device)
@@ -121,8 +120,7 @@ def _train(config, pipeline, on_event, should_stop):
                encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
                model_key=model_key,
                on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
-    # their work is done: off the accelerator before the transformer comes on
-    (family.offload_text_encoders if shared else family.free_text_encoders)(pipeline)
+    family.free_text_encoders(pipeline)  # their work is done: freed before the transformer comes on
     family.to_device(pipeline, device)
 
     # -- LoRA, optimizer, schedule -----------------------------------------------------------

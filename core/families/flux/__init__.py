@@ -56,18 +56,18 @@ def to_device(pipeline, device):
         transformer.to(device)
 
 
-def offload_text_encoders(pipeline):
-    """After caching, T5 (about 9 GB for FLUX.1) and CLIP wait on the CPU, off the accelerator,
-    for the next prompts (ComfyUI's SampleGrid shares this pipeline)."""
-    for module in (pipeline.text_encoder, pipeline.text_encoder_2):
-        if module is not None:
-            module.to("cpu")
-
-
 def free_text_encoders(pipeline):
-    """After caching, when no one else will encode with this pipeline: T5 and CLIP are dropped,
-    not parked in RAM (sampling reads cached embeddings)."""
+    """After encoding, T5 (about 9 GB in bf16 for FLUX.1) and CLIP are dropped, not parked in
+    RAM: sampling reads cached embeddings, and encode_prompts loads them again when asked."""
     pipeline.register_modules(text_encoder=None, text_encoder_2=None)
+
+
+def _text_encoders_on(pipeline, device):
+    if pipeline.text_encoder is None or pipeline.text_encoder_2 is None:
+        clip, t5 = pipeline.text_encoder_source.load()
+        pipeline.register_modules(text_encoder=clip, text_encoder_2=t5)
+    pipeline.text_encoder.to(device)
+    pipeline.text_encoder_2.to(device)
 
 
 def remove_lora(pipeline):
@@ -84,7 +84,9 @@ def lora_to_kohya(transformer):
 
 @torch.no_grad()
 def encode_prompts(pipeline, prompts, device):
-    """{prompt: (t5 embeddings [seq, dim], pooled CLIP [dim])} on the CPU, for the cache."""
+    """{prompt: (t5 embeddings [seq, dim], pooled CLIP [dim])} on the CPU, for the cache. The
+    text encoders are loaded again if they were freed; the caller frees them when done."""
+    _text_encoders_on(pipeline, device)
     encoded = {}
     for prompt in dict.fromkeys(prompts):
         embeds, pooled, _ = pipeline.encode_prompt(prompt, prompt_2=None, device=device,
@@ -146,5 +148,5 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 __all__ = ["LORA_TARGETS", "ModelError", "compute_dtype", "encode_image", "encode_prompts",
            "encoders_to_device", "free_text_encoders", "generate", "load", "lora_to_kohya",
-           "offload_text_encoders", "predict", "remove_lora", "size_multiple", "text_length",
+           "predict", "remove_lora", "size_multiple", "text_length",
            "to_device", "trainable_model", "training_loss", "uses_guidance"]

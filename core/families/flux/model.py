@@ -2,6 +2,7 @@
 keeps them (models/diffusion_models, text_encoders, vae) replacing its parts, or the single files
 alone (see single_files.py)."""
 import contextlib
+from dataclasses import dataclass
 import os
 import warnings
 
@@ -82,7 +83,7 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", cl
     if not path:
         pipeline = single_files.load_pipeline_from_files(transformer_path, clip_l_path, t5_path,
                                                          vae_path, torch_dtype, quantize)
-        return _frozen(pipeline)
+        return _frozen(pipeline, TextEncoderSource(None, clip_l_path, t5_path, torch_dtype))
     folder = check_model_folder(path)
     parts = {}
     for name, slot, file in (("text_encoder", "clip_l", clip_l_path), ("text_encoder_2", "t5", t5_path),
@@ -108,12 +109,43 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", cl
                                                     local_files_only=True, **parts)
     except (OSError, ValueError) as error:
         raise ModelError(f"model.path: could not load a FLUX.1 pipeline from {folder}: {error}") from error
-    return _frozen(pipeline)
+    return _frozen(pipeline, TextEncoderSource(folder, clip_l_path, t5_path, torch_dtype))
 
 
-def _frozen(pipeline):
+@dataclass(frozen=True)
+class TextEncoderSource:
+    """Where a pipeline's CLIP-L and T5 came from, so they can be freed after encoding (T5-XXL is
+    about 9 GB in bf16) and loaded again for the next prompts instead of parked in RAM."""
+    folder: str
+    clip_l_path: str
+    t5_path: str
+    dtype: torch.dtype
+
+    def load(self):
+        """(CLIP-L, T5), frozen, from the single files or the folder's text_encoder(_2)."""
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        from . import single_files
+
+        def part(slot, file, subfolder, model_class):
+            if file:
+                return single_files.load_part(slot, file, self.dtype)
+            with quiet_loading():
+                return model_class.from_pretrained(self.folder, subfolder=subfolder,
+                                                   torch_dtype=self.dtype, local_files_only=True)
+
+        encoders = (part("clip_l", self.clip_l_path, "text_encoder", CLIPTextModel),
+                    part("t5", self.t5_path, "text_encoder_2", T5EncoderModel))
+        for module in encoders:
+            module.requires_grad_(False)
+            module.eval()
+        return encoders
+
+
+def _frozen(pipeline, text_encoder_source):
     pipeline.set_progress_bar_config(disable=True)
     for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         module.requires_grad_(False)
         module.eval()
+    pipeline.text_encoder_source = text_encoder_source
     return pipeline
