@@ -226,6 +226,43 @@ def cmd_runs_list(args):
     return 0
 
 
+def cmd_runs_pin(args):
+    from .core.runs import RunFolder
+    from .core.runs.history import locate_run
+
+    path = locate_run(args.run, args.output_dir)
+    run = RunFolder(os.path.dirname(path), os.path.basename(path))
+    try:
+        pinned = run.pin(args.step, pinned=not args.unpin)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{'unpinned' if args.unpin else 'pinned'} step {args.step} of {run.path}; "
+          f"pinned steps (never rotated away): {', '.join(map(str, pinned)) or 'none'}")
+    return 0
+
+
+def cmd_runs_export(args):
+    from .core.runs.history import export_run, locate_run
+
+    if len(args.rest) > 2:
+        print("error: runs export takes RUN [STEP] DIR", file=sys.stderr)
+        return 2
+    step, destination = (None, args.rest[0]) if len(args.rest) == 1 else args.rest
+    if step is not None and not step.isdigit():
+        print(f"error: STEP must be a step number, not {step!r}", file=sys.stderr)
+        return 2
+    try:
+        copied = export_run(locate_run(args.run, args.output_dir), None if step is None else int(step),
+                            destination)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {len(copied)} files to {os.path.abspath(destination)}: {os.path.basename(copied[0])}, "
+          "config.json, metrics, loss plot and samples")
+    return 0
+
+
 def cmd_runs_compare(args):
     from .core.runs.compare import compare_runs
     from .core.runs.history import locate_run
@@ -288,7 +325,7 @@ def build_parser():
                       help="GPU memory in GiB: print the estimated peak per model.quantize mode and "
                            "gradient checkpointing, and which fit")
     plan.set_defaults(handler=cmd_plan)
-    runs = commands.add_parser("runs", help="list and compare earlier runs").add_subparsers(dest="runs_command", required=True)
+    runs = commands.add_parser("runs", help="list, compare, pin and export runs").add_subparsers(dest="runs_command", required=True)
     runs_list = runs.add_parser("list", help="name, date, model, steps, final and best loss, warnings")
     runs_list.add_argument("--output-dir", default="output")
     runs_list.set_defaults(handler=cmd_runs_list)
@@ -297,6 +334,19 @@ def build_parser():
     runs_compare.add_argument("--output-dir", default="output")
     runs_compare.add_argument("--out", help="folder for loss.png and samples.png (default: OUTPUT_DIR/comparisons/A_vs_B)")
     runs_compare.set_defaults(handler=cmd_runs_compare)
+    runs_pin = runs.add_parser("pin", help="keep a step checkpoint out of rotation (max_step_saves_to_keep)")
+    runs_pin.add_argument("run", help="run folder, or run name inside --output-dir")
+    runs_pin.add_argument("step", type=int)
+    runs_pin.add_argument("--unpin", action="store_true", help="let rotation remove it again")
+    runs_pin.add_argument("--output-dir", default="output")
+    runs_pin.set_defaults(handler=cmd_runs_pin)
+    runs_export = runs.add_parser("export", usage="loralab runs export [-h] [--output-dir DIR] RUN [STEP] DIR",
+                                  help="one LoRA (the final one, or STEP's checkpoint) with its config, "
+                                       "metrics, loss plot and samples, as one new folder DIR")
+    runs_export.add_argument("run", help="run folder, or run name inside --output-dir")
+    runs_export.add_argument("rest", nargs="+", metavar="[STEP] DIR")
+    runs_export.add_argument("--output-dir", default="output")
+    runs_export.set_defaults(handler=cmd_runs_export)
     return parser
 
 

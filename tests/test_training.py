@@ -20,13 +20,13 @@ def test_rotation_keeps_the_guides_example(tmp_path):
     run = RunFolder(str(tmp_path), "example")
     os.makedirs(run.path)
     for step in range(250, 2001, 250):
-        open(run.checkpoint(step), "w").close()
-        open(run.checkpoint_state(step), "w").close()
+        for path in (run.checkpoint(step), run.checkpoint_state(step), run.checkpoint_state_json(step)):
+            open(path, "w").close()
         run.rotate(4)
     assert run.checkpoints() == [1250, 1500, 1750, 2000]
     assert sorted(os.listdir(run.path)) == sorted(
-        [f"example_{s:09d}.safetensors" for s in (1250, 1500, 1750, 2000)]
-        + [f"example_{s:09d}.state.pt" for s in (1250, 1500, 1750, 2000)])
+        [f"example_{s:09d}{end}" for s in (1250, 1500, 1750, 2000)
+         for end in (".safetensors", ".state.safetensors", ".state.json")])
 
 
 def test_a_run_leaves_exactly_the_rotated_checkpoints(resolved):

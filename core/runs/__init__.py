@@ -1,5 +1,6 @@
 """The run folder: resolved config, metrics, checkpoints, samples, plots."""
 from .atomic import atomic_path, write_json
-from .folder import RunFolder
+from .folder import RunFolder, RunLocked
+from .identity import choose_run_folder, run_identity
 
-__all__ = ["RunFolder", "atomic_path", "write_json"]
+__all__ = ["RunFolder", "RunLocked", "atomic_path", "choose_run_folder", "run_identity", "write_json"]

@@ -1,11 +1,21 @@
 """The run folder (shared/DESIGN.md, "Run folder"): <output_dir>/<name>/ with config.json,
-metrics.jsonl, step checkpoints <name>_<step 9 digits>.safetensors (+ .state.pt for resume),
-the final <name>.safetensors, samples/ and loss.png."""
+metrics.jsonl, step checkpoints <name>_<step 9 digits>.safetensors (each with its resume state
+.state.safetensors + .state.json), the final <name>.safetensors, samples/, loss.png, pins.json
+(steps kept out of rotation) and .lock (held by the training that uses the folder).
+
+One run folder holds one training: core/runs/identity.py picks the folder for a config."""
+import contextlib
 import json
 import os
 import re
 
-from .atomic import write_json
+from .atomic import TEMPORARY, append_line, atomic_path, write_json
+
+LOCK_FILE = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process is training in this run folder."""
 
 
 class RunFolder:
@@ -13,6 +23,10 @@ class RunFolder:
         self.name = name
         self.path = os.path.join(os.path.abspath(os.path.expanduser(output_dir)), name)
         self._step_file = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
+        self.metrics_problem = None  # why read_metrics dropped lines (a torn last line), or None
+        self.identity = None         # set by identity.choose_run_folder; write_config stores them
+        self.started_because = None
+        self._lock_handle = None
 
     def file(self, *parts):
         return os.path.join(self.path, *parts)
@@ -25,10 +39,23 @@ class RunFolder:
     def metrics(self):
         return self.file("metrics.jsonl")
 
+    @property
+    def config_path(self):
+        return self.file("config.json")
+
     def checkpoint(self, step):
         return self.file(f"{self.name}_{step:09d}.safetensors")
 
     def checkpoint_state(self, step):
+        """The resume state's tensors (fp32 LoRA weights, optimizer tensors)."""
+        return self.file(f"{self.name}_{step:09d}.state.safetensors")
+
+    def checkpoint_state_json(self, step):
+        """The resume state's other values (step, scheduler, optimizer param groups)."""
+        return self.file(f"{self.name}_{step:09d}.state.json")
+
+    def legacy_checkpoint_state(self, step):
+        """Resume state of earlier versions: a pickle, never loaded (it could run any code)."""
         return self.file(f"{self.name}_{step:09d}.state.pt")
 
     def samples(self, step):
@@ -41,40 +68,209 @@ class RunFolder:
         steps = [int(m.group(1)) for m in map(self._step_file.match, os.listdir(self.path)) if m]
         return sorted(steps)
 
+    def has_state(self, step):
+        return os.path.isfile(self.checkpoint_state(step)) and os.path.isfile(self.checkpoint_state_json(step))
+
     def resumable(self):
-        """Newest step whose LoRA file and resume state are both complete, or None."""
+        """Newest step whose LoRA file and resume state are all on disk, or None (whether the
+        state loads is checked by core.trainer.checkpoints.load_resume_state)."""
         for step in reversed(self.checkpoints()):
-            if os.path.isfile(self.checkpoint_state(step)):
+            if self.has_state(step):
                 return step
         return None
 
+    # -- pins: step checkpoints kept out of rotation ------------------------------------------------
+
+    @property
+    def pins_path(self):
+        return self.file("pins.json")
+
+    def pinned(self):
+        """Steps pinned with `loralab runs pin`, ascending."""
+        if not os.path.isfile(self.pins_path):
+            return []
+        try:
+            with open(self.pins_path, encoding="utf-8") as f:
+                return sorted({int(step) for step in json.load(f).get("steps", [])})
+        except (ValueError, TypeError, AttributeError, OSError):
+            return []
+
+    def pin(self, step, pinned=True):
+        """Keeps (or, pinned=False, releases) the step checkpoint `step` out of rotation."""
+        if pinned and not os.path.isfile(self.checkpoint(step)):
+            raise FileNotFoundError(f"{self.checkpoint(step)} does not exist: no step {step} checkpoint "
+                                    f"in {self.path} (its steps: {self.checkpoints() or 'none'})")
+        steps = set(self.pinned())
+        steps = steps | {step} if pinned else steps - {step}
+        write_json(self.pins_path, {"steps": sorted(steps)})
+        return sorted(steps)
+
     def rotate(self, keep):
-        """Deletes all but the newest `keep` step checkpoints (and their resume state)."""
+        """Deletes all but the newest `keep` unpinned step checkpoints (with their resume state);
+        pinned steps are never deleted and do not count towards `keep`."""
+        pinned = set(self.pinned())
+        unpinned = [step for step in self.checkpoints() if step not in pinned]
         removed = []
-        for step in self.checkpoints()[:-keep]:
-            for path in (self.checkpoint(step), self.checkpoint_state(step)):
+        for step in unpinned[:-keep] if keep > 0 else unpinned:
+            # the LoRA file first: without it the checkpoint no longer counts, whatever is left
+            for path in (self.checkpoint(step), self.checkpoint_state(step),
+                         self.checkpoint_state_json(step), self.legacy_checkpoint_state(step)):
                 if os.path.exists(path):
                     os.remove(path)
             removed.append(step)
         return removed
 
+    # -- config ---------------------------------------------------------------------------------
+
     def write_config(self, resolved):
+        """Writes config.json; the identity and the reason this folder was started (both set by
+        identity.choose_run_folder) go with it, so a later run can tell whether it is this one."""
         os.makedirs(self.path, exist_ok=True)
-        write_json(self.file("config.json"), resolved)
+        extra = {}
+        if self.identity is not None:
+            extra["identity"] = self.identity
+        if self.started_because is not None:
+            extra["started_because"] = self.started_because
+        elif os.path.isfile(self.config_path):  # a resumed run keeps the reason it was started for
+            reason = (self.read_config() or {}).get("started_because")
+            if reason:
+                extra["started_because"] = reason
+        write_json(self.config_path, {**resolved, **extra})
+
+    def read_config(self):
+        """config.json as a dict, or None when missing or unreadable."""
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return config if isinstance(config, dict) else None
+
+    # -- metrics --------------------------------------------------------------------------------
 
     def read_metrics(self):
+        """The metrics lines. A line that does not parse (a kill or power cut mid-append tears the
+        last one) is dropped, and `metrics_problem` says which, for the trainer to warn about."""
+        self.metrics_problem = None
         if not os.path.isfile(self.metrics):
             return []
-        with open(self.metrics, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        lines, bad = [], []
+        with open(self.metrics, encoding="utf-8", errors="replace") as f:
+            for number, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    line = json.loads(text)
+                except ValueError:
+                    line = None
+                if isinstance(line, dict):
+                    lines.append(line)
+                else:
+                    bad.append(number)
+        if bad:
+            which = f"line {bad[0]}" if len(bad) == 1 else f"lines {', '.join(map(str, bad))}"
+            self.metrics_problem = (f"{self.metrics}: {which} could not be read (cut short when a run "
+                                    "was killed?) and dropped; the other metrics lines are kept.")
+        return lines
 
     def append_metrics(self, line):
-        with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        os.makedirs(self.path, exist_ok=True)
+        if os.path.isfile(self.metrics) and os.path.getsize(self.metrics):
+            with open(self.metrics, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # keep a torn line from swallowing this one
+                append_line(self.metrics, "")
+        append_line(self.metrics, json.dumps(line))
 
     def truncate_metrics(self, after_step):
-        """A resumed run rewrites the steps after its checkpoint; drop their old lines."""
+        """A resumed run rewrites the steps after its checkpoint; drop their old lines (and any
+        torn line). Returns the warning about dropped lines, or None."""
         kept = [m for m in self.read_metrics() if m.get("step", 0) <= after_step]
         os.makedirs(self.path, exist_ok=True)
-        with open(self.metrics, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(m) + "\n" for m in kept)
+        with atomic_path(self.metrics) as temporary:
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(m) + "\n" for m in kept)
+        return self.metrics_problem
+
+    # -- temporaries and the lock ---------------------------------------------------------------------
+
+    def clean_temporaries(self):
+        """Removes temporaries that a killed atomic write left in the folder (any depth); call it
+        while holding lock(), so no live write loses its file. Returns the removed paths."""
+        removed = []
+        for folder, _, names in os.walk(self.path):
+            for name in names:
+                if TEMPORARY.match(name):
+                    path = os.path.join(folder, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                        removed.append(path)
+        return removed
+
+    def locked_by(self):
+        """The pid recorded in the lock file, or None."""
+        try:
+            with open(self.file(LOCK_FILE), encoding="utf-8") as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the run folder for one training: a second process (or a second lock() in this
+        one) gets RunLocked naming the folder and the holder's pid. The operating system drops
+        the lock when its holder exits, killed or not, so a crash never leaves it stuck."""
+        os.makedirs(self.path, exist_ok=True)
+        handle = open(self.file(LOCK_FILE), "a+", encoding="utf-8")
+        try:
+            if not _try_lock(handle):
+                pid = self.locked_by()
+                raise RunLocked(f"the run folder {self.path} is in use by another training "
+                                f"(process {pid if pid else 'unknown'}): two trainings must not write "
+                                "one run folder. Wait for it to finish or stop it, or give this run "
+                                "another name.")
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            self._lock_handle = handle
+            yield self
+        finally:
+            if self._lock_handle is handle:
+                self._lock_handle = None
+                with contextlib.suppress(OSError):
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.flush()
+                _unlock(handle)
+            handle.close()
+
+
+if os.name == "nt":  # pragma: no cover - Windows
+    import msvcrt
+
+    def _try_lock(handle):
+        handle.seek(0)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(handle):
+        handle.seek(0)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def _try_lock(handle):
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _unlock(handle):
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

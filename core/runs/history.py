@@ -3,6 +3,7 @@ settings of every experiment and learn from earlier attempts)."""
 import datetime
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 from .folder import RunFolder
@@ -19,6 +20,13 @@ class RunRecord:
     config: dict = field(repr=False)
     metrics: list = field(repr=False)
     warnings: list = field(repr=False)
+    identity: dict = field(repr=False, default=None)  # the settings that define the training
+    metrics_problem: str = field(repr=False, default=None)  # lines of metrics.jsonl dropped, or None
+
+    @property
+    def started_because(self):
+        """Why this run got its own folder (settings changed, or train.resume false), or None."""
+        return self.config.get("started_because")
 
     @property
     def date(self):
@@ -71,13 +79,16 @@ def read_run(path):
     path = os.path.abspath(os.path.expanduser(path))
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    name = config.get("name") or os.path.basename(path)
+    # The folder names the run: a changed rerun of `name` lives in `name-2` with config name `name`.
+    name = os.path.basename(path) or config.get("name")
+    identity = config.pop("identity", None)  # kept apart: `runs compare` shows the settings once
     run = RunFolder(os.path.dirname(path), os.path.basename(path))
     warnings = []
     if os.path.isfile(run.file("warnings.json")):
         with open(run.file("warnings.json"), encoding="utf-8") as f:
             warnings = json.load(f)
-    return RunRecord(name, path, config, run.read_metrics(), warnings)
+    metrics = run.read_metrics()
+    return RunRecord(name, path, config, metrics, warnings, identity, run.metrics_problem)
 
 
 def find_runs(output_dir):
@@ -110,5 +121,44 @@ def runs_table(runs):
     rows = [(run.name, run.date, run.model, f"{run.last_step}/{run.steps}", format_loss(run.final_loss),
              format_loss(run.best_loss), str(len(run.warnings))) for run in runs]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [header, *rows])
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    reasons = [f"{run.name}: started because {run.started_because}" for run in runs if run.started_because]
+    return "\n".join(lines + ([""] + reasons if reasons else []))
+
+
+def export_run(path, step, destination):
+    """Copies one LoRA of a run (the final one when `step` is None, else that step checkpoint)
+    with its config.json, metrics.jsonl, warnings.json, loss.png and samples (up to `step`) into
+    the folder `destination`, which must be new or empty. Returns the copied paths."""
+    path = os.path.abspath(os.path.expanduser(path))
+    run = RunFolder(os.path.dirname(path), os.path.basename(path))
+    lora = run.final_lora if step is None else run.checkpoint(step)
+    if not os.path.isfile(lora):
+        what = "no final LoRA (the run has not finished)" if step is None else f"no step {step} checkpoint"
+        raise RunNotFound(f"{run.path} has {what}: {lora} does not exist. Its step checkpoints: "
+                          f"{run.checkpoints() or 'none'}.")
+    destination = os.path.abspath(os.path.expanduser(destination))
+    if os.path.exists(destination) and (not os.path.isdir(destination) or os.listdir(destination)):
+        raise FileExistsError(f"{destination} exists and is not an empty folder: export writes a new folder")
+    os.makedirs(destination, exist_ok=True)
+    copied = []
+
+    def copy(source, *target):
+        target_path = os.path.join(destination, *target)
+        os.makedirs(os.path.dirname(target_path), exist_ok=True)
+        shutil.copyfile(source, target_path)
+        copied.append(target_path)
+
+    copy(lora, os.path.basename(lora))
+    for name in ("config.json", "metrics.jsonl", "warnings.json", "loss.png"):
+        if os.path.isfile(run.file(name)):
+            copy(run.file(name), name)
+    samples = os.path.join(run.path, "samples")
+    if os.path.isdir(samples):
+        for folder in sorted(os.listdir(samples)):
+            if folder.isdigit() and (step is None or int(folder) <= step):
+                for image in sorted(os.listdir(os.path.join(samples, folder))):
+                    if os.path.isfile(os.path.join(samples, folder, image)):
+                        copy(os.path.join(samples, folder, image), "samples", folder, image)
+    return copied
