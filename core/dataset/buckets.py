@@ -4,6 +4,9 @@ import math
 
 from PIL import Image, ImageOps
 
+from .images import decode_upright
+from .scan import DatasetError
+
 
 def bucket_size(width, height, resolution, multiple):
     """(bucket_width, bucket_height) for an image at one training resolution. Images smaller than
@@ -18,7 +21,13 @@ def bucket_size(width, height, resolution, multiple):
 
 
 def load_for_bucket(path, size):
-    """The image resized to cover `size` and centre-cropped to it, as RGB."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+    """The image, the right way up, resized to cover `size` and centre-cropped to it, as RGB.
+    A file that no longer decodes (changed or damaged since the scan) raises DatasetError."""
+    try:
+        image = decode_upright(path).convert("RGB")
+    except Exception as error:  # PIL raises many types for bad files
+        raise DatasetError(
+            f"dataset image {path} cannot be loaded ({type(error).__name__}: {error}). It may be "
+            "damaged or was changed since the dataset was scanned: re-save or replace it, or "
+            "remove it from the dataset folder, then start training again.") from error
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)

@@ -2,7 +2,7 @@
 import os
 from dataclasses import dataclass, field
 
-from PIL import Image
+from .images import decode_upright
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -65,12 +65,13 @@ def scan_folder(folder, caption_ext="txt", trigger_word=""):
         if not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
             continue
         try:
-            with Image.open(path) as image:
-                image.verify()  # catches truncated and corrupt files without decoding twice
-            with Image.open(path) as image:
-                width, height = image.size
+            # One full decode: verify() passes a half-written JPEG that then fails at training,
+            # and the size that counts is the one after EXIF rotation (a phone's portrait photo
+            # is stored landscape with orientation 6).
+            width, height = decode_upright(path).size
         except Exception as error:  # PIL raises many types for bad files
-            scan.skipped.append((name, f"cannot be read as an image ({type(error).__name__}: {error})"))
+            scan.skipped.append((name, f"cannot be read as an image ({type(error).__name__}: {error}); "
+                                       "re-save or replace it to train on it"))
             continue
         caption, has_caption = _read_caption(path, caption_ext)
         scan.items.append(Item(path, apply_trigger(caption, trigger_word), width, height, has_caption))
