@@ -155,6 +155,19 @@ def test_which_settings_make_another_run(tmp_path, change, same):
         assert reason.startswith("settings differ from run r: " + key)
 
 
+def test_fewer_steps_than_a_run_has_trained_start_a_new_folder(tmp_path):
+    killed, _ = start(tmp_path, CONFIG)  # configured for 8 steps, killed after its step 4 checkpoint
+    parameters, optimizer, scheduler = trained()
+    save_checkpoint(killed, 4, weights(4), optimizer, scheduler, CONFIG)
+    assert choose_run_folder(str(tmp_path), "r", configured(train__steps=6), True)[0].name == "r"
+    assert choose_run_folder(str(tmp_path), "r", configured(train__steps=4), True)[0].name == "r"
+    run, reason = choose_run_folder(str(tmp_path), "r", configured(train__steps=3), True)
+    assert run.name == "r-2" and reason.startswith("train.steps 3: run r, with the same settings, has trained 4")
+    write_lora(killed.final_lora, weights(9), CONFIG, 8)  # finished: 8 steps trained
+    assert choose_run_folder(str(tmp_path), "r", configured(train__steps=6), True)[0].name == "r-2"
+    assert choose_run_folder(str(tmp_path), "r", configured(train__steps=80), True)[0].name == "r"
+
+
 def test_steps_count_with_a_decaying_schedule(tmp_path):
     cosine = configured(train__lr_scheduler="cosine")
     start(tmp_path, cosine)
@@ -196,6 +209,7 @@ def test_runs_list_says_why_a_run_was_started(tmp_path, capsys):
     runs = find_runs(str(tmp_path))
     assert [run.name for run in runs] == ["r", "r-2"]
     assert runs[1].identity["train.lr"] == 0.001 and "identity" not in runs[1].config
+    assert runs[0].started_because is None and "started_because" not in runs[1].config
     assert cli.main(["runs", "list", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "r-2: started because settings differ from run r: train.lr 0.0004 -> 0.001" in out

@@ -22,11 +22,8 @@ class RunRecord:
     warnings: list = field(repr=False)
     identity: dict = field(repr=False, default=None)  # the settings that define the training
     metrics_problem: str = field(repr=False, default=None)  # lines of metrics.jsonl dropped, or None
-
-    @property
-    def started_because(self):
-        """Why this run got its own folder (settings changed, or train.resume false), or None."""
-        return self.config.get("started_because")
+    # why this run got its own folder (settings changed, or train.resume false), or None
+    started_because: str = field(repr=False, default=None)
 
     @property
     def date(self):
@@ -81,14 +78,15 @@ def read_run(path):
         config = json.load(f)
     # The folder names the run: a changed rerun of `name` lives in `name-2` with config name `name`.
     name = os.path.basename(path) or config.get("name")
-    identity = config.pop("identity", None)  # kept apart: `runs compare` shows the settings once
+    # kept apart from the settings, so `runs compare` shows each setting once
+    identity, started_because = config.pop("identity", None), config.pop("started_because", None)
     run = RunFolder(os.path.dirname(path), os.path.basename(path))
     warnings = []
     if os.path.isfile(run.file("warnings.json")):
         with open(run.file("warnings.json"), encoding="utf-8") as f:
             warnings = json.load(f)
     metrics = run.read_metrics()
-    return RunRecord(name, path, config, metrics, warnings, identity, run.metrics_problem)
+    return RunRecord(name, path, config, metrics, warnings, identity, run.metrics_problem, started_because)
 
 
 def find_runs(output_dir):

@@ -14,7 +14,8 @@ In the identity (they change the trained weights):
 Left out, and why:
   train.resume   says whether to continue, not what is trained
   train.steps    more steps with everything else equal continue the same run from its newest
-                 checkpoint (and fewer find it finished). Except with a decaying schedule
+                 checkpoint. (Fewer steps than a run has trained already start a new folder:
+                 its LoRA is not the one asked for.) Except with a decaying schedule
                  (train.lr_scheduler linear or cosine): there the learning rate of every step
                  depends on the total, so a changed total is a different training
   train.gradient_checkpointing   trades compute for memory; the same weights come out
@@ -84,6 +85,16 @@ def identity_changes(old, new):
     return changes
 
 
+def trained_steps(run):
+    """How far a run folder has trained: its newest step checkpoint, or its config's train.steps
+    when its final LoRA is there."""
+    trained = max(run.checkpoints() or [0])
+    if os.path.isfile(run.final_lora):
+        steps = ((run.read_config() or {}).get("train") or {}).get("steps")
+        trained = max(trained, steps if isinstance(steps, int) else 0)
+    return trained
+
+
 def _existing(output_dir, name):
     """Run folders <name> and <name>-N that hold a training's files, by number (gaps allowed: a
     deleted <name>-2 does not hide <name>-3)."""
@@ -109,9 +120,10 @@ def choose_run_folder(output_dir, name, config, resume=None):
     """(RunFolder, reason or None) for the training `config` (resolved, with train.steps and
     dataset_stats.fingerprint filled in) describes.
 
-    resume=True: the first of <name>, <name>-2, ... whose stored identity equals this config's
-    (resume it, or it is already finished); else the first free one, started fresh, with a reason
-    naming the settings that differ from the newest earlier run of that name.
+    resume=True: the first of <name>, <name>-2, ... whose stored identity equals this config's and
+    that has not trained past train.steps (resume it, or it is already finished); else the first
+    free one, started fresh, with a reason naming the settings that differ from the newest earlier
+    run of that name (or saying that the same settings trained past train.steps).
     resume=False: <name> when free, else the first free <name>-N, with a reason.
     resume=None: config's train.resume.
 
@@ -123,11 +135,16 @@ def choose_run_folder(output_dir, name, config, resume=None):
     identity = run_identity(config)
     existing = _existing(output_dir, name)
     identities = [(run, stored_identity(run)) for run in existing]
+    steps = (config.get("train") or {}).get("steps")
+    past = None  # (run, how far it trained) of a same-settings run that went past `steps`
     if resume:
         for run, theirs in identities:
             if theirs == identity:
-                run.identity = identity
-                return run, None
+                trained = trained_steps(run)
+                if steps is None or trained <= steps:
+                    run.identity = identity
+                    return run, None
+                past = past or (run, trained)
     taken = {run.name for run in existing}
     number = 1
     while (name if number == 1 else f"{name}-{number}") in taken:
@@ -139,6 +156,9 @@ def choose_run_folder(output_dir, name, config, resume=None):
     elif not resume:
         reason = (f"train.resume is false: a fresh run in {run.name}; "
                   f"{', '.join(other.name for other in existing)} keep their earlier runs")
+    elif past:
+        reason = (f"train.steps {steps}: run {past[0].name}, with the same settings, has trained "
+                  f"{past[1]} steps already, so its LoRA is not the one asked for")
     elif not readable:
         reason = f"{existing[-1].name} holds another run's files but no readable config.json"
     else:
