@@ -91,6 +91,8 @@ SCHEMA = {
             "lr_scheduler": _choice(SCHEDULERS, "constant", "Learning-rate schedule."),
             "lr_warmup_steps": _int(0, 0, 1000000, "Warm-up steps for the schedule."),
             "max_grad_norm": _number(1.0, 0.0, 1000.0, "Gradient clipping; 0 turns it off."),
+            "max_nonfinite_steps": _int(10, 1, 1000000, "A step whose loss or gradients are NaN/inf "
+                                        "is skipped; this many in a row stop the run."),
             "dtype": _choice(DTYPES, "bf16", "Mixed precision of the training step."),
             "gradient_checkpointing": {"type": ["string", "boolean"], "enum": ["auto", True, False],
                                        "default": "auto", "description":

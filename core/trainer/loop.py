@@ -1,5 +1,6 @@
 """The training loop: one function, top to bottom. Model-specific math lives in the family
 module (core/families/<family>), file formats in core/lora, the run folder in core/runs."""
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .checkpoints import load_checkpoint_state, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
+from .shared_model import given_back_unchanged
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -44,6 +46,11 @@ class TrainResult:
     warnings: list = field(default_factory=list)
 
 
+def agreed(accelerator, flag):
+    """True on every process when `flag` is true on any of them."""
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
+
+
 class OutOfMemory(RuntimeError):
     """The accelerator ran out of memory; the message says which settings to change."""
 
@@ -53,13 +60,11 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     already loaded base model; `on_event(dict)` receives progress; `should_stop()` is checked
     every step (a stop saves a checkpoint first, so running again resumes)."""
     try:
-        return _train(config, pipeline, on_event, should_stop)
+        with given_back_unchanged(get_family(config["model"]["family"]), pipeline):  # error or not
+            return _train(config, pipeline, on_event, should_stop)
     except torch.cuda.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         raise OutOfMemory(out_of_memory_advice(config, error)) from None
-    finally:
-        if pipeline is not None:  # a shared base model (ComfyUI) leaves clean, error or not
-            get_family(config["model"]["family"]).remove_lora(pipeline)
 
 
 def _train(config, pipeline, on_event, should_stop):
@@ -198,7 +203,9 @@ def _train(config, pipeline, on_event, should_stop):
     emit({"type": "start", "step": start_step, "steps": steps})
 
     # -- the loop -------------------------------------------------------------------------------
+    skipped, skipped_in_a_row = 0, 0   # updates skipped for a non-finite loss or gradient
     for step in range(start_step + 1, steps + 1):
+        step_losses = []
         for micro in range(accumulation):
             position = ((step - 1) * accumulation + micro) * processes + rank
             generator.manual_seed(train_cfg["seed"] * 1_000_003 + position)  # resume = same draws
@@ -213,37 +220,46 @@ def _train(config, pipeline, on_event, should_stop):
             batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}
             with accelerator.autocast():
                 loss = family.training_loss(model, batch, generator, train_cfg, uses_guidance) / accumulation
-            if not torch.isfinite(loss):
-                break
-            accelerator.backward(loss)
-            losses.append(loss.item() * accumulation)
-        if not torch.isfinite(loss):  # stop before the bad gradient reaches the weights
+            accelerator.backward(loss)  # even when not finite: every rank joins the all-reduce
+            step_losses.append(loss.item() * accumulation)
+        # The norm is taken after the gradient all-reduce, and the verdict is summed over all
+        # ranks, so every process skips (or stops) together.
+        grad_norm = accelerator.clip_grad_norm_(parameters, train_cfg["max_grad_norm"] or math.inf)
+        nonfinite = agreed(accelerator, not (math.isfinite(sum(step_losses)) and torch.isfinite(grad_norm)))
+        if nonfinite and accelerator.scaler is None:  # the weights never see a NaN
+            optimizer.zero_grad(set_to_none=True)
+        else:  # (fp16: the grad scaler skips an overflowing step itself and lowers its scale)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite = accelerator.optimizer_step_was_skipped
+        skipped_in_a_row = skipped_in_a_row + 1 if nonfinite else 0
+        skipped += nonfinite
+        if not nonfinite:
+            losses += step_losses
+        emit({"type": "step", "step": step, "steps": steps, "loss": sum(step_losses) / accumulation,
+              "lr": scheduler.get_last_lr()[0]})
+        if skipped_in_a_row >= train_cfg["max_nonfinite_steps"]:
             last_good = run.resumable()
             result.status = "stopped: nan"
             result.lora_path = run.checkpoint(last_good) if last_good is not None else None
-            warn(["the loss became NaN/inf, so training stopped. The last good checkpoint is kept "
+            warn([f"the loss or its gradients were NaN/inf for {skipped_in_a_row} steps in a row, so "
+                  "training stopped; those updates were skipped, and the last checkpoint is kept "
                   f"({result.lora_path}). Likely cause: a learning rate far too high or fp16 "
                   "overflow; lower train.lr or use train.dtype bf16/fp32."], step)
             break
-        if train_cfg["max_grad_norm"] > 0:
-            accelerator.clip_grad_norm_(parameters, train_cfg["max_grad_norm"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        emit({"type": "step", "step": step, "steps": steps, "loss": losses[-1],
-              "lr": scheduler.get_last_lr()[0]})
-        if step % config["logging"]["performance_log_every"] == 0 or step == steps:
+        if (step % config["logging"]["performance_log_every"] == 0 or step == steps) and losses:
             cpu_mb, gpu_mb = peak_memory_mb(device)
             line = {"step": step, "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
                     "seconds_per_step": (time.perf_counter() - window_start) / len(losses) * accumulation,
                     "cpu_peak_mb": cpu_mb, "gpu_peak_mb": gpu_mb,
-                    "epoch": plan.epoch_of(position)}
+                    "epoch": plan.epoch_of(position), "skipped_steps": skipped}
             if accelerator.is_main_process:
                 run.append_metrics(line)
             emit({"type": "log", **line})
             warn(monitor.on_log(line), step)
             losses, window_start = [], time.perf_counter()
-        stopping = should_stop()
+        stopping = agreed(accelerator, should_stop())  # a stop asked of any process stops all
         if accelerator.is_main_process and (step % save_cfg["save_every"] == 0 or step == steps or stopping):
             weights = lora_weights(accelerator.unwrap_model(model))
             path = save_checkpoint(run, step, weights, optimizer, scheduler, config, to_kohya)

@@ -71,9 +71,11 @@ def _text_encoders_on(pipeline, device):
 
 
 def remove_lora(pipeline):
+    """Every peft layer taken out (not only its adapters), so the transformer's modules are the
+    ones it was loaded with."""
     transformer = pipeline.transformer
     if getattr(transformer, "peft_config", None):
-        transformer.delete_adapters(list(transformer.peft_config))
+        transformer.unload_lora()
 
 
 def lora_to_kohya(transformer):
