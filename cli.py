@@ -152,6 +152,7 @@ def _registry(args):
 def cmd_run(args):
     import traceback
 
+    from .core.runs import RunLocked
     from .core.trainer import OutOfMemory
     from .core.workflow import NodeFailed, WorkflowInterrupted, run_workflow, to_api
     from .core.workflow.interrupt import handle_ctrl_c, stop_requested
@@ -177,7 +178,7 @@ def cmd_run(args):
     except NodeFailed as failed:
         # config, dataset, model, paths, memory: things the user fixes, not bugs to trace
         cause = getattr(failed.__cause__, "original", failed.__cause__)  # a node's NodeError
-        user_error = isinstance(cause, (ValueError, OutOfMemory))
+        user_error = isinstance(cause, (ValueError, OutOfMemory, RunLocked))
         if not user_error:
             traceback.print_exception(cause)
         print(f"error: {failed}", file=sys.stderr)
@@ -361,13 +362,14 @@ def main(argv=None):
     from .core.coach.fit import DoesNotFit
     from .core.trainer import OutOfMemory, PrecisionError, ResumeError
     from .core.workflow import WorkflowError
+    from .core.runs import RunLocked
     from .core.runs.history import RunNotFound
     from .nodes.comfyui_nodes import ComfyUINotImportable
 
     try:
         return args.handler(args)
     except (ConfigError, DatasetError, DoesNotFit, ModelError, OutOfMemory, PrecisionError,
-            ResumeError, WorkflowError, RunNotFound, ComfyUINotImportable) as error:
+            ResumeError, RunLocked, WorkflowError, RunNotFound, ComfyUINotImportable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,9 +20,10 @@ class NodeError(RuntimeError):
 def _advice(error):
     """Our own errors (ValueError subclasses: config, dataset, model, precision, resume, memory
     fit) already say what to change; anything else is unexpected."""
+    from ..core.runs import RunLocked
     from ..core.trainer import OutOfMemory
 
-    if isinstance(error, (ValueError, OutOfMemory)):
+    if isinstance(error, (ValueError, OutOfMemory, RunLocked)):
         return ""
     return (" This was not expected: the traceback is in the ComfyUI log. Try train.dtype fp32 "
             "to rule out precision, and report it with the log if it persists.")

@@ -1,5 +1,7 @@
 """Training and saving: TrainLoRA runs core.trainer.train; SaveCheckpoint writes the LoRA file
 into the loras folder."""
+import os
+
 from ..core.config import resolve
 from ..core.workflow import interrupt
 from . import comfy_adapter, events
@@ -80,7 +82,7 @@ class LoRALabTrainLoRA:
             base_model.release_device()
         if result.status == "interrupted":
             comfy_adapter.raise_if_interrupted()
-        metrics = RunFolder(resolved["save"]["output_dir"], name).read_metrics()
+        metrics = RunFolder(*os.path.split(result.run_folder)).read_metrics()  # may be <name>-2
         lora = TrainedLoRA(name, result.weights, resolved, result.step, result.status,
                            result.lora_path, result.run_folder,
                            to_kohya=family.lora_to_kohya(family.trainable_model(pipeline)))

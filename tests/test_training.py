@@ -165,13 +165,15 @@ def test_two_processes_train_data_parallel(make_config, tmp_path):
     assert [m["step"] for m in run.read_metrics()] == [4]  # one writer: the main process
 
 
-def test_resuming_with_another_rank_says_what_to_do(resolved):
+def test_another_rank_starts_a_new_run_folder_and_says_why(resolved):
     config = resolved(train={"steps": 2}, save={"save_every": 1})
-    train(config, should_stop=lambda: True)
+    first = train(config, should_stop=lambda: True)
+    events = []
     changed = resolved(train={"steps": 2}, save={"save_every": 1}, network={"linear": 4})
-    from loralab.core.trainer import ResumeError
-    with pytest.raises(ResumeError, match="other network settings.*another name.*train.resume"):
-        train(changed)
+    second = train(changed, on_event=events.append)
+    assert second.status == "finished" and second.run_folder == first.run_folder + "-2"
+    assert any(e["type"] == "status" and "network.linear 16 -> 4" in e["message"] for e in events)
+    assert RunFolder(*os.path.split(first.run_folder)).checkpoints() == [1]  # the old run is untouched
 
 
 def test_out_of_memory_says_what_to_change_and_leaves_the_model_clean(resolved, monkeypatch):

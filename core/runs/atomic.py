@@ -77,3 +77,10 @@ def append_line(path, text):
         f.write(text.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_image(image, path):
+    """A PIL image written atomically; the format follows the final name's extension."""
+    with atomic_path(path) as temporary:
+        image.save(temporary, format=os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG"))
+    return path

@@ -4,6 +4,7 @@ import os
 
 from ..dataset.scan import apply_trigger
 from ..lora import lora_strength
+from ..runs.atomic import save_image
 from .grid import make_grid
 
 
@@ -39,6 +40,5 @@ def save_samples(folder, images, prompts):
     for strength, per_prompt in images.items():
         for index, image in enumerate(per_prompt):
             path = os.path.join(folder, f"{index:02d}_s{strength:g}.png")
-            image.save(path)
-            paths.append(path)
+            paths.append(save_image(image, path))
     return paths

@@ -1,5 +1,6 @@
 """The training loop: one function, top to bottom. Model-specific math lives in the family
 module (core/families/<family>), file formats in core/lora, the run folder in core/runs."""
+import contextlib
 import math
 import os
 import time
@@ -17,11 +18,12 @@ from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_fol
 from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
 from ..lora import add_lora, load_lora_weights, lora_weights
-from ..runs import RunFolder, write_json
+from ..runs import choose_run_folder, write_json
+from ..runs.atomic import save_image
 from ..runs.fingerprint import dataset_fingerprint
 from ..runs.plot import loss_plot
 from ..sampling import prompts_with_trigger, sample_images, save_samples
-from .checkpoints import load_checkpoint_state, save_checkpoint, write_lora
+from .checkpoints import load_resume_state, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
@@ -61,13 +63,14 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     every step (a stop saves a checkpoint first, so running again resumes)."""
     try:
         with given_back_unchanged(get_family(config["model"]["family"]), pipeline):  # error or not
-            return _train(config, pipeline, on_event, should_stop)
+            with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
+                return _train(config, pipeline, on_event, should_stop, held)
     except torch.cuda.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         raise OutOfMemory(out_of_memory_advice(config, error)) from None
 
 
-def _train(config, pipeline, on_event, should_stop):
+def _train(config, pipeline, on_event, should_stop, held):
     model_cfg, data_cfg, net_cfg = config["model"], config["dataset"], config["network"]
     train_cfg, save_cfg, sample_cfg = config["train"], config["save"], config["sample"]
     # A long-lived process (ComfyUI) trains many times with different precisions: accelerate keeps
@@ -87,7 +90,6 @@ def _train(config, pipeline, on_event, should_stop):
     emit = (on_event if accelerator.is_main_process else None) or (lambda event: None)
     should_stop = should_stop or (lambda: False)
     family = get_family(model_cfg["family"])
-    run = RunFolder(save_cfg["output_dir"], config["name"])
 
     # -- dataset and plan (before any model loads, so a bad folder fails fast) --------------
     scan = scan_folder(resolve_dataset_folder(data_cfg["folder"]), data_cfg["caption_ext"],
@@ -104,6 +106,19 @@ def _train(config, pipeline, on_event, should_stop):
     batch_size = train_cfg["batch_size"]
     emit({"type": "plan", "images": len(scan.items), "steps": steps,
           "steps_per_epoch": steps_per_epoch(len(scan.items), data_cfg["repeats"], batch_size)})
+
+    # -- the run folder: one training per folder, held by this run (before any model loads) ------
+    fingerprint = dataset_fingerprint(scan)
+    run, started_because = choose_run_folder(
+        save_cfg["output_dir"], config["name"],
+        {**config, "train": {**train_cfg, "steps": steps}, "dataset_stats": {"fingerprint": fingerprint}},
+        train_cfg["resume"])
+    accelerator.wait_for_everyone()  # every process has chosen before the main one creates it
+    if accelerator.is_main_process:
+        held.enter_context(run.lock())  # RunLocked when another training holds this folder
+        run.clean_temporaries()
+    if started_because:
+        emit({"type": "status", "message": f"a new run folder {run.path}: {started_because}"})
 
     torch.manual_seed(train_cfg["seed"])
 
@@ -145,9 +160,12 @@ def _train(config, pipeline, on_event, should_stop):
 
     # -- resume from the newest complete checkpoint -------------------------------------------
     start_step = 0
-    resumable = run.resumable() if train_cfg["resume"] else None
-    if resumable is not None:
-        state = load_checkpoint_state(run, resumable)
+    found, skipped = load_resume_state(run)  # a broken state is skipped, by name, for the one before
+    for message in skipped:
+        notes.append(message)
+        emit({"type": "warning", "message": message})
+    if found is not None:
+        resumable, state = found
         try:
             load_lora_weights(accelerator.unwrap_model(model), state["lora"])
         except (RuntimeError, ValueError):
@@ -155,23 +173,27 @@ def _train(config, pipeline, on_event, should_stop):
             raise ResumeError(f"{run.checkpoint(resumable)} was trained with other network settings "
                               f"(rank {sorted(ranks)}, this config network.linear = {net_cfg['linear']}). "
                               "Give this run another name, or set train.resume to false to start "
-                              "over in the same folder.") from None
+                              "a new run folder beside it.") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         emit({"type": "resume", "step": start_step})
-    run.truncate_metrics(start_step)
-    run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
-                      "dataset_stats": {"images": len(scan.items), "skipped": scan.skipped,
-                                        "fingerprint": dataset_fingerprint(scan, cache.digests),
-                                        "buckets": sorted({s for v in sizes.values() for s in v})}})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
     result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
                          warnings=notes)
-    if start_step >= steps and os.path.isfile(run.final_lora):
+    if start_step >= steps and os.path.isfile(run.final_lora):  # its files stay as they are
         result.status, result.weights = "already finished", lora_weights(accelerator.unwrap_model(model))
         emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
         return result
+    if accelerator.is_main_process:
+        metrics_problem = run.truncate_metrics(start_step)  # also drops a torn last line
+        if metrics_problem:
+            notes.append(metrics_problem)
+            emit({"type": "warning", "message": metrics_problem})
+        run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
+                          "dataset_stats": {"images": len(scan.items), "skipped": scan.skipped,
+                                            "fingerprint": fingerprint,
+                                            "buckets": sorted({s for v in sizes.values() for s in v})}})
 
     monitor = Monitor(config)
 
@@ -281,7 +303,7 @@ def _train(config, pipeline, on_event, should_stop):
             sample(result.step)
     warn(monitor.finish(), result.step)
     if accelerator.is_main_process:
-        loss_plot(run.read_metrics(), title=f"{config['name']} loss").save(run.file("loss.png"))
+        save_image(loss_plot(run.read_metrics(), title=f"{config['name']} loss"), run.file("loss.png"))
         write_json(run.file("warnings.json"), result.warnings)
         if result.status == "finished":
             emit({"type": "done", "status": "finished", "step": result.step, "path": run.final_lora})
