@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from loralab.core.coach.summary import run_summary
 from loralab.core.runs import RunFolder, RunLocked
 from loralab.core.trainer import train
 
@@ -40,6 +41,7 @@ def test_a_run_folder_holds_one_training(resolved):
     assert any("train.lr 0.001 -> 0.002" in e.get("message", "") for e in events)
     with open(os.path.join(changed.run_folder, "config.json")) as f:
         assert "train.lr 0.001 -> 0.002" in json.load(f)["started_because"]
+    assert "a new run folder, because" in run_summary(changed, [])  # TrainLoRA's summary says it
     assert snapshot(first.run_folder) == before  # the old run is never touched
     fresh = train(resolved(train={"steps": 6, "resume": False}, **settings))
     assert fresh.run_folder == first.run_folder + "-3"

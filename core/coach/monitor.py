@@ -183,6 +183,7 @@ class Monitor:
             self._training = []
             try:
                 from ..dataset import scan_folder
+                from ..dataset.images import decode_upright
                 from ..families.builtin import resolve_dataset_folder
 
                 data = self.config["dataset"]
@@ -191,8 +192,8 @@ class Monitor:
                 return self._training
             stride = max(1, len(items) // MAX_TRAINING_IMAGES)
             for item in items[::stride][:MAX_TRAINING_IMAGES]:
-                with Image.open(item.path) as image:
-                    self._training.append(sample_signs.training_signature(image))
+                # upright as trained (EXIF orientation applied), or a phone photo compares sideways
+                self._training.append(sample_signs.training_signature(decode_upright(item.path)))
                 self._training_names.append(os.path.basename(item.path))
         return self._training
 

@@ -6,6 +6,14 @@ from ..config import epochs, steps_per_epoch
 from .advice import step_band_text
 
 
+def _config_value(run_folder, key):
+    try:
+        with open(os.path.join(run_folder, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _plan_line(run_folder):
     """Images, steps per epoch and epochs by the guide's formulas, from the run's config.json."""
     try:
@@ -26,6 +34,9 @@ def run_summary(result, metrics):
     """result: core.trainer.TrainResult; metrics: the run's metrics.jsonl lines."""
     lines = [f"{result.status}: step {result.step} of {result.steps}",
              f"LoRA: {result.lora_path}", f"run folder: {result.run_folder}"]
+    why = _config_value(result.run_folder, "started_because")
+    if why:
+        lines.append(f"a new run folder, because {why}")
     plan = _plan_line(result.run_folder)
     if plan:
         lines.append(plan)
