@@ -94,6 +94,8 @@ class LoRALabTrainLoRA:
 class LoRALabSaveCheckpoint:
     PREFIX_TOOLTIP = ("File name inside ComfyUI's loras folder (so LoraLoader lists it), without "
                       "extension; [name] becomes the LoRA's name and a counter is added.")
+    PIN_TOOLTIP = ("Also keep this LoRA's step checkpoint in its run folder out of rotation "
+                   "(as `loralab runs pin` does), as a backup of a version worth keeping.")
     FORMAT_TOOLTIP = ("Key names: diffusers (PEFT keys, the FLUX default; ComfyUI and diffusers "
                       "load it) or kohya (lora_unet_..., with alpha keys).")
 
@@ -104,6 +106,7 @@ class LoRALabSaveCheckpoint:
             "filename_prefix": ("STRING", {"default": "loralab/[name]", "tooltip": cls.PREFIX_TOOLTIP}),
             "dtype": setting("save.dtype").widget(),
             "format": setting("save.format", tooltip=cls.FORMAT_TOOLTIP).widget(),
+            "pin": ("BOOLEAN", {"default": False, "tooltip": cls.PIN_TOOLTIP}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -121,8 +124,13 @@ class LoRALabSaveCheckpoint:
             return str(error)
         return True
 
-    def save(self, lora, filename_prefix, dtype, format):
+    def save(self, lora, filename_prefix, dtype, format, pin=False):
+        from ..core.runs import RunFolder
         from ..core.trainer import write_lora
+
+        run = RunFolder(*os.path.split(lora.run_folder))
+        if pin and os.path.isfile(run.checkpoint(lora.step)):  # a finished LoRA is never rotated
+            run.pin(lora.step)
 
         path = numbered_file(comfy_adapter.loras_directory(),
                              filename_prefix.replace("[name]", lora.name), ".safetensors")

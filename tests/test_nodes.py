@@ -225,6 +225,17 @@ def test_save_checkpoint_writes_numbered_files_in_the_loras_folder(trained):
     assert all(k.startswith("lora_unet_") for k in kohya)
 
 
+def test_save_checkpoint_can_pin_the_step_checkpoint_out_of_rotation(trained):
+    from loralab.core.runs import RunFolder
+
+    run = RunFolder(*os.path.split(trained.lora.run_folder))
+    assert run.pinned() == []
+    call("LoRALabSaveCheckpoint", lora=trained.lora, filename_prefix="pinned/[name]",
+         dtype="float16", format="diffusers", pin=True)
+    assert run.pinned() == [12]
+    run.pin(12, pinned=False)
+
+
 def test_sample_grid_is_prompts_by_strengths_and_strength_0_is_the_base_model(trained):
     prompts = "a photo of sks\nsks on grass"  # no [trigger]: the base grid has no trigger word
     sample = dict(seed=7, steps=2, guidance=4.0, width=64, height=64)
