@@ -451,3 +451,16 @@ def test_export_writes_one_folder(tmp_path, capsys):
     assert cli.main(["runs", "export", run.path, "4", str(out)]) == 2  # not an empty folder
     assert cli.main(["runs", "export", run.path, "2", str(tmp_path / "x")]) == 2  # rotated away
     assert "no step 2 checkpoint" in capsys.readouterr().err
+
+
+def test_what_a_kill_inside_a_save_or_a_rotation_leaves_is_removed(tmp_path):
+    run = RunFolder(str(tmp_path), "r")
+    os.makedirs(run.path)
+    left = [run.file(".tmpGoN0Pt"),  # safetensors' own temporary inside save_file
+            run.file("r_000000001.state.safetensors"), run.file("r_000000001.state.json")]  # no LoRA
+    kept = [run.file("r_000000003.safetensors"), run.file("r_000000003.state.safetensors"),
+            run.file("r_000000003.state.json"), run.file(".tmpnotours-at-all")]
+    for path in left + kept:
+        open(path, "w").close()
+    assert sorted(run.clean_temporaries()) == sorted(left)
+    assert sorted(os.listdir(run.path)) == sorted(os.path.basename(p) for p in kept)

@@ -18,11 +18,16 @@ class RunLocked(RuntimeError):
     """Another process is training in this run folder."""
 
 
+# safetensors' save_file writes through its own `.tmpXXXXXX` beside the target; a kill leaves it
+LIBRARY_TEMPORARY = re.compile(r"^\.tmp[0-9A-Za-z]{6}$")
+
+
 class RunFolder:
     def __init__(self, output_dir, name):
         self.name = name
         self.path = os.path.join(os.path.abspath(os.path.expanduser(output_dir)), name)
         self._step_file = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
+        self._state_file = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.state\.(safetensors|json)$")
         self.metrics_problem = None  # why read_metrics dropped lines (a torn last line), or None
         self.identity = None         # set by identity.choose_run_folder; write_config stores them
         self.started_because = None
@@ -201,11 +206,18 @@ class RunFolder:
         removed = []
         for folder, _, names in os.walk(self.path):
             for name in names:
-                if TEMPORARY.match(name):
-                    path = os.path.join(folder, name)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                        removed.append(path)
+                if TEMPORARY.match(name) or LIBRARY_TEMPORARY.match(name):
+                    removed.append(os.path.join(folder, name))
+        # resume state of a save killed before its LoRA file (which marks a checkpoint complete),
+        # or of a rotation killed after deleting it: never resumable, so never rotated either
+        listed = set(self.checkpoints())
+        for name in os.listdir(self.path) if os.path.isdir(self.path) else []:
+            match = self._state_file.match(name)
+            if match and int(match.group(1)) not in listed:
+                removed.append(self.file(name))
+        for path in removed:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         return removed
 
     def locked_by(self):
