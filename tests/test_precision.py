@@ -40,9 +40,10 @@ def test_every_precision_pair_samples_before_during_and_after_training(
         assert "\n" not in message and "TrainLoRA" in message and "not supported on a CPU" in message
         assert 'model.dtype "bf16"' in message
         return
-    lora, _, _ = call("LoRALabTrainLoRA", base_model=base, dataset=dataset, config=config,
-                      name="p", resume=True)
+    lora, _, summary = call("LoRALabTrainLoRA", base_model=base, dataset=dataset, config=config,
+                            name="p", resume=True)
     assert lora.status == "finished"
+    assert "memory: on the cpu: model.quantize none, gradient checkpointing" in summary
     samples = tmp_path / "output" / "p" / "samples"
     assert sorted(int(name) for name in os.listdir(samples)) == [0, 1, 2]
     for step_folder in samples.iterdir():

@@ -34,6 +34,7 @@ def run_summary(result, metrics):
     """result: core.trainer.TrainResult; metrics: the run's metrics.jsonl lines."""
     lines = [f"{result.status}: step {result.step} of {result.steps}",
              f"LoRA: {result.lora_path}", f"run folder: {result.run_folder}"]
+    lines += [f"memory: {note}" for note in getattr(result, "memory", [])]
     why = _config_value(result.run_folder, "started_because")
     if why:
         lines.append(f"a new run folder, because {why}")

@@ -46,6 +46,7 @@ class TrainResult:
     weights: dict = field(repr=False, default=None)   # float32 peft weights of the LoRA
     config: dict = field(repr=False, default=None)
     warnings: list = field(default_factory=list)
+    memory: list = field(default_factory=list)   # what quantize/checkpointing "auto" chose, and why
 
 
 def agreed(accelerator, flag):
@@ -180,7 +181,7 @@ def _train(config, pipeline, on_event, should_stop, held):
         emit({"type": "resume", "step": start_step})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
     result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
-                         warnings=notes)
+                         warnings=notes, memory=memory_notes)
     if start_step >= steps and os.path.isfile(run.final_lora):  # its files stay as they are
         result.status, result.weights = "already finished", lora_weights(accelerator.unwrap_model(model))
         emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
