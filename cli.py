@@ -167,7 +167,12 @@ def cmd_run(args):
         else:
             progress(event)
 
-    prompt = to_api(args.workflow, registry)
+    workflow = args.workflow  # a file, else the name of a shipped one: `loralab run quickstart`
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workflows",
+                           workflow if workflow.endswith(".json") else workflow + ".json")
+    if not os.path.isfile(workflow) and os.sep not in workflow and os.path.isfile(shipped):
+        workflow = shipped
+    prompt = to_api(workflow, registry)
     try:
         with handle_ctrl_c(), listening(on_node_event):
             result = run_workflow(prompt, registry,

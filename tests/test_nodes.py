@@ -153,7 +153,11 @@ def test_bad_widget_values_name_the_config_key(demo_dataset):
 
 
 def test_only_flux_loads_and_other_families_say_so(tiny_flux):
-    with pytest.raises(ValueError, match="sdxl.*not supported yet.*flux"):
+    # only flux is offered (the dropdown and the config schema) until SDXL and SD1.5 land
+    assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == ["flux"]
+    with pytest.raises(ConfigError, match="model.family"):
+        resolve({"model": {"family": "sdxl", "path": tiny_flux}, "dataset": {"folder": "x"}})
+    with pytest.raises(ValueError, match="sdxl.*not supported yet.*flux"):  # a node called directly
         call("LoRALabLoadBaseModel", family="sdxl", path=tiny_flux, dtype="fp32", quantize="none")
     problem = NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="/nowhere/FLUX.1-dev")
     assert "model folder not found" in problem and "/nowhere/FLUX.1-dev" in problem

@@ -1,1 +1,2 @@
-"""GUIDE.md's advice and its signs of problems: dataset plan, training diagnostics, summaries."""
+"""The training guide's advice and signs of problems (docs/training-guide.md): dataset plan,
+training diagnostics, summaries."""

@@ -1,4 +1,4 @@
-"""The guide's advice (GUIDE.md sections 1-3) as rules over a dataset scan and a config. Each
+"""The guide's advice (docs/training-guide.md, sections 1-3) as rules over a dataset scan and a config. Each
 rule returns the Advice that applies, or nothing; the message says what was seen, why it matters
 and what to do."""
 import math

@@ -1,4 +1,4 @@
-"""Signs in the loss curve (GUIDE.md section 5: "loss that does not go down, or jumps a lot"),
+"""Signs in the loss curve (docs/training-guide.md, section 5: "loss that does not go down, or jumps a lot"),
 as pure functions of the logged loss values so they can be tested on made-up sequences.
 
 A flow-matching loss is noisy: each step draws its own noise level, so single values swing.

@@ -1,4 +1,4 @@
-"""How much accelerator memory a chosen rank and optimizer cost (GUIDE.md section 1: "show the
+"""How much accelerator memory a chosen rank and optimizer cost (docs/training-guide.md, section 1: "show the
 memory the chosen rank costs"). An estimate from shapes, not a measurement: activations, which
 grow with resolution and batch size, come on top."""
 import glob

@@ -1,4 +1,4 @@
-"""Watches a training run and turns GUIDE.md section 5's signs of problems into warnings.
+"""Watches a training run and turns the signs of problems (docs/training-guide.md, section 5) into warnings.
 
 The trainer calls on_log with each metrics line and on_samples with each set of sample images;
 each returns a list of warnings (plain-language strings: what was seen, the likely cause, what

@@ -1,4 +1,4 @@
-"""Signs in the sample images (GUIDE.md section 5): samples that stay the base model's, samples
+"""Signs in the sample images (docs/training-guide.md, section 5): samples that stay the base model's, samples
 of different prompts that become one image, samples that turn into a training image, samples that
 blur or fill with noise. Pure functions of images and numbers, so they test on made-up images.
 

@@ -1,4 +1,4 @@
-"""The one schema of every setting. Defaults come from the training guide (shared/GUIDE.md); the
+"""The one schema of every setting. Defaults come from the training guide (docs/training-guide.md); the
 nodes' widgets, the CLI and the config file all read them from here."""
 
 DTYPES = ["bf16", "fp16", "fp32"]
@@ -6,7 +6,7 @@ SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
-FAMILIES = ["flux", "sdxl", "sd15"]
+FAMILIES = ["flux"]  # sdxl and sd15 join when their families land
 QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
 

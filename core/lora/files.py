@@ -1,4 +1,4 @@
-"""The LoRA file (shared/DESIGN.md, "LoRA file"): safetensors in the save dtype, alpha baked
+"""The LoRA file (docs/architecture.md, "LoRA file"): safetensors in the save dtype, alpha baked
 into lora_B, diffusers keys with the `transformer.` prefix or kohya keys, config in metadata."""
 import json
 

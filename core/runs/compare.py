@@ -1,4 +1,4 @@
-"""Compare runs (GUIDE.md section 6: "compare between settings; change one parameter at a
+"""Compare runs (docs/training-guide.md, section 6: "compare between settings; change one parameter at a
 time"): the settings that differ, the loss curves on one plot, the samples side by side."""
 import json
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""The run folder (shared/DESIGN.md, "Run folder"): <output_dir>/<name>/ with config.json,
+"""The run folder (docs/architecture.md, "Run folder"): <output_dir>/<name>/ with config.json,
 metrics.jsonl, step checkpoints <name>_<step 9 digits>.safetensors (each with its resume state
 .state.safetensors + .state.json), the final <name>.safetensors, samples/, loss.png, pins.json
 (steps kept out of rotation) and .lock (held by the training that uses the folder).

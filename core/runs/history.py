@@ -1,4 +1,4 @@
-"""The runs of an output folder, read back from their run folders (GUIDE.md section 6: keep the
+"""The runs of an output folder, read back from their run folders (docs/training-guide.md, section 6: keep the
 settings of every experiment and learn from earlier attempts)."""
 import datetime
 import json

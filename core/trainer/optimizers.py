@@ -20,7 +20,12 @@ def make_optimizer(name, parameters, lr):
 
         return bitsandbytes.optim.Lion8bit(parameters, lr=lr, weight_decay=1e-4)
     if name == "prodigy":
-        from prodigyopt import Prodigy  # finds its own step size: lr is a multiplier, use 1.0
+        try:
+            from prodigyopt import Prodigy  # finds its own step size: lr is a multiplier, use 1.0
+        except ImportError:
+            raise ValueError('train.optimizer = "prodigy" needs the prodigyopt package, an optional '
+                             'extra: pip install "comfyui-loralab[prodigy]" (or pip install prodigyopt) '
+                             'in the Python that runs LoRA Lab, or choose adamw8bit') from None
 
         return Prodigy(parameters, lr=lr, weight_decay=1e-4, safeguard_warmup=True, use_bias_correction=True)
     if name == "adafactor":

@@ -1,4 +1,4 @@
-"""FLUX.1 flow-matching math (shared/DESIGN.md, "Flux training math"): latent normalisation,
+"""FLUX.1 flow-matching math (docs/architecture.md, "Flux training math"): latent normalisation,
 2x2 packing, position ids, noise levels, noisy input and target."""
 import math
 
