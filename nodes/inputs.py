@@ -3,6 +3,7 @@ import os
 
 from ..core.families.builtin import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_dataset_folder
 from . import comfy_adapter
+from .output_files import path_problem
 from ..core.config import field, resolve
 from .schema_widgets import PLACEHOLDERS, checked, config_from, setting, widget_inputs
 from .values import BaseModel, DatasetSettings, TrainingSettings
@@ -42,6 +43,9 @@ class LoRALabLoadDataset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, folder):
+        problem = path_problem("folder", folder)
+        if problem:
+            return problem
         if folder in BUILTIN_DATASETS or os.path.isdir(os.path.expanduser(folder)):
             return True
         return (f"dataset folder not found: {folder!r}. Give the path of a folder of images "
@@ -110,11 +114,16 @@ class LoRALabLoadBaseModel:
         chosen = {"diffusion_model": diffusion_model, "clip_l": clip_l, "t5": t5, "vae": vae}
         for widget, name in chosen.items():
             kind = cls.FILES[widget][0]
+            if not isinstance(name, str):
+                return f"{widget}: expected a file name from the list, found {type(name).__name__} {name!r:.40}"
             if name != comfy_adapter.NO_MODEL and comfy_adapter.file_choice_path(kind, name) is None:
                 return (f"{widget}: {name!r} is not in ComfyUI's {kind} folders "
                         f"({', '.join(comfy_adapter.file_folders(kind))}). Put the file there "
                         "(headless: set LORALAB_MODELS to a ComfyUI models folder), or pick none.")
-        path = (path or "").strip()
+        path = (path or "").strip() if isinstance(path, str) or path is None else path
+        problem = path_problem("path", path)
+        if problem:
+            return problem
         if not path or path in BUILTIN_MODELS or os.path.isdir(os.path.expanduser(path)):
             return True  # an empty path is checked when the node runs, with the files
         return (f"model folder not found: {path!r}. Give the local diffusers folder of the base "

@@ -7,7 +7,7 @@ from ..core.workflow import interrupt
 from . import comfy_adapter, events
 from .errors import one_line_errors
 from .images import image_tensor
-from .output_files import check_prefix, numbered_file
+from .output_files import check_prefix, numbered_file, path_problem
 from .schema_widgets import config_from, setting, widget_inputs
 from .values import TrainedLoRA
 
@@ -55,6 +55,14 @@ class LoRALabTrainLoRA:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Trains the LoRA into a run folder in the output folder. Cancel stops within "
                    "a step and saves a checkpoint first; queue again to resume.")
+
+    # what a run adds to its name: "-12" for a new folder, "_000001200.state.safetensors", temporaries
+    NAME_RESERVE = 48
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name):
+        """The run name names a folder and files: checked before anything runs."""
+        return path_problem("name", name, cls.NAME_RESERVE, one_name=True) or True
 
     def train(self, base_model, dataset, config, name, resume):
         with one_line_errors("LoRA Lab TrainLoRA"):
@@ -119,7 +127,8 @@ class LoRALabSaveCheckpoint:
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix):
         try:
-            check_prefix(filename_prefix.replace("[name]", "lora"))
+            check_prefix(filename_prefix.replace("[name]", "lora")
+                         if isinstance(filename_prefix, str) else filename_prefix)
         except ValueError as error:
             return str(error)
         return True

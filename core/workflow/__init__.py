@@ -5,9 +5,9 @@
 """
 
 from . import interrupt
-from .errors import NodeFailed, WorkflowError, WorkflowInterrupted
+from .errors import NodeFailed, WorkflowError, WorkflowInterrupted, make_problem
 from .executor import RunResult, execute
-from .formats import ApiPrompt, api_prompt_from_dict, is_ui_workflow, load_workflow
+from .formats import ApiPrompt, api_prompt_from_dict, is_ui_workflow, load_workflow, unwrap_workflow
 from .plan import skip_comfy_nodes
 from .ui_format import ui_to_api
 from .validate import validate_prompt
@@ -22,10 +22,15 @@ def to_api(workflow, registry: dict) -> ApiPrompt:
     """An ApiPrompt from a path, a UI- or API-format dict (or an ApiPrompt, returned as is).
 
     Skipped nodes (muted, bypassed, ComfyUI's own and what needs them) are listed in .skipped.
+    A workflow wrapped as ComfyUI's /prompt body or /history entry ({"prompt": {...}}) is
+    unwrapped; one of the wrong shape raises WorkflowError, never another exception.
     """
     if isinstance(workflow, ApiPrompt):
         return workflow
-    workflow = load_workflow(workflow)
+    workflow = unwrap_workflow(load_workflow(workflow))
+    if not workflow:
+        raise WorkflowError([make_problem(None, None, None, (
+            "not a workflow: it holds an empty object, expected nodes"))])
     if is_ui_workflow(workflow):
         prompt = ui_to_api(workflow, registry)
     else:

@@ -5,7 +5,28 @@ def describe_node(node_id, title, class_type) -> str:
     """`node 5 'Train my LoRA' (LoRALabTrainLoRA)`; the class is left out when it is the title."""
     if title and class_type and title != class_type:
         return f"node {node_id} '{title}' ({class_type})"
+    if not (title or class_type):
+        return f"node {node_id}"
     return f"node {node_id} '{title or class_type}'"
+
+
+def found(value, limit=60) -> str:
+    """What a JSON value is, for a message: `a number 5`, `a string 'abc...'`, `null`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    kind = {int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    return f"{kind} {shown(value, limit)}"
+
+
+def shown(value, limit=60) -> str:
+    """repr(value), cut short (a string's length said) when longer than `limit`."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + "..." + (f" ({len(value)} characters)" if isinstance(value, str) else "")
 
 
 def make_problem(node_id, title, input_name, message, class_type=None) -> dict:

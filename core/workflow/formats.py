@@ -4,7 +4,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .errors import WorkflowError, make_problem
+from .errors import WorkflowError, found, make_problem
+
+# Keys only the editor's (UI) format has at its top level.
+UI_KEYS = ("nodes", "links", "last_node_id", "last_link_id", "groups", "version")
 
 
 @dataclass
@@ -18,12 +21,15 @@ class ApiPrompt:
     skipped: nodes that will not run, each {node_id, title, class_type, reason}: muted and
         bypassed nodes of a UI workflow, ComfyUI nodes, and the nodes that need them.
     problems: what went wrong while converting (validate() reports them with its own).
+    reported: (node_id, input name or None) already in problems: validate() does not check
+        that input (None: that node's inputs) again.
     ui_workflow: the editor workflow this came from, if any (given to nodes as EXTRA_PNGINFO).
     """
 
     nodes: dict
     skipped: list = field(default_factory=list)
     problems: list = field(default_factory=list)
+    reported: set = field(default_factory=set)
     ui_workflow: dict | None = None
 
     def title(self, node_id) -> str:
@@ -35,6 +41,10 @@ class ApiPrompt:
         return {entry["node_id"]: entry for entry in self.skipped}
 
 
+def _not_a_workflow(message):
+    return WorkflowError([make_problem(None, None, None, message)])
+
+
 def load_workflow(path_or_dict) -> dict:
     """A workflow dict from a dict or a JSON file; bad JSON names the file, line and column."""
     if isinstance(path_or_dict, dict):
@@ -44,27 +54,50 @@ def load_workflow(path_or_dict) -> dict:
         with open(path, encoding="utf-8") as handle:
             workflow = json.load(handle)
     except FileNotFoundError:
-        raise WorkflowError([make_problem(None, None, None, f"workflow file not found: {path}")])
+        raise _not_a_workflow(f"workflow file not found: {path}")
     except json.JSONDecodeError as exc:
-        raise WorkflowError([make_problem(None, None, None, (
-            f"{path} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}"))])
+        raise _not_a_workflow(
+            f"{path} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}")
+    except UnicodeDecodeError as exc:
+        raise _not_a_workflow(f"{path} is not a workflow: byte {exc.start} is not UTF-8 text "
+                              "(expected a JSON file)")
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _not_a_workflow(f"{path} cannot be read as a workflow: {exc}")
     if not isinstance(workflow, dict):
-        raise WorkflowError([make_problem(None, None, None, (
-            f"{path} holds a JSON {type(workflow).__name__}, not a workflow object"))])
+        raise _not_a_workflow(f"{path} holds {found(workflow)}, not a workflow object "
+                              "(expected {node_id: {class_type, inputs}} or the editor's format)")
     return workflow
+
+
+def _is_api_node(value) -> bool:
+    return isinstance(value, dict) and "class_type" in value
+
+
+def unwrap_workflow(workflow: dict) -> dict:
+    """Accept what ComfyUI writes around an API-format prompt: the body of POST /prompt
+    {"prompt": {...}, "extra_data": ...}, a /history entry {"prompt": [number, id, {...},
+    extra_data, outputs], "outputs": ...}, and /history's own {prompt_id: entry}."""
+    if len(workflow) == 1:
+        (only,) = workflow.values()
+        if isinstance(only, dict) and "prompt" in only and not _is_api_node(only):
+            workflow = only
+    if "prompt" not in workflow or _is_api_node(workflow["prompt"]):
+        return workflow
+    inner = workflow["prompt"]
+    if isinstance(inner, list) and len(inner) >= 3 and isinstance(inner[2], dict):
+        inner = inner[2]  # a /history entry
+    if not isinstance(inner, dict):
+        raise _not_a_workflow(
+            f"not a workflow: its 'prompt' holds {found(inner)}, expected the API-format "
+            "workflow object ({node_id: {class_type, inputs}}), as in ComfyUI's /prompt body")
+    return inner
 
 
 def is_ui_workflow(workflow: dict) -> bool:
     """The editor's format has a `nodes` list; the API format is {id: {class_type, inputs}}."""
-    return isinstance(workflow.get("nodes"), list)
-
-
-def unwrap_api_prompt(workflow: dict) -> dict:
-    """Accept the body of a POST /prompt too: {"prompt": {...}, "extra_data": ...}."""
-    inner = workflow.get("prompt")
-    if isinstance(inner, dict) and "class_type" not in workflow:
-        return inner
-    return workflow
+    if isinstance(workflow.get("nodes"), list):
+        return True
+    return any(key in workflow and not _is_api_node(workflow[key]) for key in UI_KEYS)
 
 
 def is_link(value) -> bool:
@@ -75,18 +108,55 @@ def is_link(value) -> bool:
 
 
 def api_prompt_from_dict(workflow: dict) -> ApiPrompt:
-    """Normalise an API-format dict: string ids, a title for every node."""
-    nodes, problems = {}, []
-    for node_id, node in unwrap_api_prompt(workflow).items():
+    """Normalise an API-format dict: string ids, a title for every node. A node, or an input,
+    of the wrong shape is a problem (validate() reports it), never an exception."""
+    prompt = ApiPrompt(nodes={})
+    for node_id, node in unwrap_workflow(workflow).items():
         node_id = str(node_id)
-        if not isinstance(node, dict) or not node.get("class_type"):
-            problems.append(make_problem(node_id, node_id, None,
-                                         "not a node: expected an object with a class_type"))
+        if not isinstance(node, dict):
+            prompt.problems.append(make_problem(node_id, None, None, (
+                f"found {found(node)}, expected a node object with class_type and inputs")))
+            prompt.reported.add((node_id, None))
             continue
-        inputs = {}
-        for name, value in (node.get("inputs") or {}).items():
+        meta = node.get("_meta")
+        title = meta.get("title") if isinstance(meta, dict) else None
+        kind = node.get("class_type")
+        if not has_node_type(prompt, node_id, title, "class_type", kind):
+            continue
+        title = title if isinstance(title, str) and title else kind
+        prompt.nodes[node_id] = {"class_type": kind, "inputs": _api_inputs(
+            prompt, node_id, title, kind, node.get("inputs")), "_meta": {"title": title}}
+    return prompt
+
+
+def has_node_type(prompt, node_id, title, key, kind) -> bool:
+    """Whether a node's type (class_type, or type in the editor's format) is a name; when not,
+    says so in prompt.problems, and validate() checks nothing more of the node."""
+    if isinstance(kind, str) and kind.strip():
+        return True
+    title = title if isinstance(title, str) and title else None
+    prompt.problems.append(make_problem(node_id, title, None, (
+        f"{key} is {found(kind)}, expected the node type's name (a string)")))
+    prompt.reported.add((node_id, None))
+    return False
+
+
+def _api_inputs(prompt, node_id, title, kind, given) -> dict:
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        prompt.problems.append(make_problem(node_id, title, None, (
+            f"inputs is {found(given)}, expected an object of input names to values or "
+            "[node_id, output_index] links"), kind))
+        prompt.reported.add((node_id, None))
+        return {}
+    inputs = {}
+    for name, value in given.items():
+        if isinstance(value, list) and not is_link(value):
+            prompt.problems.append(make_problem(node_id, title, name, (
+                f"is {found(value)}, expected a value or a link [node_id, output_index] "
+                "(a node id, then a whole number)"), kind))
+            prompt.reported.add((node_id, name))
+        else:
             inputs[name] = [str(value[0]), value[1]] if is_link(value) else value
-        title = (node.get("_meta") or {}).get("title") or node["class_type"]
-        nodes[node_id] = {"class_type": node["class_type"], "inputs": inputs,
-                          "_meta": {"title": title}}
-    return ApiPrompt(nodes=nodes, problems=problems)
+    return inputs

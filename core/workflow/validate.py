@@ -5,8 +5,9 @@ stray half-wired node on the canvas does not stop a run.
 """
 
 import inspect
+import math
 
-from .errors import WorkflowError, make_problem
+from .errors import WorkflowError, found, make_problem, shown
 from .formats import ApiPrompt, is_link
 from .node_types import declared_inputs, is_output_node, return_types, types_match
 from .plan import needed_nodes
@@ -29,7 +30,8 @@ def validate_prompt(prompt: ApiPrompt, registry: dict) -> list:
     if loop is not None:
         problems.append(_problem(prompt, loop, None, "is part of a loop of links"))
     for node_id in order:
-        if node_id in runnable and runnable[node_id]["class_type"] in registry:
+        if (node_id in runnable and runnable[node_id]["class_type"] in registry
+                and (node_id, None) not in prompt.reported):
             problems.extend(_check_node(prompt, node_id, registry))
     if problems:
         raise WorkflowError(problems)
@@ -58,7 +60,7 @@ def _check_node(prompt: ApiPrompt, node_id, registry) -> list:
         problems.append(_problem(prompt, node_id, None,
                                  "the node class has no method named by its FUNCTION"))
     for spec in declared_inputs(node_class):
-        if spec.section == "hidden":
+        if spec.section == "hidden" or (node_id, spec.name) in prompt.reported:
             continue
         if spec.name not in inputs:
             if spec.section == "required":
@@ -86,6 +88,8 @@ def _check_link(prompt, link, spec, registry):
     if skipped is not None and source_id not in prompt.nodes:
         return (f"is linked to {skipped['reason']} node {source_id} '{skipped['title']}', "
                 "which does not run")
+    if source_id not in prompt.nodes and (source_id, None) in prompt.reported:
+        return None  # a node of the wrong shape: its own problem says so
     if source_id not in prompt.nodes:
         return f"is linked to node {source_id}, which is not in the workflow"
     source_class = registry.get(prompt.nodes[source_id]["class_type"])
@@ -104,22 +108,26 @@ def check_value(spec, value):
     """Why a constant does not fit its declared input, or None when it does."""
     if spec.type == "COMBO":
         if spec.choices and value not in spec.choices:
-            shown = ", ".join(repr(c) for c in spec.choices[:12])
+            choices = ", ".join(repr(c) for c in spec.choices[:12])
             more = ", ..." if len(spec.choices) > 12 else ""
-            return f"{value!r} is not one of the choices: {shown}{more}"
+            return f"{shown(value)} is not one of the choices: {choices}{more}"
         return None
     wanted = {"INT": (int,), "FLOAT": (int, float), "STRING": (str,), "BOOLEAN": (bool,)}
     if spec.type not in wanted:
-        return None  # other types carry node outputs; nothing to check in a constant
+        if "*" in str(spec.type).split(","):
+            return None  # an "any" input takes constants too
+        return (f"expects a link from a node's {spec.type} output, found {found(value)}")
     if not isinstance(value, wanted[spec.type]) or (
             isinstance(value, bool) and spec.type != "BOOLEAN"):
-        return f"expects {spec.type}, got {type(value).__name__} {value!r}"
+        return f"expects {spec.type}, got {type(value).__name__} {shown(value)}"
     low, high = spec.options.get("min"), spec.options.get("max")
+    if spec.type == "FLOAT" and not math.isfinite(value):
+        return f"expects a finite number, got {value!r}"
     if spec.type in ("INT", "FLOAT"):
         if low is not None and value < low:
-            return f"{value!r} is below the minimum {low!r}"
+            return f"{shown(value)} is below the minimum {low!r}"
         if high is not None and value > high:
-            return f"{value!r} is above the maximum {high!r}"
+            return f"{shown(value)} is above the maximum {high!r}"
     return None
 
 
