@@ -68,7 +68,9 @@ def test_quickstart_runs_headless_and_both_formats_train_the_same_lora(tmp_path)
     for file_name in ("quickstart.json", "quickstart.ui.json"):
         folder = tmp_path / file_name
         folder.mkdir()
-        done = run_cli("run", workflow(file_name), cwd=folder)
+        # the API file by its name, as `pip install` users run it: `loralab run quickstart`
+        done = run_cli("run", "quickstart" if file_name == "quickstart.json" else workflow(file_name),
+                       cwd=folder)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "skipped node 7 'Loss plot' (PreviewImage): ComfyUI node" in done.stderr
         assert "skipped node 8 'Training summary' (PreviewAny)" in done.stderr
