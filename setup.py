@@ -15,5 +15,10 @@ class BuildPy(build_py):
                 if (entry[0], entry[1]) != ("loralab", "setup")]
 
 
-setup(packages=["loralab"] + [f"loralab.{name}" for name in find_packages(".", exclude=NOT_SHIPPED)],
+# workflows/ and configs/ hold only JSON (package data); listed as packages so setuptools does
+# not warn that data folders look like packages left out
+DATA_FOLDERS = ["loralab.workflows", "loralab.configs"]
+
+setup(packages=["loralab"] + [f"loralab.{name}" for name in find_packages(".", exclude=NOT_SHIPPED)]
+      + DATA_FOLDERS,
       cmdclass={"build_py": BuildPy})
