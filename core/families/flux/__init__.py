@@ -78,9 +78,9 @@ def remove_lora(pipeline):
         transformer.unload_lora()
 
 
-def lora_to_kohya(transformer):
-    """A function mapping this transformer's LoRA weights to kohya names (lora_unet_double_...)."""
-    config = transformer.config
+def lora_to_kohya(model):
+    """A function mapping the transformer's LoRA weights to kohya names (lora_unet_double_...)."""
+    config = model.config
     return lambda weights: keys.lora_to_kohya(weights, config.num_layers, config.num_single_layers)
 
 
@@ -106,7 +106,7 @@ def encode_image(pipeline, image, device):
     return flow.normalize_latents(latent, pipeline.vae.config)[0].float().cpu()
 
 
-def training_loss(transformer, batch, generator, train_config, guidance_embeds):
+def training_loss(model, batch, generator, train_config, guidance_embeds):
     """Flow-matching MSE of one batch: batch holds latents [B,C,h,w], text [B,seq,dim] and
     pooled [B,dim] on the training device."""
     latents = batch["latents"]
@@ -116,7 +116,7 @@ def training_loss(transformer, batch, generator, train_config, guidance_embeds):
                                 num_tokens=height * width // 4, generator=generator)
     sigmas = sigmas.to(latents.device)
     noisy, target = flow.noisy_latents(latents, noise, sigmas)
-    prediction = predict(transformer, flow.pack(noisy), sigmas, batch["text"], batch["pooled"],
+    prediction = predict(model, flow.pack(noisy), sigmas, batch["text"], batch["pooled"],
                          height, width, train_config["guidance"] if guidance_embeds else None)
     return torch.nn.functional.mse_loss(prediction.float(), flow.pack(target).float())
 

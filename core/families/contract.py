@@ -1,0 +1,54 @@
+"""What the trainer, the sampler and the nodes need of a model family, written down. A family is
+a module (core/families/<name>/__init__.py) that satisfies this Protocol; FLUX.1 does, checked in
+tests/test_family_contract.py, and SDXL / SD1.5 are to land on the same contract."""
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    name: str
+    LORA_TARGETS: str  # regex of the module names that get a LoRA
+
+    def load(self, path, transformer_path=None, dtype="bf16", quantize="none", clip_l_path=None,
+             t5_path=None, vae_path=None):
+        """The pipeline from local files only (a diffusers folder and/or single files), every
+        part frozen; `quantize` already resolved from "auto"."""
+
+    def size_multiple(self, pipeline) -> int:
+        """Image sides must be a multiple of this (the VAE's downscale times any packing)."""
+
+    def trainable_model(self, pipeline):
+        """The module the LoRA goes on (FLUX: the transformer)."""
+
+    def compute_dtype(self, pipeline):
+        """The dtype batches are cast to for the trainable model."""
+
+    def uses_guidance(self, pipeline) -> bool:
+        """Whether the model takes a guidance embedding while training (FLUX.1-dev)."""
+
+    def encoders_to_device(self, pipeline, device):
+        """The VAE and text encoders on `device` for caching; the trainable model stays put."""
+
+    def to_device(self, pipeline, device):
+        """The VAE and the trainable model on `device`, for training and sampling."""
+
+    def free_text_encoders(self, pipeline):
+        """Drops the text encoders after encoding; encode_prompts loads them again."""
+
+    def remove_lora(self, pipeline):
+        """Takes every LoRA layer off the trainable model."""
+
+    def lora_to_kohya(self, model):
+        """A function mapping the LoRA's weights to kohya key names."""
+
+    def encode_prompts(self, pipeline, prompts, device) -> dict:
+        """{prompt: (embeddings, pooled)} on the CPU, for the cache."""
+
+    def encode_image(self, pipeline, image, device):
+        """The normalised latent of one PIL image at its bucket size, on the CPU."""
+
+    def training_loss(self, model, batch, generator, train_config, guidance_embeds):
+        """The loss of one batch (latents, text, pooled on the device): noise, target, loss."""
+
+    def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device):
+        """One PIL image per cached prompt embedding, each from the same seed."""
