@@ -82,6 +82,14 @@ def model_choice_path(choice):
     return None
 
 
+def comfyui_folder():
+    """ComfyUI's own folder (its source: comfy/ holds the CLIP and T5 tokenizers), or None
+    outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")  # it sits in that folder (base_path may be elsewhere)
+    source = getattr(folder_paths, "__file__", None)
+    return os.path.dirname(os.path.abspath(source)) if source else None
+
+
 def file_folders(kind):
     """The folders that hold single model files of a kind (diffusion_models, text_encoders, vae)."""
     folder_paths = _comfy("folder_paths")

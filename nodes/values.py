@@ -40,7 +40,7 @@ class BaseModel:
         if self._pipeline is None or quantize != self._quantize:
             self._pipeline = None  # the old one goes before the new one loads
             with comfy_adapter.outside_inference_mode():  # TrainLoRA may train on them
-                self._pipeline = load_model(self.section, quantize)
+                self._pipeline = load_model(self.section, quantize, comfy_adapter.comfyui_folder())
             self._quantize = quantize
         return self._pipeline
 

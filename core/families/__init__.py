@@ -23,12 +23,13 @@ def model_files(model_cfg):
     return folder + [model_cfg[key] for key in SINGLE_FILES if model_cfg.get(key)]
 
 
-def load_model(model_cfg, quantize):
+def load_model(model_cfg, quantize, comfyui=None):
     """The family's pipeline from a model section (a diffusers folder and/or single files).
-    `quantize` is already resolved from "auto" (core.coach.fit)."""
+    `quantize` is already resolved from "auto" (core.coach.fit); `comfyui` is ComfyUI's folder
+    when the node layer knows it (tokenizers of single-file models)."""
     from .builtin import resolve_model_path
 
     path = resolve_model_path(model_cfg["path"]) if model_cfg["path"] else None
     files = {key: model_cfg.get(key) for key in SINGLE_FILES[1:] if model_cfg.get(key)}
     return get_family(model_cfg["family"]).load(path, model_cfg.get("transformer_path"),
-                                                 model_cfg["dtype"], quantize, **files)
+                                                 model_cfg["dtype"], quantize, comfyui=comfyui, **files)

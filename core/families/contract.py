@@ -10,9 +10,10 @@ class ModelFamily(Protocol):
     LORA_TARGETS: str  # regex of the module names that get a LoRA
 
     def load(self, path, transformer_path=None, dtype="bf16", quantize="none", clip_l_path=None,
-             t5_path=None, vae_path=None):
+             t5_path=None, vae_path=None, comfyui=None):
         """The pipeline from local files only (a diffusers folder and/or single files), every
-        part frozen; `quantize` already resolved from "auto"."""
+        part frozen; `quantize` already resolved from "auto"; `comfyui` is ComfyUI's folder, if
+        known (core/ never imports ComfyUI: the node layer passes it)."""
 
     def size_multiple(self, pipeline) -> int:
         """Image sides must be a multiple of this (the VAE's downscale times any packing)."""

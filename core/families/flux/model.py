@@ -71,10 +71,11 @@ def quiet_loading():
 
 
 def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", clip_l_path=None,
-                  t5_path=None, vae_path=None):
+                  t5_path=None, vae_path=None, comfyui=None):
     """The FLUX.1 pipeline, every part loaded from local files in `dtype`: a diffusers folder
     (`path`), single files (ComfyUI's) replacing its parts, or the four single files alone.
-    quantize: "none", "fp8" (block linears kept in fp8), "nf4"/"int8" (bitsandbytes, CUDA)."""
+    quantize: "none", "fp8" (block linears kept in fp8), "nf4"/"int8" (bitsandbytes, CUDA).
+    comfyui: ComfyUI's folder, where the four files' tokenizers are looked for first."""
     from diffusers import FluxPipeline
 
     from . import single_files
@@ -82,7 +83,7 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", cl
     torch_dtype = DTYPES[dtype]
     if not path:
         pipeline = single_files.load_pipeline_from_files(transformer_path, clip_l_path, t5_path,
-                                                         vae_path, torch_dtype, quantize)
+                                                         vae_path, torch_dtype, quantize, comfyui)
         return _frozen(pipeline, TextEncoderSource(None, clip_l_path, t5_path, torch_dtype))
     folder = check_model_folder(path)
     parts = {}

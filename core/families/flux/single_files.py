@@ -346,8 +346,8 @@ _T5_TOKENIZER = os.path.join("comfy", "text_encoders", "t5_tokenizer")
 
 
 def comfyui_candidates(comfyui=None, model_files=()):
-    """Where ComfyUI's source may be: the argument, env LORALAB_COMFYUI, the folder above the
-    `models/` folder holding a model file, folder_paths' base path if ComfyUI is importable."""
+    """Where ComfyUI's source may be: the argument (inside ComfyUI, the node layer passes its
+    folder), env LORALAB_COMFYUI, the folder above the `models/` folder holding a model file."""
     candidates = [comfyui, os.environ.get("LORALAB_COMFYUI")]
     for path in model_files:
         if not path:
@@ -356,12 +356,6 @@ def comfyui_candidates(comfyui=None, model_files=()):
         if "models" in parts:
             index = len(parts) - 1 - parts[::-1].index("models")
             candidates.append(os.sep.join(parts[:index]) or os.sep)
-    try:
-        import folder_paths  # ComfyUI's own module, when we run inside ComfyUI
-        candidates.append(os.path.dirname(os.path.abspath(folder_paths.__file__)))
-        candidates.append(getattr(folder_paths, "base_path", None))
-    except ImportError:
-        pass
     return [c for c in dict.fromkeys(candidates) if c]
 
 
