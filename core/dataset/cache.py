@@ -36,10 +36,12 @@ def model_fingerprint(paths, extra=""):
 class Cache:
     """latent(image, size) -> [C, h, w] and text(caption) -> (embeddings, pooled), CPU tensors."""
 
-    def __init__(self, folder=None):
+    def __init__(self, folder=None, digests=None):
         self.folder = folder  # None keeps everything in memory only
         self.latents, self.texts = {}, {}
-        self.digests = {}  # image index -> sha256 of its bytes (the run's fingerprint reuses them)
+        # image index -> sha256 of its bytes; given when the caller has them (the run's
+        # fingerprint), so no image is read twice for them
+        self.digests = dict(digests or {})
         self.computed = 0  # how many entries were encoded (not found on disk): tests read it
 
     def _path(self, key):
@@ -66,7 +68,8 @@ class Cache:
         total = sum(len(s) for s in sizes.values())
         done = 0
         for index, image_sizes in sizes.items():
-            digest = self.digests[index] = file_digest(items[index].path)
+            digest = self.digests.get(index) or file_digest(items[index].path)
+            self.digests[index] = digest
             for size in image_sizes:
                 key = hashlib.sha256(f"latent:{model_key}:{digest}:{size}".encode()).hexdigest()
                 value = self._read(key)

@@ -15,6 +15,7 @@ from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
+from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
 from ..lora import add_lora, load_lora_weights, lora_weights
@@ -109,7 +110,8 @@ def _train(config, pipeline, on_event, should_stop, held):
           "steps_per_epoch": steps_per_epoch(len(scan.items), data_cfg["repeats"], batch_size)})
 
     # -- the run folder: one training per folder, held by this run (before any model loads) ------
-    fingerprint = dataset_fingerprint(scan)
+    digests = {index: file_digest(item.path) for index, item in enumerate(scan.items)}
+    fingerprint = dataset_fingerprint(scan, digests)  # the cache keys reuse these digests
     run, started_because = choose_run_folder(
         save_cfg["output_dir"], config["name"],
         {**config, "train": {**train_cfg, "steps": steps}, "dataset_stats": {"fingerprint": fingerprint}},
@@ -120,6 +122,17 @@ def _train(config, pipeline, on_event, should_stop, held):
         run.clean_temporaries()
     if started_because:
         emit({"type": "status", "message": f"a new run folder {run.path}: {started_because}"})
+    found, skipped = load_resume_state(run)  # a broken state is skipped, by name, for the one before
+    for message in skipped:
+        notes.append(message)
+        emit({"type": "warning", "message": message})
+    start_step = found[0] if found else 0
+    result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
+                         warnings=notes, memory=memory_notes)
+    if start_step >= steps and os.path.isfile(run.final_lora):  # no model loads; no file changes
+        result.status, result.weights = "already finished", found[1]["lora"]
+        emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
+        return result
 
     torch.manual_seed(train_cfg["seed"])
 
@@ -135,7 +148,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     sample_prompts = prompts_with_trigger(sample_cfg["prompts"], data_cfg["trigger_word"])
     captions = [item.caption for item in scan.items] + [""] + sample_prompts
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{quantize}")
-    cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None)
+    cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None, digests)
     cache.fill(scan.items, sizes, captions,
                encode_image=lambda image: family.encode_image(pipeline, image, device),
                encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
@@ -160,11 +173,6 @@ def _train(config, pipeline, on_event, should_stop, held):
     vars(unwrapped).pop("forward", None)  # unwrap rebinds the original; the class method is it
 
     # -- resume from the newest complete checkpoint -------------------------------------------
-    start_step = 0
-    found, skipped = load_resume_state(run)  # a broken state is skipped, by name, for the one before
-    for message in skipped:
-        notes.append(message)
-        emit({"type": "warning", "message": message})
     if found is not None:
         resumable, state = found
         try:
@@ -177,15 +185,8 @@ def _train(config, pipeline, on_event, should_stop, held):
                               "a new run folder beside it.") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
         emit({"type": "resume", "step": start_step})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
-    result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
-                         warnings=notes, memory=memory_notes)
-    if start_step >= steps and os.path.isfile(run.final_lora):  # its files stay as they are
-        result.status, result.weights = "already finished", lora_weights(accelerator.unwrap_model(model))
-        emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
-        return result
     if accelerator.is_main_process:
         metrics_problem = run.truncate_metrics(start_step)  # also drops a torn last line
         if metrics_problem:
