@@ -11,7 +11,8 @@ MODEL_FOLDERS = ("diffusers",)  # searched for diffusers folders (model_index.js
 # diffusion_models and clip into text_encoders); headless, they are looked for under
 # $LORALAB_MODELS or ./models.
 FILE_FOLDERS = {"diffusion_models": ("diffusion_models", "unet"),
-                "text_encoders": ("text_encoders", "clip"), "vae": ("vae",)}
+                "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),
+                "checkpoints": ("checkpoints",)}
 NO_MODEL = "none"
 PREVIEW_SIZE = 512  # ComfyUI's --preview-size default, used when its args cannot be read
 

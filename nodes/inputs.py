@@ -79,39 +79,45 @@ class LoRALabLoadBaseModel:
         "dtype": setting("model.dtype"),
         "quantize": setting("model.quantize"),
     }
+    SD_SETTINGS = {  # optional, after the file widgets, so saved UI workflows keep their order
+        "prediction_type": setting("model.prediction_type"),
+        "clip_skip": setting("model.clip_skip"),
+    }
     # widget -> (ComfyUI's folder kind, the config key it fills)
     FILES = {"diffusion_model": ("diffusion_models", "transformer_path"),
              "clip_l": ("text_encoders", "clip_l_path"),
              "t5": ("text_encoders", "t5_path"),
-             "vae": ("vae", "vae_path")}
+             "vae": ("vae", "vae_path"),
+             "checkpoint": ("checkpoints", "checkpoint_path")}
 
     @classmethod
     def INPUT_TYPES(cls):
         files = {widget: (comfy_adapter.file_choices(kind), {
             "default": comfy_adapter.NO_MODEL,
             "tooltip": f"{field('model.' + key)['description']} From ComfyUI's "
-                       f"{' and '.join(comfy_adapter.FILE_FOLDERS[kind])} folders; replaces "
-                       "that part of a diffusers folder in path, or with all four, no folder "
-                       "is needed."}) for widget, (kind, key) in cls.FILES.items()}
+                       f"{' and '.join(comfy_adapter.FILE_FOLDERS[kind])} folders."})
+            for widget, (kind, key) in cls.FILES.items()}
         return {"required": widget_inputs(cls.SETTINGS),
                 "optional": {"comfyui_model": (comfy_adapter.model_choices(), {
                     "default": comfy_adapter.NO_MODEL, "tooltip":
                     "A diffusers folder from ComfyUI's models/diffusers, used when path is empty."}),
-                    **files}}
+                    **files, **widget_inputs(cls.SD_SETTINGS)}}
 
     RETURN_TYPES = ("LORALAB_BASE_MODEL",)
     RETURN_NAMES = ("base_model",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("The frozen base model to train on: ComfyUI's single files (diffusion model, "
-                   "CLIP-L, T5, VAE) and/or a diffusers folder; loaded once, when first needed.")
+    DESCRIPTION = ("The frozen base model to train on, loaded once when first needed: an SDXL or "
+                   "SD1.5 checkpoint, FLUX.1's single files (diffusion model, CLIP-L, T5, VAE), "
+                   "and/or a diffusers folder. The family is read from the files (auto).")
 
     @classmethod
     def VALIDATE_INPUTS(cls, path, diffusion_model=comfy_adapter.NO_MODEL,
                         clip_l=comfy_adapter.NO_MODEL, t5=comfy_adapter.NO_MODEL,
-                        vae=comfy_adapter.NO_MODEL):
+                        vae=comfy_adapter.NO_MODEL, checkpoint=comfy_adapter.NO_MODEL):
         """Checked before anything runs, so a wrong path fails before a long training."""
-        chosen = {"diffusion_model": diffusion_model, "clip_l": clip_l, "t5": t5, "vae": vae}
+        chosen = {"diffusion_model": diffusion_model, "clip_l": clip_l, "t5": t5, "vae": vae,
+                  "checkpoint": checkpoint}
         for widget, name in chosen.items():
             kind = cls.FILES[widget][0]
             if not isinstance(name, str):
@@ -128,14 +134,11 @@ class LoRALabLoadBaseModel:
             return True  # an empty path is checked when the node runs, with the files
         return (f"model folder not found: {path!r}. Give the local diffusers folder of the base "
                 "model (the one holding model_index.json), or builtin:tiny-flux to try, or leave "
-                "it empty and pick the four files.")
+                "it empty and pick a checkpoint (SDXL/SD1.5) or the four FLUX.1 files.")
 
     @classmethod
     def model_section(cls, family, path, comfyui_model=comfy_adapter.NO_MODEL, **files):
         """The `model` section for these widgets; ValueError says what is wrong."""
-        from ..core.families import get_family
-
-        get_family(family)  # sdxl and sd15 fail here, with what is supported
         problem = cls.VALIDATE_INPUTS(path, **files)
         if problem is not True:
             raise ValueError(problem)
@@ -143,17 +146,14 @@ class LoRALabLoadBaseModel:
                    "path": (path or "").strip() or comfy_adapter.model_choice_path(comfyui_model)}
         for widget, (kind, key) in cls.FILES.items():
             section[key] = comfy_adapter.file_choice_path(kind, files.get(widget, comfy_adapter.NO_MODEL))
-        missing = [widget for widget, (_, key) in cls.FILES.items() if not section[key]]
-        if not section["path"] and missing:
-            raise ValueError(f"no diffusers folder in path or comfyui_model, and {', '.join(missing)} "
-                             "not picked: pick all four files (diffusion_model, clip_l, t5, vae), "
-                             "or give a diffusers folder (builtin:tiny-flux to try)")
-        return section
+        return section  # what the family needs of it is checked by the config's rules
 
-    def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL, **files):
+    def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL, **values):
+        files = {widget: values.pop(widget) for widget in list(values) if widget in self.FILES}
         section = {**self.model_section(family, path, comfyui_model, **files), "dtype": dtype,
-                   "quantize": quantize}
-        return (BaseModel(checked({"model": section})["model"]),)
+                   "quantize": quantize, **config_from(self.SD_SETTINGS, values).get("model", {})}
+        # resolved here, so the family read from the files ("auto") travels with the model
+        return (BaseModel(resolve({**PLACEHOLDERS, "model": section})["model"]),)
 
 
 class LoRALabConfigureLoRA:
@@ -179,10 +179,20 @@ class LoRALabConfigureLoRA:
         "gradient_checkpointing": setting("train.gradient_checkpointing"),
         "train_dtype": setting("train.dtype"),
     }
+    SD_SETTINGS = {  # optional, after the others, so saved UI workflows keep their order
+        "feed_forward": setting("network.feed_forward"),
+        "conv": setting("network.conv"),
+        "conv_alpha": setting("network.conv_alpha", step=0.5),
+        "noise_offset": setting("train.noise_offset", step=0.001, round=False),
+        "min_snr_gamma": setting("train.min_snr_gamma", step=0.5),
+        "timestep_min": setting("train.timestep_min"),
+        "timestep_max": setting("train.timestep_max"),
+        "zero_terminal_snr": setting("train.zero_terminal_snr"),
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": widget_inputs(cls.SETTINGS)}
+        return {"required": widget_inputs(cls.SETTINGS), "optional": widget_inputs(cls.SD_SETTINGS)}
 
     RETURN_TYPES = ("LORALAB_CONFIG",)
     RETURN_NAMES = ("config",)
@@ -191,5 +201,5 @@ class LoRALabConfigureLoRA:
     DESCRIPTION = "LoRA and training settings; the defaults are the training guide's."
 
     def configure(self, **values):
-        return (TrainingSettings(checked(config_from(self.SETTINGS, values))),)
+        return (TrainingSettings(checked(config_from({**self.SETTINGS, **self.SD_SETTINGS}, values))),)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field as dataclass_field
 from ..core.config import ConfigError, field, resolve
 
 # Required keys of sections a node does not own, filled in only to validate the node's own part.
-PLACEHOLDERS = {"model": {"path": "-"}, "dataset": {"folder": "-"}}
+PLACEHOLDERS = {"model": {"family": "flux", "path": "-"}, "dataset": {"folder": "-"}}
 
 
 @dataclass(frozen=True)

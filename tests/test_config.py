@@ -22,7 +22,8 @@ def test_defaults_are_the_guides():
 
 
 def test_resolve_fills_alpha_and_format():
-    config = resolve({"model": {"path": "m"}, "dataset": {"folder": "d"}, "network": {"linear": 8}})
+    config = resolve({"model": {"family": "flux", "path": "m"}, "dataset": {"folder": "d"},
+                      "network": {"linear": 8}})
     assert config["network"]["linear_alpha"] == 8
     assert config["save"]["format"] == "diffusers"
     assert field("train.batch_size")["minimum"] == 1
@@ -89,7 +90,8 @@ def test_bad_files(tmp_path):
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model": {"path": "models/flux"}, "dataset": {"folder": "data"}}))
+    path.write_text(json.dumps({"model": {"family": "flux", "path": "models/flux"},
+                                "dataset": {"folder": "data"}}))
     config = load_config(str(path))
     assert config["model"]["path"] == str(tmp_path / "models" / "flux")
     assert config["dataset"]["folder"] == str(tmp_path / "data")

@@ -137,8 +137,9 @@ def test_widget_defaults_resolve_to_the_config_defaults():
         node_class = NODES[class_type]
         for section, values in config_from(node_class.SETTINGS, widget_defaults(class_type)).items():
             raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    raw["model"]["path"], raw["dataset"]["folder"] = "x", "y"
-    resolved, expected = resolve(raw), resolve({"model": {"path": "x"}, "dataset": {"folder": "y"}})
+    raw["model"]["path"], raw["dataset"]["folder"] = "builtin:tiny-flux", "y"
+    resolved = resolve(raw)
+    expected = resolve({"model": {"path": "builtin:tiny-flux"}, "dataset": {"folder": "y"}})
     assert resolved == expected
     assert resolved["train"]["steps"] is None and resolved["sample"]["prompts"] == defaults()[
         "sample"]["prompts"]
@@ -152,12 +153,13 @@ def test_bad_widget_values_name_the_config_key(demo_dataset):
         call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"), "lr": 3.0})
 
 
-def test_only_flux_loads_and_other_families_say_so(tiny_flux):
-    # only flux is offered (the dropdown and the config schema) until SDXL and SD1.5 land
-    assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == ["flux"]
-    with pytest.raises(ConfigError, match="model.family"):
+def test_the_family_is_read_from_the_files_and_a_wrong_one_is_refused(tiny_flux):
+    assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == [
+        "auto", "flux", "sdxl", "sd15"]
+    assert resolve({"model": {"path": tiny_flux}, "dataset": {"folder": "x"}})["model"]["family"] == "flux"
+    with pytest.raises(ConfigError, match="model.family = sdxl, but model.path .* is a flux model"):
         resolve({"model": {"family": "sdxl", "path": tiny_flux}, "dataset": {"folder": "x"}})
-    with pytest.raises(ValueError, match="sdxl.*not supported yet.*flux"):  # a node called directly
+    with pytest.raises(ValueError, match="is a flux model"):  # a node called directly
         call("LoRALabLoadBaseModel", family="sdxl", path=tiny_flux, dtype="fp32", quantize="none")
     problem = NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="/nowhere/FLUX.1-dev")
     assert "model folder not found" in problem and "/nowhere/FLUX.1-dev" in problem

@@ -6,7 +6,7 @@ import os
 
 import jsonschema
 
-from .schema import SCHEMA
+from .schema import FAMILY_DEFAULTS, SCHEMA
 
 
 class ConfigError(ValueError):
@@ -78,26 +78,69 @@ def resolve(config, source=None):
     if errors:
         raise ConfigError([_describe(e) for e in errors], source)
     resolved = _fill_defaults(config, SCHEMA)
-    model = resolved["model"]
-    single_files = ("transformer_path", "clip_l_path", "t5_path", "vae_path")
-    if not model["path"] and not all(model[key] for key in single_files):
-        missing = ", ".join(f"model.{key}" for key in single_files if not model[key])
-        raise ConfigError([f"model.path is empty and {missing} not given: give a local diffusers "
-                           "folder in model.path, or all four single files (transformer, CLIP-L, "
-                           "T5, VAE) as ComfyUI keeps them"], source)
-    if resolved["network"]["linear_alpha"] is None:
-        resolved["network"]["linear_alpha"] = resolved["network"]["linear"]
-    if resolved["save"]["format"] is None:
-        resolved["save"]["format"] = "diffusers" if resolved["model"]["family"] == "flux" else "kohya"
     if source:  # relative paths in a config file are relative to the file, not to the shell
         base = os.path.dirname(os.path.abspath(source))
-        for section, key in (("model", "path"), ("model", "transformer_path"), ("model", "clip_l_path"),
-                             ("model", "t5_path"), ("model", "vae_path"),
-                             ("dataset", "folder"), ("save", "output_dir")):
+        for section, key in PATH_SETTINGS:
             value = resolved[section].get(key)
             if value and not value.startswith("builtin:") and not os.path.isabs(os.path.expanduser(value)):
                 resolved[section][key] = os.path.normpath(os.path.join(base, value))
+    model = resolved["model"]
+    if model["family"] == "auto":
+        from ..families import detect_family
+
+        try:
+            model["family"] = detect_family(model)
+        except (ValueError, OSError) as error:
+            raise ConfigError([str(error)], source) from None
+    family = model["family"]
+    for dotted, value in FAMILY_DEFAULTS.get(family, {}).items():  # only where the config is silent
+        section, key = dotted.split(".")
+        if key not in (config.get(section) or {}):
+            resolved[section][key] = copy.deepcopy(value)
+    problems = _family_problems(model)
+    if resolved["train"]["timestep_min"] >= resolved["train"]["timestep_max"]:
+        problems.append(f"train.timestep_min = {resolved['train']['timestep_min']} must be below "
+                        f"train.timestep_max = {resolved['train']['timestep_max']}")
+    if problems:
+        raise ConfigError(problems, source)
+    if resolved["network"]["linear_alpha"] is None:
+        resolved["network"]["linear_alpha"] = resolved["network"]["linear"]
+    if resolved["network"]["conv_alpha"] is None:
+        resolved["network"]["conv_alpha"] = resolved["network"]["conv"] or None
+    if resolved["save"]["format"] is None:
+        resolved["save"]["format"] = "diffusers" if family == "flux" else "kohya"
     return resolved
+
+
+PATH_SETTINGS = (("model", "path"), ("model", "transformer_path"), ("model", "clip_l_path"),
+                 ("model", "t5_path"), ("model", "vae_path"), ("model", "checkpoint_path"),
+                 ("dataset", "folder"), ("save", "output_dir"))
+
+
+def _family_problems(model):
+    """What the family needs of the model section: a folder or its single files, and none of
+    another family's files."""
+    from ..families import REQUIRED_FILES, folder_family
+
+    family, problems = model["family"], []
+    found = folder_family(model["path"]) if model["path"] else None
+    if found and found != family:
+        problems.append(f"model.family = {family}, but model.path {model['path']!r} is a {found} "
+                        f"model: set model.family to {found} (or auto), or give a {family} model")
+    required = REQUIRED_FILES[family]
+    foreign = [key for other, keys in REQUIRED_FILES.items() if other != family
+               for key in keys if model.get(key) and key not in required]
+    if foreign:
+        problems.append(f"{', '.join('model.' + k for k in foreign)} given, but model.family is "
+                        f"{family}, which does not use it: remove it, or set model.family to the "
+                        "model the file belongs to")
+    if not model["path"] and not all(model[key] for key in required):
+        missing = ", ".join(f"model.{key}" for key in required if not model[key])
+        what = ("all four single files (transformer, CLIP-L, T5, VAE) as ComfyUI keeps them"
+                if family == "flux" else "a single-file checkpoint as ComfyUI keeps it in models/checkpoints")
+        problems.append(f"model.path is empty and {missing} not given: give a local diffusers folder "
+                        f"in model.path, or {what}")
+    return problems
 
 
 def load_config(path):

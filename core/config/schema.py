@@ -6,7 +6,8 @@ SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
-FAMILIES = ["flux"]  # sdxl and sd15 join when their families land
+FAMILIES = ["auto", "flux", "sdxl", "sd15"]
+PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
 
@@ -41,10 +42,14 @@ SCHEMA = {
         "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
-            "family": _choice(FAMILIES, "flux", "Model family. FLUX.1 is supported today."),
+            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL or SD1.5; auto reads it "
+                              "from the model's files."),
             "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
-                     "Local diffusers folder of the base model (transformer, vae, text encoders). "
-                     "Not needed when the four single files below are given."},
+                     "Local diffusers folder of the base model. Not needed when the single files "
+                     "below are given (FLUX.1: the four files; SDXL/SD1.5: a checkpoint)."},
+            "checkpoint_path": {"type": ["string", "null"], "default": None, "description":
+                                "SDXL/SD1.5 single-file checkpoint (.safetensors: UNet, VAE and text "
+                                "encoders), as ComfyUI keeps it in models/checkpoints."},
             "transformer_path": {"type": ["string", "null"], "default": None, "description":
                                  "Single-file transformer (.safetensors, BFL or diffusers keys; bf16, "
                                  "fp8 or scaled fp8), as ComfyUI keeps it in models/diffusion_models."},
@@ -53,12 +58,19 @@ SCHEMA = {
             "t5_path": {"type": ["string", "null"], "default": None, "description":
                         "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
             "vae_path": {"type": ["string", "null"], "default": None, "description":
-                         "VAE file (ComfyUI's models/vae/ae.safetensors)."},
+                         "VAE file from ComfyUI's models/vae (FLUX.1: ae.safetensors; SDXL/SD1.5: "
+                         "replaces the checkpoint's VAE)."},
             "dtype": _choice(DTYPES, "bf16", "Precision the frozen base model is loaded in."),
             "quantize": _choice(QUANTIZE, "auto",
                                 "How the frozen transformer is stored: auto picks the least saving mode "
                                 "whose estimate fits the device (none on a CPU); fp8 stores float8 "
-                                "weights computed in bf16; nf4/int8 use bitsandbytes (CUDA)."),
+                                "weights computed in bf16; nf4/int8 use bitsandbytes (CUDA). FLUX.1 "
+                                "only; SDXL/SD1.5 are not quantized."),
+            "prediction_type": _choice(PREDICTION_TYPES, "auto", "SDXL/SD1.5: what the UNet predicts; "
+                                       "auto reads it from the model (v_prediction for v-pred "
+                                       "checkpoints such as NoobAI-XL V-Pred)."),
+            "clip_skip": _int(1, 1, 12, "SD1.5/SDXL: 1 uses the text encoder's last layer; 2 the "
+                              "one before it (common for anime models)."),
         }),
         "dataset": _section({
             "folder": {"type": "string", "minLength": 1,
@@ -80,6 +92,13 @@ SCHEMA = {
             "linear": _int(16, 1, 1024, "LoRA rank. Guide: 16-32 for most cases, 4-8 when memory is short."),
             "linear_alpha": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
                              "description": "LoRA alpha; empty means equal to linear (scale 1)."},
+            "feed_forward": {"type": "boolean", "default": False, "description":
+                             "SDXL/SD1.5: also train the UNet's feed-forward layers (attention "
+                             "only by default). FLUX.1 always trains its MLPs."},
+            "conv": _int(0, 0, 1024, "SDXL/SD1.5: rank of a LoRA on the UNet's conv layers "
+                         "(LoCon); 0 leaves them frozen. Common: 4-16."),
+            "conv_alpha": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
+                           "description": "Alpha of the conv LoRA; empty means equal to conv."},
         }),
         "train": _section({
             "steps": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000, "default": None,
@@ -101,6 +120,16 @@ SCHEMA = {
             "seed": _int(42, 0, 2**32 - 1, "Seed of noise, timesteps, caption dropout and order."),
             "timestep_type": _choice(TIMESTEP_TYPES, "sigmoid", "How noise levels are drawn."),
             "guidance": _number(1.0, 0.0, 100.0, "Guidance embedding value while training FLUX.1-dev."),
+            "noise_offset": _number(0.0, 0.0, 1.0, "SDXL/SD1.5: per-channel offset added to the noise, "
+                                    "for darker darks and brighter brights. Common: 0.0357."),
+            "min_snr_gamma": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
+                              "description": "SDXL/SD1.5: min-SNR-gamma loss weighting; empty is "
+                                             "off. Common: 5."},
+            "timestep_min": _int(0, 0, 999, "SDXL/SD1.5: lowest training timestep drawn (of 1000)."),
+            "timestep_max": _int(1000, 1, 1000, "SDXL/SD1.5: timesteps are drawn below this."),
+            "zero_terminal_snr": {"type": "boolean", "default": False, "description":
+                                  "SDXL/SD1.5: rescale the noise schedule to zero terminal SNR "
+                                  "(for v-prediction models trained that way)."},
             "resume": {"type": "boolean", "default": True,
                        "description": "Continue from the newest kept checkpoint of the run."},
         }),
@@ -130,6 +159,15 @@ SCHEMA = {
                                           "Steps between metrics lines (loss, time, memory). Guide: 10."),
         }),
     },
+}
+
+
+# Where a family's common practice differs from the schema's (FLUX.1) defaults; applied to the
+# settings a config leaves out (core.config.resolve).
+FAMILY_DEFAULTS = {
+    "sdxl": {"dataset.resolution": [1024], "sample.guidance_scale": 6.0, "sample.sample_steps": 25},
+    "sd15": {"dataset.resolution": [512], "sample.guidance_scale": 7.0, "sample.sample_steps": 25,
+             "sample.width": 512, "sample.height": 512},
 }
 
 

@@ -1,17 +1,58 @@
-"""Model families: one module each (load, encode, noise + target + loss, LoRA targets, sampling)."""
+"""Model families: one module each (load, encode, noise + target + loss, LoRA targets, sampling),
+all on the contract in contract.py."""
 import importlib
+import json
+import os
 
-SUPPORTED = ("flux",)
+SUPPORTED = ("flux", "sdxl", "sd15")
+
+# The single files each family can load instead of (or over parts of) a diffusers folder; with
+# all of `REQUIRED_FILES` given, no folder is needed.
+SINGLE_FILES = ("transformer_path", "clip_l_path", "t5_path", "vae_path", "checkpoint_path")
+REQUIRED_FILES = {"flux": ("transformer_path", "clip_l_path", "t5_path", "vae_path"),
+                  "sdxl": ("checkpoint_path",), "sd15": ("checkpoint_path",)}
+PIPELINE_CLASSES = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl",
+                    "StableDiffusionPipeline": "sd15"}
 
 
 def get_family(name):
     if name not in SUPPORTED:
-        raise ValueError(f"model.family = {name!r} is not supported yet; supported: "
-                         f"{', '.join(SUPPORTED)} (SDXL and SD1.5 are planned).")
+        raise ValueError(f"model.family = {name!r} is not supported; supported: {', '.join(SUPPORTED)}.")
     return importlib.import_module(f".{name}", __name__)
 
 
-SINGLE_FILES = ("transformer_path", "clip_l_path", "t5_path", "vae_path")
+def detect_family(model_cfg):
+    """The family a model section's files are ("auto"): a built-in name, a checkpoint's keys, the
+    FLUX single files, or a diffusers folder's pipeline class. ValueError says what to set."""
+    path, checkpoint = model_cfg.get("path"), model_cfg.get("checkpoint_path")
+    if checkpoint:
+        from .unet.files import detect
+
+        return detect(checkpoint)["family"]
+    if any(model_cfg.get(key) for key in ("transformer_path", "clip_l_path", "t5_path")):
+        return "flux"
+    if path and folder_family(path):
+        return folder_family(path)
+    if path and os.path.isfile(os.path.join(os.path.expanduser(path), "model_index.json")):
+        raise ValueError(f"model.family is auto, and {path}/model_index.json names a pipeline that is "
+                         f"none of {', '.join(PIPELINE_CLASSES)}: set model.family.")
+    raise ValueError(f"model.family is auto, and no readable model file tells the family (model.path "
+                     f"= {path!r}): give a diffusers folder with model_index.json, a checkpoint, "
+                     f"or set model.family to one of {', '.join(SUPPORTED)}.")
+
+
+def folder_family(path):
+    """The family of a built-in model name or of a diffusers folder's pipeline class; None when
+    the folder has no model_index.json or names another pipeline."""
+    from .builtin import BUILTIN_MODELS
+
+    if path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[path][0]
+    index = os.path.join(os.path.expanduser(path), "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as f:
+        return PIPELINE_CLASSES.get(json.load(f).get("_class_name", ""))
 
 
 def model_files(model_cfg):
@@ -30,6 +71,4 @@ def load_model(model_cfg, quantize, comfyui=None):
     from .builtin import resolve_model_path
 
     path = resolve_model_path(model_cfg["path"]) if model_cfg["path"] else None
-    files = {key: model_cfg.get(key) for key in SINGLE_FILES[1:] if model_cfg.get(key)}
-    return get_family(model_cfg["family"]).load(path, model_cfg.get("transformer_path"),
-                                                 model_cfg["dtype"], quantize, comfyui=comfyui, **files)
+    return get_family(model_cfg["family"]).load({**model_cfg, "path": path}, quantize, comfyui)

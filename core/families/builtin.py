@@ -2,7 +2,8 @@
 makes locally on first use, so the quickstart runs on a fresh machine with no download."""
 import os
 
-BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "tiny"), "builtin:small-flux": ("flux", "small")}
+BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "tiny"), "builtin:small-flux": ("flux", "small"),
+                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
 BUILTIN_DATASETS = {"builtin:demo": 6}
 
 
@@ -28,10 +29,14 @@ def resolve_model_path(path):
     if path not in BUILTIN_MODELS:
         return path
     family, preset = BUILTIN_MODELS[path]
-    from .flux.tiny import build_tiny_flux
-
     folder = os.path.join(cache_root(), "models", f"{preset}-{family}")
-    return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
+    if family == "flux":
+        from .flux.tiny import build_tiny_flux
+
+        return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
+    from .unet.tiny import build_tiny
+
+    return _build_once(folder, "model_index.json", lambda target: build_tiny(family, target))
 
 
 def resolve_dataset_folder(folder):

@@ -7,13 +7,15 @@ from typing import Protocol, runtime_checkable
 @runtime_checkable
 class ModelFamily(Protocol):
     name: str
-    LORA_TARGETS: str  # regex of the module names that get a LoRA
+    LORA_TARGETS: str  # regex of the module names that get a LoRA by default
+    DIFFUSERS_PREFIX: str  # key prefix of the diffusers-format LoRA file ("transformer.", "unet.")
+    KOHYA_METADATA: dict  # ss_base_model_version and ss_network_module of a kohya-format file
 
-    def load(self, path, transformer_path=None, dtype="bf16", quantize="none", clip_l_path=None,
-             t5_path=None, vae_path=None, comfyui=None):
-        """The pipeline from local files only (a diffusers folder and/or single files), every
-        part frozen; `quantize` already resolved from "auto"; `comfyui` is ComfyUI's folder, if
-        known (core/ never imports ComfyUI: the node layer passes it)."""
+    def load(self, model, quantize="none", comfyui=None):
+        """The pipeline from local files only, every part frozen. `model` is the resolved
+        `model` config section (its `path` already a local folder or None, and the family's
+        single files); `quantize` is already resolved from "auto"; `comfyui` is ComfyUI's
+        folder, if known (core/ never imports ComfyUI: the node layer passes it)."""
 
     def size_multiple(self, pipeline) -> int:
         """Image sides must be a multiple of this (the VAE's downscale times any packing)."""
@@ -39,6 +41,10 @@ class ModelFamily(Protocol):
     def remove_lora(self, pipeline):
         """Takes every LoRA layer off the trainable model."""
 
+    def lora_targets(self, network) -> dict:
+        """peft LoraConfig arguments (target_modules, and rank_pattern/alpha_pattern where some
+        modules get their own rank) for the `network` config section."""
+
     def lora_to_kohya(self, model):
         """A function mapping the LoRA's weights to kohya key names."""
 
@@ -49,7 +55,12 @@ class ModelFamily(Protocol):
         """The normalised latent of one PIL image at its bucket size, on the CPU."""
 
     def training_loss(self, model, batch, generator, train_config, guidance_embeds):
-        """The loss of one batch (latents, text, pooled on the device): noise, target, loss."""
+        """The loss of one batch: noise, target, loss. `batch` holds, on the device, latents
+        [B,C,h,w], text [B,seq,dim], pooled [B,dim] (dim may be 0), original_size [B,2] (height,
+        width of the source image) and crop_top_left [B,2] (of the centre crop in the resized
+        image); all randomness comes from `generator`."""
 
-    def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device):
-        """One PIL image per cached prompt embedding, each from the same seed."""
+    def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
+                 negative_embeds=None):
+        """One PIL image per cached (text, pooled) pair, each from the same seed; a family with
+        classifier-free guidance uses `negative_embeds` (the empty caption's pair)."""

@@ -13,7 +13,21 @@ LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\."
                 r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
                 r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
 
-load = load_pipeline
+DIFFUSERS_PREFIX = "transformer."
+KOHYA_METADATA = {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+
+
+def load(model, quantize="none", comfyui=None):
+    """The FLUX.1 pipeline from `model["path"]` (a diffusers folder) and/or its single files."""
+    return load_pipeline(model["path"], model.get("transformer_path"), model["dtype"], quantize,
+                         clip_l_path=model.get("clip_l_path"), t5_path=model.get("t5_path"),
+                         vae_path=model.get("vae_path"), comfyui=comfyui)
+
+
+def lora_targets(network):
+    """The attention and MLP linears of every block (FLUX always trains its MLPs; the SD-only
+    feed_forward and conv settings do not apply)."""
+    return {"target_modules": LORA_TARGETS}
 
 
 def size_multiple(pipeline):
@@ -135,8 +149,10 @@ def predict(transformer, packed_noisy, sigmas, text, pooled, height, width, guid
 
 
 @torch.no_grad()
-def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device):
-    """One image (PIL) per cached prompt embedding pair, each from the same seed."""
+def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
+             negative_embeds=None):
+    """One image (PIL) per cached prompt embedding pair, each from the same seed. FLUX.1 is
+    guidance-distilled (no negative prompt), so negative_embeds is not used."""
     images = []
     for text, pooled in prompt_embeds:
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -148,7 +164,8 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
     return images
 
 
-__all__ = ["LORA_TARGETS", "ModelError", "compute_dtype", "encode_image", "encode_prompts",
-           "encoders_to_device", "free_text_encoders", "generate", "load", "lora_to_kohya",
+__all__ = ["DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
+           "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders", "generate",
+           "load", "lora_targets", "lora_to_kohya",
            "predict", "remove_lora", "size_multiple", "text_length",
            "to_device", "trainable_model", "training_loss", "uses_guidance"]
