@@ -111,3 +111,25 @@ def test_disk_cache_key_changes_with_image_and_caption(tmp_path):
     write_image(folder, "a.png", color="blue", caption="first")
     cache = fill()
     assert cache.computed == 1 and cache.latent(0, sizes[0][0]).item() == 0.0  # blue: red = 0
+
+
+@pytest.mark.parametrize("width, height, size", [(300, 100, (64, 64)), (100, 300, (64, 64)),
+                                                 (640, 480, (96, 48)), (480, 640, (48, 96)),
+                                                 (200, 200, (64, 64))])
+def test_crop_top_left_is_where_pils_fit_cuts(width, height, size):
+    """SDXL's crop conditioning must name the crop that load_for_bucket (ImageOps.fit) really
+    takes: a ramp image shows it, since each source column/row carries its own coordinate."""
+    import numpy as np
+    from PIL import ImageOps
+
+    from loralab.core.dataset.buckets import crop_top_left
+
+    columns, rows = np.meshgrid(np.arange(width), np.arange(height))
+    ramp = Image.fromarray(np.stack([columns % 256, rows % 256, columns // 256 * 64 + rows // 256 * 8],
+                                    -1).astype(np.uint8))
+    fitted = np.asarray(ImageOps.fit(ramp, size, method=Image.Resampling.NEAREST)).astype(int)
+    first_column = fitted[0, 0, 0] + fitted[0, 0, 2] // 64 * 256  # source x of the kept corner
+    first_row = fitted[0, 0, 1] + fitted[0, 0, 2] % 64 // 8 * 256
+    scale = max(size[0] / width, size[1] / height)
+    top, left = crop_top_left(width, height, size)
+    assert abs(left - first_column * scale) <= 1 and abs(top - first_row * scale) <= 1

@@ -31,3 +31,15 @@ def load_for_bucket(path, size):
             "damaged or was changed since the dataset was scanned: re-save or replace it, or "
             "remove it from the dataset folder, then start training again.") from error
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def crop_top_left(width, height, size):
+    """(top, left) of the centre crop that load_for_bucket takes, in the resized image's pixels:
+    what SDXL's micro-conditioning calls crop_coords_top_left. PIL's ImageOps.fit crops the
+    source to the bucket's aspect ratio, centred, then resizes; this is that crop, scaled."""
+    bucket_width, bucket_height = size
+    if width / height >= bucket_width / bucket_height:  # wider than the bucket: sides are cut
+        crop_width = bucket_width / bucket_height * height
+        return 0, round((width - crop_width) / 2 * bucket_width / crop_width)
+    crop_height = width / (bucket_width / bucket_height)
+    return round((height - crop_height) / 2 * bucket_height / crop_height), 0
