@@ -1,0 +1,207 @@
+"""What SD1.5 and SDXL share as model families (core/families/contract.py): a UNet trained with
+DDPM noise (noise.py), a VAE with a scaling factor, CLIP text encoders that are freed after
+encoding. core/families/sd15 and sdxl add their prompt encoding and conditioning."""
+import contextlib
+
+import numpy
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+from . import noise
+
+DIFFUSERS_PREFIX = "unet."
+
+# Module names inside the UNet's transformer blocks, e.g.
+# down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k; resnets hold the 3x3 convolutions.
+ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+FEED_FORWARD = r"ff\.net\.(0\.proj|2)"
+CONVOLUTIONS = r"resnets\.\d+\.(conv1|conv2)"
+
+
+def _in_transformer_blocks(parts):
+    return rf".*attentions\.\d+\.transformer_blocks\.\d+\.({'|'.join(parts)})"
+
+
+# The default: LoRA on self- and cross-attention only.
+LORA_TARGETS = _in_transformer_blocks([ATTENTION])
+
+
+def lora_targets(network):
+    """peft LoraConfig arguments for the `network` section: attention, plus the feed-forward
+    linears with `feed_forward`, plus the resnets' 3x3 convolutions (LoCon) at their own rank
+    `conv` and alpha `conv_alpha` (or `conv`) when `conv` > 0."""
+    regex = _in_transformer_blocks([ATTENTION, FEED_FORWARD] if network.get("feed_forward") else [ATTENTION])
+    conv_rank = network.get("conv", 0) or 0
+    if conv_rank <= 0:
+        return {"target_modules": regex}
+    return {"target_modules": rf"({regex}|.*{CONVOLUTIONS})",
+            "rank_pattern": {CONVOLUTIONS: conv_rank},
+            "alpha_pattern": {CONVOLUTIONS: network.get("conv_alpha") or conv_rank}}
+
+
+def load(name, model, quantize, comfyui):
+    """The frozen pipeline of family `name` from a model section (unet/load.py)."""
+    from .load import load_pipeline
+
+    if quantize not in ("none", None):
+        raise ValueError(f"model.quantize {quantize!r} is not available for {name} yet: use none")
+    pipeline = load_pipeline(name, model, comfyui)
+    _remember_noise_schedule(pipeline)
+    return pipeline
+
+
+def lora_to_kohya(name):
+    """A function mapping the UNet's peft LoRA weights to kohya's names (lora_unet_...)."""
+    from .keys import lora_to_kohya as to_kohya
+
+    return lambda weights: to_kohya(weights, name)
+
+
+def _remember_noise_schedule(pipeline):
+    """training_loss is given the UNet only, so the UNet carries its scheduler's config (betas,
+    prediction type); kept from the first time it is seen, as samplers swap the scheduler."""
+    if not hasattr(pipeline.unet, "loralab_noise_config"):
+        pipeline.unet.loralab_noise_config = dict(pipeline.scheduler.config)
+
+
+def size_multiple(pipeline):
+    return pipeline.vae_scale_factor
+
+
+def trainable_model(pipeline):
+    _remember_noise_schedule(pipeline)  # also for a pipeline that did not come through load
+    return pipeline.unet
+
+
+def compute_dtype(pipeline):
+    return pipeline.unet.dtype
+
+
+def uses_guidance(pipeline):
+    return False
+
+
+def _text_encoder_names(pipeline):
+    return [name for name in ("text_encoder", "text_encoder_2") if name in pipeline.components]
+
+
+def encoders_to_device(pipeline, device):
+    """The VAE and text encoders, for caching; the UNet stays where it is."""
+    for name in ["vae", *_text_encoder_names(pipeline)]:
+        module = getattr(pipeline, name)
+        if module is not None:
+            module.to(device)
+
+
+def to_device(pipeline, device):
+    pipeline.vae.to(device)
+    pipeline.unet.to(device)
+
+
+def free_text_encoders(pipeline):
+    """Dropped after encoding: sampling reads cached embeddings; text_encoders loads them again."""
+    pipeline.register_modules(**{name: None for name in _text_encoder_names(pipeline)})
+
+
+def text_encoders(pipeline, device):
+    """The pipeline's text encoders on `device`, loaded again if they were freed."""
+    names = _text_encoder_names(pipeline)
+    if any(getattr(pipeline, name) is None for name in names):
+        from .load import reload_text_encoders
+
+        reload_text_encoders(pipeline)
+    return [getattr(pipeline, name).to(device) for name in names]
+
+
+def tokens(tokenizer, prompt, device):
+    """Token ids [1, 77], padded and truncated as the pipelines' encode_prompt does."""
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+def remove_lora(pipeline):
+    if getattr(pipeline.unet, "peft_config", None):
+        pipeline.unet.unload_lora()
+
+
+@contextlib.contextmanager
+def _vae_for_encoding(vae):
+    """SDXL's VAE overflows in float16 (its config says force_upcast): it encodes in float32."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+
+
+@torch.no_grad()
+def encode_image(pipeline, image, device):
+    """The latent [4, h/8, w/8] of one PIL image (already at its bucket size) times the VAE's
+    scaling factor, float32 on the CPU."""
+    pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    with _vae_for_encoding(pipeline.vae) as vae:
+        latent = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.sample()
+    return (latent[0] * pipeline.vae.config.scaling_factor).float().cpu()
+
+
+def unet_loss(model, batch, generator, train_config, added_cond_kwargs=None):
+    """The (min-SNR weighted) MSE of one batch: noise and timesteps from `generator`, the noisy
+    latents, the UNet's prediction against the epsilon or v target of its scheduler."""
+    config = extract_model_from_parallel(model).loralab_noise_config
+    prediction_type = config.get("prediction_type") or "epsilon"
+    cumulative = noise.alphas_cumprod(config, train_config.get("zero_terminal_snr", False))
+    latents = batch["latents"]
+    clean = latents.float()  # the noise math in float32, whatever the compute dtype
+    drawn, timesteps = noise.draw(
+        clean.shape, generator, len(cumulative), train_config.get("noise_offset", 0.0),
+        train_config.get("timestep_min", 0), train_config.get("timestep_max", 1000))
+    drawn, timesteps = drawn.to(latents.device), timesteps.to(latents.device)
+    noisy = noise.noisy_latents(clean, drawn, cumulative, timesteps)
+    prediction = model(noisy.to(latents.dtype), timesteps, encoder_hidden_states=batch["text"],
+                       added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+    target = noise.target(clean, drawn, cumulative, timesteps, prediction_type)
+    gamma = train_config.get("min_snr_gamma")
+    weights = noise.min_snr_weights(noise.snr(cumulative, timesteps), gamma, prediction_type) if gamma else None
+    return noise.weighted_mse(prediction, target, weights)
+
+
+@contextlib.contextmanager
+def _euler_scheduler(pipeline):
+    """The pipeline samples with Euler (its scheduler's config: betas, prediction type) for the
+    duration, then gets its own scheduler back. A LoRA trained with zero_terminal_snr samples
+    with the same scheduler (no trailing spacing or rescale here)."""
+    from diffusers import EulerDiscreteScheduler
+
+    original = pipeline.scheduler
+    pipeline.scheduler = EulerDiscreteScheduler.from_config(original.config)
+    try:
+        yield
+    finally:
+        pipeline.scheduler = original
+
+
+@torch.no_grad()
+def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
+             negative_embeds=None, pooled=False):
+    """One PIL image per (text, pooled) pair from diffusers' own pipeline, each from the same
+    seed, with classifier-free guidance against `negative_embeds` (zeros when None: the text
+    encoders are freed while sampling, so nothing is encoded here). `pooled`: SDXL's pooled
+    embeddings are passed too."""
+    dtype = pipeline.unet.dtype
+    images = []
+    with _euler_scheduler(pipeline):
+        for text, pool in prompt_embeds:
+            negative_text, negative_pool = negative_embeds or (torch.zeros_like(text), torch.zeros_like(pool))
+            embeds = {"prompt_embeds": text[None].to(device, dtype),
+                      "negative_prompt_embeds": negative_text[None].to(device, dtype)}
+            if pooled:
+                embeds.update(pooled_prompt_embeds=pool[None].to(device, dtype),
+                              negative_pooled_prompt_embeds=negative_pool[None].to(device, dtype))
+            result = pipeline(**embeds, num_inference_steps=steps, guidance_scale=guidance_scale,
+                              width=width, height=height,
+                              generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+            images.append(result.images[0])
+    return images
