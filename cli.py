@@ -73,7 +73,7 @@ def _describe(event):
 def cmd_train(args):
     from .core.config import load_config
     from .core.trainer import train
-    from .core.workflow.interrupt import handle_ctrl_c, stop_requested
+    from .workflow_runner.interrupt import handle_ctrl_c, stop_requested
 
     config = load_config(args.config)
     with handle_ctrl_c():
@@ -154,8 +154,8 @@ def cmd_run(args):
 
     from .core.runs import RunLocked
     from .core.trainer import OutOfMemory
-    from .core.workflow import NodeFailed, WorkflowInterrupted, run_workflow, to_api
-    from .core.workflow.interrupt import handle_ctrl_c, stop_requested
+    from .workflow_runner import NodeFailed, WorkflowInterrupted, run_workflow, to_api
+    from .workflow_runner.interrupt import handle_ctrl_c, stop_requested
     from .nodes.events import listening
 
     registry = _registry(args)  # first: ComfyUI must see its options before LoRA Lab's nodes ask
@@ -366,7 +366,7 @@ def main(argv=None):
     from .core.families.flux.model import ModelError
     from .core.coach.fit import DoesNotFit
     from .core.trainer import OutOfMemory, PrecisionError, ResumeError
-    from .core.workflow import WorkflowError
+    from .workflow_runner import WorkflowError
     from .core.runs import RunLocked
     from .core.runs.history import RunNotFound
     from .nodes.comfyui_nodes import ComfyUINotImportable

@@ -3,7 +3,7 @@ into the loras folder."""
 import os
 
 from ..core.config import resolve
-from ..core.workflow import interrupt
+from ..workflow_runner import interrupt
 from . import comfy_adapter, events
 from .errors import one_line_errors
 from .images import image_tensor

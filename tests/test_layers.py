@@ -1,10 +1,14 @@
-"""core/ is the engine and knows nothing of ComfyUI or of the node layer (docs/architecture.md):
-no module under it imports comfy, folder_paths or nodes. The node layer passes what it knows."""
+"""The layers import only what docs/architecture.md says they may:
+- core/ is the engine and knows nothing of ComfyUI or of the node layer: no module under it
+  imports comfy, folder_paths or nodes. The node layer passes what it knows.
+- workflow_runner/ speaks ComfyUI's node protocol without ComfyUI: it imports no ComfyUI module
+  and nothing else of LoRA Lab (core/, nodes/); what it runs is the registry it is given."""
 import ast
 import os
+import sys
 
-CORE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "core")
-FORBIDDEN = ("comfy", "folder_paths", "comfy_extras", "nodes", "execution", "server")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI = ("comfy", "folder_paths", "comfy_extras", "nodes", "execution", "server")
 
 
 def imported(path):
@@ -17,16 +21,38 @@ def imported(path):
             yield node.module or "", node.level
 
 
-def test_core_imports_neither_comfyui_nor_the_nodes():
-    offenders = []
-    for root, _, names in os.walk(CORE):
+def offenders(layer, forbidden_siblings):
+    """Imports under ROOT/layer of a ComfyUI module (absolute), or of one of LoRA Lab's own
+    top-level packages in forbidden_siblings (relative, out of the layer: from ..nodes)."""
+    folder, found = os.path.join(ROOT, layer), []
+    for root, _, names in os.walk(folder):
         for name in (n for n in names if n.endswith(".py")):
             path = os.path.join(root, name)
-            depth = len(os.path.relpath(path, CORE).split(os.sep))  # core/x.py: 1
+            depth = len(os.path.relpath(path, folder).split(os.sep))  # layer/x.py: 1
             for module, level in imported(path):
                 top = module.split(".")[0]
-                if level == 0 and top in FORBIDDEN:
-                    offenders.append(f"{path}: import {module}")
-                if level > depth and top == "nodes":  # from ..nodes (relative, out of core/)
-                    offenders.append(f"{path}: from {'.' * level}{module}")
-    assert not offenders, "\n".join(offenders)
+                if level == 0 and top in COMFYUI + ("loralab",):
+                    found.append(f"{path}: import {module}")
+                if level > depth and top in forbidden_siblings:
+                    found.append(f"{path}: from {'.' * level}{module}")
+    return found
+
+
+def test_core_imports_neither_comfyui_nor_the_nodes():
+    found = offenders("core", ("nodes", "workflow_runner", "cli"))
+    assert not found, "\n".join(found)
+
+
+def test_the_workflow_runner_imports_neither_comfyui_nor_the_rest_of_loralab():
+    found = offenders("workflow_runner", ("core", "nodes", "cli"))
+    assert not found, "\n".join(found)
+
+
+def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
+    layer = tmp_path / "workflow_runner"
+    (layer / "sub").mkdir(parents=True)
+    (layer / "sub" / "x.py").write_text("from ...nodes import comfy_adapter\nimport folder_paths\n"
+                                        "from ..plan import needed_nodes\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    assert offenders("workflow_runner", ("nodes",)) == [
+        f"{layer / 'sub' / 'x.py'}: from ...nodes", f"{layer / 'sub' / 'x.py'}: import folder_paths"]

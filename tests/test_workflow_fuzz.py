@@ -12,7 +12,7 @@ import time
 import pytest
 
 import loralab
-from loralab.core.workflow import WorkflowError, validate
+from loralab.workflow_runner import WorkflowError, validate
 
 from conftest import run_cli
 

@@ -1,11 +1,12 @@
-"""The headless workflow engine (core/workflow) on small real V1 node classes."""
+"""The workflow runner (workflow_runner/) on small real V1 node classes."""
 
 import json
 import signal
+import sys
 
 import pytest
 
-from loralab.core.workflow import (
+from loralab.workflow_runner import (
     NodeFailed, WorkflowError, WorkflowInterrupted, interrupt, load_workflow, run_workflow,
     to_api, validate,
 )
@@ -403,6 +404,9 @@ def test_every_validation_problem_is_listed_with_node_title_and_input(tmp_path):
     graph["7"] = {"class_type": "WriteText", "_meta": {"title": "Other"},
                   "inputs": {"number": ["3", 0], "mode": "plain"}}       # missing path
     graph["8"] = {"class_type": "Nonsense", "inputs": {}, "_meta": {"title": "Typo"}}
+    graph["10"] = {"class_type": "WriteText", "_meta": {"title": "Needs typo"},
+                   "inputs": {"number": ["8", 0], "path": "x.txt", "mode": "plain"}}
+    graph["11"] = {"class_type": "Nonsense", "inputs": {}}               # needed by nothing
     graph["9"] = {"class_type": "Picky", "inputs": {"value": -1, "name": "a.png", "size": "xl"}}
     with pytest.raises(WorkflowError) as caught:
         validate(graph, REGISTRY)
@@ -427,7 +431,8 @@ def test_every_validation_problem_is_listed_with_node_title_and_input(tmp_path):
     assert "'shouty' is not one of the choices: 'plain', 'loud'" in line_for("4", "mode")
     assert "expects STRING but output 0 of node 1 'MakeNumber' gives INT" in line_for("4", "path")
     assert "missing required input" in line_for("7", "path") and "'Other'" in line_for("7", "path")
-    assert "unknown node type 'Nonsense'" in line_for("8", None) and "'Typo'" in line_for("8", None)
+    assert ("node 8 'Typo' (Nonsense): node 10 'Needs typo' (WriteText) needs it, but no "
+            "'Nonsense' node runs here: run this workflow in ComfyUI") in line_for("8", None)
     assert "below the minimum 0" in line_for("9", "value")
     assert "'xl' is not one of the choices: 's', 'm'" in line_for("9", "size")
     assert "'a.png' must end with .txt" in line_for("9", "name")  # from VALIDATE_INPUTS
@@ -445,10 +450,10 @@ def test_a_workflow_without_output_node_is_an_error():
         run_workflow({"1": {"class_type": "MakeNumber", "inputs": {"value": 1}}}, REGISTRY)
 
 
-# --- ComfyUI's own nodes ------------------------------------------------------------------------
+# --- nodes no output needs, and nodes only ComfyUI runs -------------------------------------------
 
-def test_comfyui_nodes_and_their_dependents_are_skipped_and_named(tmp_path):
-    graph = api_graph(tmp_path / "out.txt")
+def test_every_node_no_output_needs_is_skipped_and_named_whatever_its_type(tmp_path):
+    graph = api_graph(tmp_path / "out.txt")  # node 5 is a registry node nothing needs
     graph.update({
         "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
         "11": {"class_type": "KSampler", "inputs": {"model": ["10", 0], "seed": 1},
@@ -456,15 +461,31 @@ def test_comfyui_nodes_and_their_dependents_are_skipped_and_named(tmp_path):
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0]}},
         "13": {"class_type": "AddNumbers", "inputs": {"a": ["11", 0], "b": 1},
                "_meta": {"title": "Needs sampler"}},
+        "14": {"class_type": "SomePack.FancyUpscale", "inputs": {"number": ["3", 0], "x": [1, 2, 3]}},
     })
     events = []
     result = run_workflow(graph, REGISTRY, on_event=events.append)
-    assert result.outputs == {"4": ("n=5",)}
+    assert result.outputs == {"4": ("n=5",)} and set(result.executed) == {"1", "2", "3", "4"}
     skipped = {s["node_id"]: s for s in result.skipped}
-    assert set(skipped) == {"10", "11", "12", "13"}
+    assert set(skipped) == {"5", "10", "11", "12", "13", "14"}
     assert skipped["11"]["title"] == "Sampler" and skipped["11"]["class_type"] == "KSampler"
-    assert "needs skipped node 11 'Sampler'" in skipped["13"]["reason"]
-    assert {e["node_id"] for e in events if e["kind"] == "skipped"} == set(skipped)
+    for node_id in ("10", "11", "12", "14"):
+        assert skipped[node_id]["reason"] == "only ComfyUI can run it (no such node here); no output here needs it"
+    assert skipped["13"]["reason"] == skipped["5"]["reason"] == "no output node needs it"
+    assert [e["node_id"] for e in events if e["kind"] == "skipped"] == list(skipped)
+
+
+def test_a_needed_node_only_comfyui_runs_is_an_error_naming_it_and_what_to_do(tmp_path):
+    graph = api_graph(tmp_path / "out.txt")
+    graph["2"] = {"class_type": "SomePack.FancyNumber", "inputs": {"seed": 3},
+                  "_meta": {"title": "Fancy"}}
+    with pytest.raises(WorkflowError) as caught:
+        run_workflow(graph, REGISTRY)
+    assert str(caught.value) == (
+        "node 2 'Fancy' (SomePack.FancyNumber): node 3 'Sum' (AddNumbers) needs it, but no "
+        "'SomePack.FancyNumber' node runs here: run this workflow in ComfyUI (with the pack "
+        "that provides it), or, for one of ComfyUI's own nodes, with loralab run --comfyui DIR")
+    assert CALLS == []
 
 
 def test_only_comfyui_outputs_left_is_an_error_saying_nothing_runs(tmp_path):
@@ -473,11 +494,12 @@ def test_only_comfyui_outputs_left_is_an_error_saying_nothing_runs(tmp_path):
         "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0]}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
     }
-    with pytest.raises(WorkflowError, match="nothing left to run"):
+    with pytest.raises(WorkflowError, match="nothing left to run") as caught:
         run_workflow(graph, REGISTRY)
+    assert "skipped: 1 'EmptyLatentImage', 2 'VAEDecode', 3 'PreviewImage'" in str(caught.value)
 
 
-def test_comfyui_nodes_in_ui_format_are_skipped_too(tmp_path):
+def test_nodes_only_comfyui_runs_in_ui_format_are_skipped_too(tmp_path):
     workflow = ui_graph(tmp_path / "out.txt")
     workflow["nodes"] += [
         ui_node(20, "UNETLoader", ["flux.safetensors", "default"],
@@ -488,7 +510,29 @@ def test_comfyui_nodes_in_ui_format_are_skipped_too(tmp_path):
     workflow["links"].append([20, 20, 0, 21, 0, "MODEL"])
     result = run_workflow(workflow, REGISTRY)
     assert result.outputs == {"4": ("n=5",)}
-    assert {s["node_id"] for s in result.skipped} == {"20", "21"}
+    assert {s["node_id"] for s in result.skipped} == {"5", "20", "21"}
+
+
+def test_a_chain_far_deeper_than_the_recursion_limit_validates_and_runs(tmp_path):
+    depth = 4 * sys.getrecursionlimit()
+    graph = {"0": {"class_type": "MakeNumber", "inputs": {"value": 1}}}
+    for index in range(1, depth):
+        graph[str(index)] = {"class_type": "AddNumbers", "inputs": {"a": [str(index - 1), 0], "b": 1}}
+    graph["out"] = {"class_type": "WriteText", "inputs": {"number": [str(depth - 1), 0],
+                                                          "path": str(tmp_path / "o.txt"), "mode": "plain"}}
+    order = validate(graph, REGISTRY)
+    assert order == [str(index) for index in range(depth)] + ["out"]
+    assert run_workflow(graph, REGISTRY).outputs == {"out": (str(depth),)}
+
+
+def test_a_loop_the_outputs_need_is_named_and_one_they_do_not_is_skipped(tmp_path):
+    graph = api_graph(tmp_path / "out.txt")
+    graph["20"] = {"class_type": "AddNumbers", "inputs": {"a": ["21", 0], "b": 1}}
+    graph["21"] = {"class_type": "AddNumbers", "inputs": {"a": ["20", 0], "b": 1}}
+    assert run_workflow(graph, REGISTRY).outputs == {"4": ("n=5",)}
+    graph["3"]["inputs"]["b"] = ["20", 0]
+    with pytest.raises(WorkflowError, match="is part of a loop of links"):
+        validate(graph, REGISTRY)
 
 
 # --- interrupt --------------------------------------------------------------------------------

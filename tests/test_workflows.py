@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import loralab
-from loralab.core.workflow import WorkflowError, WorkflowInterrupted, interrupt, run_workflow, to_api, validate
+from loralab.workflow_runner import WorkflowError, WorkflowInterrupted, interrupt, run_workflow, to_api, validate
 from loralab.nodes.events import listening
 
 from conftest import run_cli
@@ -16,6 +16,7 @@ from conftest import run_cli
 NODES = loralab.NODE_CLASS_MAPPINGS
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 NAMES = ["quickstart", "flux-dev-train", "train-then-generate"]
+ONLY_COMFYUI = "only ComfyUI can run it (no such node here); no output here needs it"
 # The FLUX.1-dev graphs with the user's model swapped for the tiny one, and only the steps and
 # the sizes made small: their precision, optimizer, checkpointing and sampling stay as shipped.
 TINY = {
@@ -72,7 +73,7 @@ def test_quickstart_runs_headless_and_both_formats_train_the_same_lora(tmp_path)
         done = run_cli("run", "quickstart" if file_name == "quickstart.json" else workflow(file_name),
                        cwd=folder)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "skipped node 7 'Loss plot' (PreviewImage): ComfyUI node" in done.stderr
+        assert f"skipped node 7 'Loss plot' (PreviewImage): {ONLY_COMFYUI}" in done.stderr
         assert "skipped node 8 'Training summary' (PreviewAny)" in done.stderr
         assert "[4/6] node 4 'Train LoRA' (LoRALabTrainLoRA)" in done.stderr
         lora = folder / "output" / "loras" / "loralab" / "quickstart_00001.safetensors"
@@ -90,9 +91,9 @@ def test_train_then_generate_runs_its_lora_lab_part_and_names_what_it_skipped(tm
     path.write_text(json.dumps(with_tiny_model(read("train-then-generate.json"))))
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    for skipped in ("node 10 'FLUX.1-dev transformer' (UNETLoader): ComfyUI node",
+    for skipped in (f"node 10 'FLUX.1-dev transformer' (UNETLoader): {ONLY_COMFYUI}",
                     "node 11 'Text encoders' (DualCLIPLoader)", "node 18 'KSampler' (KSampler)",
-                    "node 13 'Apply the new LoRA' (LoRALabApplyLoRA): needs skipped node 10",
+                    "node 13 'Apply the new LoRA' (LoRALabApplyLoRA): no output node needs it",
                     "node 20 'Save image' (SaveImage)"):
         assert f"skipped {skipped}" in done.stderr
     assert (tmp_path / "output" / "loras" / "loralab" / "my_flux_lora_00001.safetensors").is_file()
@@ -151,9 +152,9 @@ def broken(change):
 
 BAD = {
     "unknown node": (
-        lambda api: api.update({"9": {"class_type": "LoRALabTrainLoRAX", "inputs": {},
-                                      "_meta": {"title": "Typo"}}}),
-        "node 9 'Typo' (LoRALabTrainLoRAX): unknown node type 'LoRALabTrainLoRAX'"),
+        lambda api: api["4"].update(class_type="LoRALabTrainLoRAX"),
+        "node 4 'Train LoRA' (LoRALabTrainLoRAX): node 5 'Save LoRA to loras' "
+        "(LoRALabSaveCheckpoint) needs it, but no 'LoRALabTrainLoRAX' node runs here"),
     "missing input": (
         lambda api: api["4"]["inputs"].pop("config"),
         "node 4 'Train LoRA' (LoRALabTrainLoRA), input 'config': missing required input"),
@@ -184,6 +185,80 @@ def test_a_bad_ui_workflow_names_the_same(tmp_path):
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert BAD["value out of range"][1] in done.stderr
+
+
+# -- a node of another pack ------------------------------------------------------------------------
+
+FANCY = "SomePack.FancyUpscale"  # a custom pack LoRA Lab knows nothing of
+
+
+def fancy_node(inputs, links):
+    return {"id": 9, "type": FANCY, "mode": 0, "title": "Fancy upscale", "inputs": inputs,
+            "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": links}],
+            "widgets_values": [2.0, "lanczos"]}
+
+
+def grid_then_fancy(ui_format):
+    """quickstart's grid of the base model alone (no training, so it is quick), then the other
+    pack's upscaler on the grid, then ComfyUI's preview: no LoRA Lab output needs the two."""
+    if not ui_format:
+        api = read("quickstart.json")
+        api["6"]["inputs"].pop("lora")
+        api["6"]["inputs"].update(prompts="a photo", strengths="0", steps=1)
+        api["7"]["inputs"]["images"] = ["9", 0]
+        fancy = {"class_type": FANCY, "inputs": {"image": ["6", 0], "scale": 2.0, "method": "lanczos"},
+                 "_meta": {"title": "Fancy upscale"}}
+        return {"1": api["1"], "6": api["6"], "9": fancy, "7": api["7"]}
+    ui = read("quickstart.ui.json")
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    nodes[6]["inputs"][-1]["link"] = None  # no lora
+    nodes[6]["widgets_values"][:5] = ["a photo", "0", 42, "fixed", 1]
+    nodes[7]["inputs"][0]["link"] = 10
+    ui["nodes"] = [nodes[1], nodes[6], fancy_node([{"name": "image", "type": "IMAGE", "link": 9}], [10]),
+                   nodes[7]]
+    ui["links"] = [link for link in ui["links"] if link[0] == 5] + [
+        [9, 6, 0, 9, 0, "IMAGE"], [10, 9, 0, 7, 0, "IMAGE"]]
+    return ui
+
+
+def fancy_before_save(ui_format):
+    """The full quickstart with the other pack's node between Train LoRA and Save LoRA."""
+    if not ui_format:
+        api = read("quickstart.json")
+        api["9"] = {"class_type": FANCY, "inputs": {"lora": ["4", 0], "scale": 2.0},
+                    "_meta": {"title": "Fancy upscale"}}
+        api["5"]["inputs"]["lora"] = ["9", 0]
+        return api
+    ui = read("quickstart.ui.json")
+    ui["nodes"].append(fancy_node([{"name": "lora", "type": "LORALAB_LORA", "link": 9}], [4]))
+    ui["links"] = [link for link in ui["links"] if link[0] != 4] + [
+        [9, 4, 0, 9, 0, "LORALAB_LORA"], [4, 9, 0, 5, 0, "LORALAB_LORA"]]
+    return ui
+
+
+@pytest.mark.parametrize("ui_format", [False, True], ids=["api", "ui"])
+def test_a_node_of_another_pack_that_no_output_needs_is_skipped_and_named(ui_format, tmp_path):
+    path = tmp_path / "fancy.json"
+    path.write_text(json.dumps(grid_then_fancy(ui_format)))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"skipped node 9 'Fancy upscale' ({FANCY}): {ONLY_COMFYUI}" in done.stderr.splitlines()
+    assert f"skipped node 7 'Loss plot' (PreviewImage): {ONLY_COMFYUI}" in done.stderr.splitlines()
+    grid = next(line for line in done.stdout.splitlines() if line.startswith("node 6 'Base vs LoRA': "))
+    assert os.path.isfile(grid.split(", ")[-1]), grid
+
+
+@pytest.mark.parametrize("ui_format", [False, True], ids=["api", "ui"])
+def test_a_node_of_another_pack_that_an_output_needs_is_refused_in_one_line(ui_format, tmp_path):
+    path = tmp_path / "fancy.json"
+    path.write_text(json.dumps(fancy_before_save(ui_format)))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        f"error: node 9 'Fancy upscale' ({FANCY}): node 5 'Save LoRA to loras' (LoRALabSaveCheckpoint) "
+        f"needs it, but no '{FANCY}' node runs here: run this workflow in ComfyUI (with the pack that "
+        "provides it), or, for one of ComfyUI's own nodes, with loralab run --comfyui DIR"]
+    assert not (tmp_path / "output").exists()
 
 
 # -- stopping headless -----------------------------------------------------------------------------

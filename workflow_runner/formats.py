@@ -15,11 +15,11 @@ class ApiPrompt:
     """An API-format graph ready to validate and run.
 
     nodes: {node_id: {"class_type", "inputs", "_meta": {"title"}}}, links as [source_id, slot],
-        ids as strings. ComfyUI's own nodes stay in it (they are listed in `skipped` too);
-        converted from the UI format, they and unknown types keep only their links, since
-        naming widgets_values needs the class's INPUT_TYPES.
+        ids as strings. Nodes that no output needs stay in it (they are listed in `skipped`
+        too); converted from the UI format, a node of a type the registry lacks keeps only its
+        links, since naming widgets_values needs the class's INPUT_TYPES.
     skipped: nodes that will not run, each {node_id, title, class_type, reason}: muted and
-        bypassed nodes of a UI workflow, ComfyUI nodes, and the nodes that need them.
+        bypassed nodes of a UI workflow, and every node that no output node needs.
     problems: what went wrong while converting (validate() reports them with its own).
     reported: (node_id, input name or None) already in problems: validate() does not check
         that input (None: that node's inputs) again.

@@ -1,47 +1,61 @@
 """Checking a prompt before anything runs, collecting every problem into one WorkflowError.
 
-Like ComfyUI, every node's type is checked but inputs only of the nodes the outputs need: a
-stray half-wired node on the canvas does not stop a run.
+Only the nodes the outputs need are checked: a stray half-wired node, or another pack's node
+that nothing needs, does not stop a run (plan.py lists them as skipped). A needed node that is
+not in the registry is a problem naming it and what to do.
 """
 
 import inspect
 import math
 
-from .errors import WorkflowError, found, make_problem, shown
+from .errors import WorkflowError, describe_node, found, make_problem, shown
 from .formats import ApiPrompt, is_link
-from .node_types import declared_inputs, is_output_node, return_types, types_match
-from .plan import needed_nodes
+from .node_types import declared_inputs, return_types, types_match
+from .plan import links_of, needed_nodes, output_nodes
 
 
 def validate_prompt(prompt: ApiPrompt, registry: dict) -> list:
     """The ids of the nodes to run, in order; raises WorkflowError listing every problem."""
-    problems = list(prompt.problems)
-    skipped = prompt.skipped_by_id()
-    runnable = {node_id: node for node_id, node in prompt.nodes.items() if node_id not in skipped}
-    for node_id, node in runnable.items():
-        if node["class_type"] not in registry:
-            problems.append(_problem(prompt, node_id, None,
-                                     f"unknown node type '{node['class_type']}'"))
-    outputs = [node_id for node_id, node in runnable.items()
-               if node["class_type"] in registry and is_output_node(registry[node["class_type"]])]
+    outputs = output_nodes(prompt, registry)
+    order, loop = needed_nodes(prompt, outputs)
+    problems = _file_problems(prompt, set(order))
     if not outputs:
         problems.append(make_problem(None, None, None, _nothing_to_run(prompt)))
-    order, loop = needed_nodes(prompt, outputs)
     if loop is not None:
         problems.append(_problem(prompt, loop, None, "is part of a loop of links"))
     for node_id in order:
-        if (node_id in runnable and runnable[node_id]["class_type"] in registry
-                and (node_id, None) not in prompt.reported):
+        if prompt.nodes[node_id]["class_type"] not in registry:
+            problems.append(_problem(prompt, node_id, None, _not_here(prompt, node_id, order)))
+        elif (node_id, None) not in prompt.reported:
             problems.extend(_check_node(prompt, node_id, registry))
     if problems:
         raise WorkflowError(problems)
     return order
 
 
+def _file_problems(prompt, needed) -> list:
+    """What reading the file found wrong, less what is about a node that is skipped anyway.
+    A node left out for its shape (no type, not an object) is kept: what needs it is unknown."""
+    return [problem for problem in prompt.problems if problem["node_id"] is None
+            or problem["node_id"] in needed or problem["node_id"] not in prompt.nodes]
+
+
+def _not_here(prompt, node_id, order) -> str:
+    """Why a needed node that is not in the registry stops the run, and what to do."""
+    user = next(other for other in order if node_id in {s for s, _ in links_of(prompt.nodes[other])})
+    kind = prompt.nodes[node_id]["class_type"]
+    return (f"{describe_node(user, prompt.title(user), prompt.nodes[user]['class_type'])} needs "
+            f"it, but no '{kind}' node runs here: run this workflow in ComfyUI (with the pack "
+            "that provides it), or, for one of ComfyUI's own nodes, with loralab run "
+            "--comfyui DIR")
+
+
 def _nothing_to_run(prompt) -> str:
     if prompt.skipped:
-        names = ", ".join(f"{s['node_id']} '{s['title']}'" for s in prompt.skipped)
-        return f"nothing left to run: no output node remains once these are skipped: {names}"
+        names = [f"{s['node_id']} '{s['title']}'" for s in prompt.skipped]
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        return ("nothing left to run: no output node here runs headless (ComfyUI's own, e.g. "
+                f"SaveImage, only with --comfyui DIR); skipped: {', '.join(names[:8])}{more}")
     return "nothing to run: the workflow has no output node (e.g. a save node)"
 
 
@@ -94,7 +108,7 @@ def _check_link(prompt, link, spec, registry):
         return f"is linked to node {source_id}, which is not in the workflow"
     source_class = registry.get(prompt.nodes[source_id]["class_type"])
     if source_class is None:
-        return None  # reported as an unknown node type already
+        return None  # a needed node no registry class runs: its own problem says so
     types = return_types(source_class)
     source = f"node {source_id} '{prompt.title(source_id)}'"
     if not 0 <= slot < len(types):
