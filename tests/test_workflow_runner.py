@@ -496,7 +496,7 @@ def test_only_comfyui_outputs_left_is_an_error_saying_nothing_runs(tmp_path):
     }
     with pytest.raises(WorkflowError, match="nothing left to run") as caught:
         run_workflow(graph, REGISTRY)
-    assert "skipped: 1 'EmptyLatentImage', 2 'VAEDecode', 3 'PreviewImage'" in str(caught.value)
+    assert "once these are skipped: 1 'EmptyLatentImage', 2 'VAEDecode', 3 'PreviewImage' (" in str(caught.value)
 
 
 def test_nodes_only_comfyui_runs_in_ui_format_are_skipped_too(tmp_path):

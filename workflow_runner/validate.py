@@ -54,8 +54,9 @@ def _nothing_to_run(prompt) -> str:
     if prompt.skipped:
         names = [f"{s['node_id']} '{s['title']}'" for s in prompt.skipped]
         more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-        return ("nothing left to run: no output node here runs headless (ComfyUI's own, e.g. "
-                f"SaveImage, only with --comfyui DIR); skipped: {', '.join(names[:8])}{more}")
+        return ("nothing left to run: no output node remains once these are skipped: "
+                f"{', '.join(names[:8])}{more} (ComfyUI's own output nodes, e.g. SaveImage, "
+                "run headless only with --comfyui DIR)")
     return "nothing to run: the workflow has no output node (e.g. a save node)"
 
 
