@@ -16,6 +16,16 @@ FAMILIES = ("sd15", "sdxl")
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run in milliseconds on one thread; several threads on shared cores wait for
+    each other (a tiny UNet call: 0.03 s on one thread, seconds on two when the cores are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """{family: (folder, single file, v-prediction single file)}."""
@@ -136,14 +146,14 @@ def test_vae_path_overrides(tiny_sd, family, tmp_path):
            keys.vae_to_ldm({k: v.shape for k, v in state.items()}, 2).items()}
     save_file(ldm, str(tmp_path / "vae_ldm.safetensors"))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "vae_diffusers.safetensors"))
-    for vae_file in ("vae_ldm.safetensors", "vae_diffusers.safetensors"):
-        for source in ({"checkpoint_path": checkpoint}, {"path": folder}):
-            pipeline = load.load_pipeline(family, {**source, "dtype": "fp32", "vae_path": str(tmp_path / vae_file)},
-                                          comfyui=COMFYUI_SOURCE)
-            loaded = pipeline.vae.state_dict()
-            assert all(torch.equal(loaded[k], state[k]) for k in state), (vae_file, source)
-            assert pipeline.vae.config.scaling_factor == tiny.SCALING[family]
-            assert not any(p.requires_grad for p in pipeline.vae.parameters())
+    for vae_file, source in (("vae_ldm.safetensors", {"checkpoint_path": checkpoint}),
+                             ("vae_diffusers.safetensors", {"path": folder})):
+        pipeline = load.load_pipeline(family, {**source, "dtype": "fp32", "vae_path": str(tmp_path / vae_file)},
+                                      comfyui=COMFYUI_SOURCE)
+        loaded = pipeline.vae.state_dict()
+        assert all(torch.equal(loaded[k], state[k]) for k in state), (vae_file, source)
+        assert pipeline.vae.config.scaling_factor == tiny.SCALING[family]
+        assert not any(p.requires_grad for p in pipeline.vae.parameters())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -221,3 +231,82 @@ def test_real_architecture_configs(family):
                                                      "use_quant_conv": True, "use_post_quant_conv": True}
     with open(os.path.join(files.CONFIGS, family, "model_index.json")) as f:
         assert json.load(f)["_class_name"] == PIPELINES[family]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA in kohya's names, read by diffusers' own kohya converter
+
+UNET_TARGETS = r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|resnets\.\d+\.conv[12])$"
+TEXT_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
+
+
+def peft_lora(pipeline, family, seed=0):
+    """A random LoRA (attention, MLP and resnet convolutions of the UNet, attention of the text
+    encoders) put on the pipeline's parts with peft, scale 1 (alpha = rank, as if baked); returns
+    its weights in our names (UNet modules bare, text encoders prefixed by their attribute)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    weights = {}
+    for name, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS), ("text_encoder_2", TEXT_TARGETS)):
+        module = getattr(pipeline, name, None)
+        if module is None:
+            continue
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False),
+                                module)
+        prefix = "" if name == "unet" else name + "."
+        weights.update({prefix + k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()})
+    return weights
+
+
+def _lora_modules(module):
+    return sorted(n for n, m in module.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+
+
+def _unet_inputs(pipeline, family):
+    generator = torch.Generator().manual_seed(1)
+    config = pipeline.unet.config
+    inputs = dict(sample=torch.randn(1, 4, 16, 16, generator=generator), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 77, config.cross_attention_dim, generator=generator))
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    return inputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kohya_lora_loads_in_diffusers(tiny_sd, family):
+    folder = tiny_sd[family][0]
+    pipeline_class = _pipeline_class(family)
+    ours = pipeline_class.from_pretrained(folder, local_files_only=True)
+    weights = peft_lora(ours, family)
+    kohya = keys.lora_to_kohya(weights, family, ours.unet.config)
+    assert len(kohya) == 3 * sum(k.endswith(".lora_A.weight") for k in weights)
+    if family == "sdxl":
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+        assert "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight" in kohya  # a resnet's conv1
+        assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
+    else:
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    assert all(kohya[k].item() == 4.0 for k in kohya if k.endswith(".alpha"))
+    assert any(v.dim() == 4 for k, v in kohya.items() if k.endswith("lora_down.weight"))
+
+    theirs = pipeline_class.from_pretrained(folder, local_files_only=True)
+    with torch.no_grad():
+        plain = theirs.unet(**_unet_inputs(ours, family)).sample
+    theirs.load_lora_weights({k: v.clone() for k, v in kohya.items()})
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(ours, name, None) is not None:
+            assert _lora_modules(getattr(theirs, name)) == _lora_modules(getattr(ours, name)), name
+    with torch.no_grad():
+        inputs = _unet_inputs(ours, family)
+        want = ours.unet(**inputs).sample
+        assert (want - plain).abs().max() > 1e-3  # the LoRA changes the output
+        torch.testing.assert_close(theirs.unet(**inputs).sample, want, rtol=1e-4, atol=1e-5)
+        ids = ours.tokenizer("a photo of sks", return_tensors="pt").input_ids
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(ours, name, None) is not None:
+                torch.testing.assert_close(getattr(theirs, name)(ids)[0], getattr(ours, name)(ids)[0])
