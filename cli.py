@@ -5,38 +5,42 @@ import logging
 import os
 import shlex
 import sys
-import time
 
 
 class Progress:
-    """Prints training events: a one-line progress bar with ETA on a terminal, plain lines
+    """Prints training events: tqdm's step bar (rate, ETA, loss) on a terminal, plain lines
     otherwise (CI logs, pipes)."""
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.tty = stream.isatty()
-        self.started = None
-        self.first_step = 0
+        self.bar = None
 
     def line(self, text):
-        if self.tty:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)  # printed above the bar, which is redrawn
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def __call__(self, event):
         kind = event.get("type")
         if kind == "start":
-            self.started, self.first_step = time.perf_counter(), event["step"]
+            self.close()
             self.line(f"training steps {event['step'] + 1}..{event['steps']}")
-        elif kind == "step" and self.tty:
-            done = event["step"] - self.first_step
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / max(done, 1) * (event["steps"] - event["step"])
-            filled = int(30 * event["step"] / event["steps"])
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {event['step']}/{event['steps']} "
-                              f"loss {event['loss']:.4f} ETA {_clock(eta)}")
-            self.stream.flush()
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event["steps"], initial=event["step"], file=self.stream,
+                                unit="step", dynamic_ncols=True)
+        elif kind == "step" and self.bar is not None:
+            self.bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
+            self.bar.update(event["step"] - self.bar.n)
         elif kind == "log":
             self.line(f"step {event['step']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
                       f"{event['seconds_per_step']:.3f} s/step, peak RAM {event['cpu_peak_mb']:.0f} MiB"
@@ -48,13 +52,11 @@ class Progress:
             self.line(f"saved {event['path']}")
         elif kind == "warning":
             self.line(f"warning: {event['message']}")
-        elif kind in ("status", "resume", "interrupted", "done", "sample"):
+        elif kind in ("interrupted", "done"):
+            self.close()  # the run's last line goes under the finished bar
             self.line(_describe(event))
-
-
-def _clock(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        elif kind in ("status", "resume", "sample"):
+            self.line(_describe(event))
 
 
 def _describe(event):
