@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from loralab.core.coach import loss_signs, sample_signs
 from loralab.core.coach.monitor import Monitor
+from loralab.core.runs import RunFolder
 
 
 def noisy(values, spread=0.05, seed=0):
@@ -69,9 +70,9 @@ def test_a_small_bump_on_a_very_steady_curve_is_not_a_spike():
 
 # -- the Monitor on metrics lines -------------------------------------------------------------
 
-def config(tmp_path, folder=None):
-    return {"name": "run", "save": {"output_dir": str(tmp_path)},
-            "dataset": {"folder": folder or str(tmp_path / "no-data"), "caption_ext": "txt"}}
+def monitor_of(tmp_path, images=()):
+    """A Monitor of the run folder <tmp_path>/run training on `images` (paths), as the loop makes it."""
+    return Monitor(RunFolder(str(tmp_path), "run"), images)
 
 
 def feed(monitor, values, first_step=1):
@@ -82,7 +83,7 @@ def feed(monitor, values, first_step=1):
 
 
 def test_monitor_reports_a_nan_loss_once(tmp_path):
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     found = feed(monitor, [1.0, 0.9, float("nan"), float("inf")])
     assert len(found) == 1 and "step 3 is nan" in found[0] and "last good checkpoint" in found[0]
 
@@ -90,7 +91,7 @@ def test_monitor_reports_a_nan_loss_once(tmp_path):
 def test_monitor_reports_the_first_jump_then_counts_them_at_the_end(tmp_path):
     values = falling(60)
     values[25] = values[40] = 2.0
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     found = feed(monitor, values)
     assert len(found) == 1 and "jumped at step 26" in found[0]
     found = monitor.finish()
@@ -98,18 +99,18 @@ def test_monitor_reports_the_first_jump_then_counts_them_at_the_end(tmp_path):
 
 
 def test_monitor_is_silent_on_a_falling_loss(tmp_path):
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     assert feed(monitor, falling(80)) == [] and monitor.finish() == []
 
 
 def test_monitor_warns_once_about_a_flat_loss(tmp_path):
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     found = feed(monitor, noisy([1.0] * 80)) + monitor.finish()
     assert len(found) == 1 and "has not gone down between steps 1 and 20" in found[0]
 
 
 def test_a_flat_loss_with_changing_samples_says_the_lora_learns(tmp_path):
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     monitor.on_samples(0, [picture(1)])
     monitor.on_samples(10, [picture(2)])
     found = feed(monitor, noisy([1.0] * 20))
@@ -117,7 +118,7 @@ def test_a_flat_loss_with_changing_samples_says_the_lora_learns(tmp_path):
 
 
 def test_a_rising_loss_says_went_up(tmp_path):
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     found = feed(monitor, noisy([1.0 + 0.02 * i for i in range(20)]))
     assert len(found) == 1 and "the loss went up between steps 1 and 20" in found[0]
 
@@ -128,7 +129,7 @@ def test_a_resumed_monitor_continues_the_curve_on_disk(tmp_path):
     values = noisy([1.0] * 30)
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
                                                   for i, v in enumerate(values)))
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     assert len(monitor.losses) == 30
     found = feed(monitor, noisy([1.0] * 15, seed=1), first_step=31)  # the 40-line check: flat
     assert any("between steps 1 and 40" in warning for warning in found)
@@ -214,7 +215,7 @@ def test_monitor_sample_warnings_each_once(tmp_path):
     data.mkdir()
     picture(11, 96).save(data / "a.png")
     picture(12, 96).save(data / "b.png")
-    monitor = Monitor(config(tmp_path, str(data)))
+    monitor = monitor_of(tmp_path, [str(data / "a.png"), str(data / "b.png")])
     assert monitor.on_samples(0, [picture(1), picture(2)]) == []
     assert monitor.on_samples(10, [picture(1), picture(2)]) == []  # unchanged once: too early
     found = monitor.on_samples(20, [picture(1), picture(2)])
@@ -233,17 +234,18 @@ def test_a_resumed_monitor_reads_the_base_samples_from_the_run_folder(tmp_path):
     folder.mkdir(parents=True)
     for index, seed in enumerate((1, 2)):
         picture(seed).save(folder / f"{index:02d}_s1.png")
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     assert monitor.on_samples(250, [picture(1), picture(2)]) == []
     assert monitor.base is not None and monitor.changes == [(250, 0.0)]
 
 
 def test_monitor_without_base_samples_stays_silent(tmp_path):
-    monitor = Monitor(config(tmp_path))
+    monitor = monitor_of(tmp_path)
     assert monitor.on_samples(250, [picture(1)]) == [] and monitor.base is None
 
 
-def test_builtin_dataset_names_resolve_for_the_training_images(tmp_path):
-    monitor = Monitor(config(tmp_path, "builtin:demo"))
-    arrays = monitor._training_arrays()
-    assert len(arrays) == 6 and os.path.splitext(monitor._training_names[0])[0] == "image_000"
+def test_training_images_that_cannot_be_read_are_left_out(tmp_path):
+    picture(11, 96).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    monitor = monitor_of(tmp_path, [str(tmp_path / "broken.png"), str(tmp_path / "a.png")])
+    assert len(monitor._training_arrays()) == 1 and monitor._training_names == ["a.png"]

@@ -183,7 +183,7 @@ def test_out_of_memory_says_what_to_change_and_leaves_the_model_clean(resolved, 
 
     config = resolved(train={"steps": 3, "batch_size": 2}, dataset={"resolution": [1024]},
                       network={"linear": 64})
-    pipeline = flux.load(config["model"]["path"], dtype="fp32")
+    pipeline = flux.load(config["model"])
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -8,14 +8,20 @@ import statistics
 
 from PIL import Image
 
+from ..dataset.images import decode_upright
 from . import loss_signs, sample_signs
 
 MAX_TRAINING_IMAGES = 200   # enough to catch a copied image; bounded memory on huge datasets
 
 
 class Monitor:
-    def __init__(self, config):
-        self.config = config
+    """run: the RunFolder being trained, or None (a resumed run continues the curve of its
+    metrics.jsonl and compares with its step-0 samples); training_images: the paths of the
+    images the loop trains on (its scan), for the copied-image sign."""
+
+    def __init__(self, run=None, training_images=()):
+        self.run = run
+        self.training_images = list(training_images)
         self.warnings = []
         self.losses = []            # (step, loss) of every metrics line
         self.spikes = []            # steps whose loss jumped
@@ -28,17 +34,9 @@ class Monitor:
         self._training_names = []
         self._load_earlier_losses()
 
-    def _run_folder(self):
-        from ..runs import RunFolder
-
-        return RunFolder(self.config["save"]["output_dir"], self.config["name"])
-
     def _load_earlier_losses(self):
         """A resumed run continues the curve of its first part (already judged for jumps)."""
-        try:
-            earlier = self._run_folder().read_metrics()
-        except (KeyError, TypeError, OSError, ValueError):
-            return
+        earlier = self.run.read_metrics() if self.run is not None else []
         self.losses = [(m["step"], m["loss"]) for m in earlier if loss_signs.finite(m.get("loss"))]
         self.judged = len(self.losses)
         while self.next_trend_check <= len(self.losses):
@@ -164,10 +162,9 @@ class Monitor:
         return found
 
     def _saved_base(self, count):
-        try:
-            folder = self._run_folder().samples(0)
-        except (KeyError, TypeError):
+        if self.run is None:
             return None
+        folder = self.run.samples(0)
         paths = [os.path.join(folder, f"{index:02d}_s1.png") for index in range(count)]
         if not all(os.path.isfile(p) for p in paths):
             return None
@@ -178,23 +175,17 @@ class Monitor:
         return sample_signs.Sampling(0, images)
 
     def _training_arrays(self):
-        """The training images' signatures (loaded once; [] if they cannot be read)."""
+        """The training images' signatures (loaded once; an image that cannot be read is left out)."""
         if self._training is None:
             self._training = []
-            try:
-                from ..dataset import scan_folder
-                from ..dataset.images import decode_upright
-                from ..families.builtin import resolve_dataset_folder
-
-                data = self.config["dataset"]
-                items = scan_folder(resolve_dataset_folder(data["folder"]), data["caption_ext"]).items
-            except (KeyError, ValueError, OSError):
-                return self._training
-            stride = max(1, len(items) // MAX_TRAINING_IMAGES)
-            for item in items[::stride][:MAX_TRAINING_IMAGES]:
-                # upright as trained (EXIF orientation applied), or a phone photo compares sideways
-                self._training.append(sample_signs.training_signature(decode_upright(item.path)))
-                self._training_names.append(os.path.basename(item.path))
+            stride = max(1, len(self.training_images) // MAX_TRAINING_IMAGES)
+            for path in self.training_images[::stride][:MAX_TRAINING_IMAGES]:
+                try:  # upright as trained (EXIF orientation applied), or a phone photo compares sideways
+                    signature = sample_signs.training_signature(decode_upright(path))
+                except (OSError, ValueError):
+                    continue
+                self._training.append(signature)
+                self._training_names.append(os.path.basename(path))
         return self._training
 
     # -- end of the run -----------------------------------------------------------------------

@@ -5,8 +5,8 @@ import json
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..dtypes import torch_dtype
 from ..runs.atomic import atomic_path
-from .inject import TORCH_SAVE_DTYPES
 
 
 def bake_alpha(weights, rank, alpha):
@@ -24,21 +24,26 @@ def file_tensors(weights, rank, alpha, fmt, dtype, to_kohya=None, prefix="transf
         tensors = to_kohya(baked)
     else:
         tensors = {prefix + k: v for k, v in baked.items()}
-    torch_dtype = TORCH_SAVE_DTYPES[dtype]
-    return {k: (v if k.endswith(".alpha") else v.to(torch_dtype)).contiguous() for k, v in tensors.items()}
+    save_dtype = torch_dtype(dtype)
+    return {k: (v if k.endswith(".alpha") else v.to(save_dtype)).contiguous() for k, v in tensors.items()}
 
 
 def file_metadata(config, step, rank, alpha, fmt):
-    """String metadata: ours plus the ss_* keys that kohya-aware tools (and ComfyUI's UI) show."""
+    """String metadata: ours plus the ss_* keys that kohya-aware tools (and ComfyUI's UI) show.
+    The weights have alpha / rank baked in, so the file's own scale is 1: ss_network_alpha equals
+    ss_network_dim, as the kohya `.alpha` tensors equal their (fused) rank; the alpha the LoRA was
+    trained with is kept in loralab_network_alpha."""
     return {
         "format": "pt",
         "loralab_version": "1",
         "loralab_format": fmt,
         "loralab_step": str(step),
+        "loralab_network_dim": str(rank),
+        "loralab_network_alpha": str(alpha),
         "loralab_config": json.dumps(config, sort_keys=True, default=str),
         "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "peft",
         "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
+        "ss_network_alpha": str(rank),
         "ss_output_name": str(config.get("name", "")),
         "ss_steps": str(step),
         "ss_base_model_version": "flux1",

@@ -1,9 +1,7 @@
 """Put a LoRA on a model with peft, read it out, put weights back, and scale it for sampling."""
 import contextlib
 
-import torch
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 ADAPTER = "default"
@@ -35,18 +33,16 @@ def load_lora_weights(model, weights):
 
 @contextlib.contextmanager
 def lora_strength(model, strength):
-    """Scales every LoRA layer of `model` by `strength` (0 = the base model) for the duration."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "scaling")]
-    saved = [dict(layer.scaling) for layer in layers]
+    """Every LoRA adapter of `model` at weight `strength` (0 = the base model) for the duration,
+    through diffusers' set_adapters (the transformer's or UNet's PeftAdapterMixin); afterwards
+    the same adapters are active at weight 1, as add_lora and load_lora_weights leave them."""
+    if not getattr(model, "peft_config", None):  # no LoRA on it: the base model at any strength
+        yield model
+        return
+    adapters = model.active_adapters()
     try:
-        for layer in layers:
-            for adapter in layer.scaling:
-                layer.scaling[adapter] = layer.scaling[adapter] * strength
+        model.set_adapters(adapters, [strength] * len(adapters))
         yield model
     finally:
-        for layer, scaling in zip(layers, saved):
-            layer.scaling.clear()
-            layer.scaling.update(scaling)
+        model.set_adapters(adapters, [1.0] * len(adapters))
 
-
-TORCH_SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

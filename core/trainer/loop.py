@@ -78,7 +78,9 @@ def _train(config, pipeline, on_event, should_stop, held):
     # A long-lived process (ComfyUI) trains many times with different precisions: accelerate keeps
     # its state in a singleton, so start each run from a fresh one (the process group stays).
     AcceleratorState._reset_state()
+    # accumulate() counts micro-steps: under DDP only the last of each step all-reduces (no_sync)
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[train_cfg["dtype"]],
+                              gradient_accumulation_steps=train_cfg["gradient_accumulation_steps"],
                               cpu=not torch.cuda.is_available())  # cpu: torchrun on CPUs is DDP too
     device = accelerator.device
     check_precision(model_cfg["dtype"], train_cfg["dtype"], device.type, model_cfg["quantize"])
@@ -197,7 +199,7 @@ def _train(config, pipeline, on_event, should_stop, held):
                                             "fingerprint": fingerprint,
                                             "buckets": sorted({s for v in sizes.values() for s in v})}})
 
-    monitor = Monitor(config)
+    monitor = Monitor(run, [item.path for item in scan.items])
 
     def warn(messages, step):
         for message in messages:
@@ -229,7 +231,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     # -- the loop -------------------------------------------------------------------------------
     skipped, skipped_in_a_row = 0, 0   # updates skipped for a non-finite loss or gradient
     for step in range(start_step + 1, steps + 1):
-        step_losses = []
+        step_losses, lr = [], scheduler.get_last_lr()[0]  # the rate this step's update uses
         for micro in range(accumulation):
             position = ((step - 1) * accumulation + micro) * processes + rank
             generator.manual_seed(train_cfg["seed"] * 1_000_003 + position)  # resume = same draws
@@ -242,14 +244,18 @@ def _train(config, pipeline, on_event, should_stop, held):
                 "pooled": torch.stack([cache.text(t)[1] for t in texts]),
             }
             batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss = family.training_loss(model, batch, generator, train_cfg, uses_guidance) / accumulation
-            accelerator.backward(loss)  # even when not finite: every rank joins the all-reduce
-            step_losses.append(loss.item() * accumulation)
-        # The norm is taken after the gradient all-reduce, and the verdict is summed over all
-        # ranks, so every process skips (or stops) together.
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = family.training_loss(model, batch, generator, train_cfg, uses_guidance)
+                # backward divides by the accumulation steps; it runs even on a non-finite loss,
+                # so every rank joins the last micro-step's all-reduce
+                accelerator.backward(loss)
+            step_losses.append(loss.item())
+        # The last micro-step synced the gradients: the norm is taken after the all-reduce, and
+        # the verdict is summed over all ranks, so every process skips (or stops) together.
         grad_norm = accelerator.clip_grad_norm_(parameters, train_cfg["max_grad_norm"] or math.inf)
-        nonfinite = agreed(accelerator, not (math.isfinite(sum(step_losses)) and torch.isfinite(grad_norm)))
+        step_loss = accelerator.reduce(torch.tensor([sum(step_losses) / accumulation], device=device),
+                                       "mean").item()  # over every micro-step of every process
+        nonfinite = agreed(accelerator, not (math.isfinite(step_loss) and torch.isfinite(grad_norm)))
         if nonfinite and accelerator.scaler is None:  # the weights never see a NaN
             optimizer.zero_grad(set_to_none=True)
         else:  # (fp16: the grad scaler skips an overflowing step itself and lowers its scale)
@@ -260,9 +266,9 @@ def _train(config, pipeline, on_event, should_stop, held):
         skipped_in_a_row = skipped_in_a_row + 1 if nonfinite else 0
         skipped += nonfinite
         if not nonfinite:
-            losses += step_losses
-        emit({"type": "step", "step": step, "steps": steps, "loss": sum(step_losses) / accumulation,
-              "lr": scheduler.get_last_lr()[0]})
+            losses.append(step_loss)
+        emit({"type": "step", "step": step, "steps": steps, "loss": step_loss,
+              "lr": lr, "grad_norm": grad_norm.item()})
         if skipped_in_a_row >= train_cfg["max_nonfinite_steps"]:
             last_good = run.resumable()
             result.status = "stopped: nan"
@@ -274,8 +280,9 @@ def _train(config, pipeline, on_event, should_stop, held):
             break
         if (step % config["logging"]["performance_log_every"] == 0 or step == steps) and losses:
             cpu_mb, gpu_mb = peak_memory_mb(device)
-            line = {"step": step, "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
-                    "seconds_per_step": (time.perf_counter() - window_start) / len(losses) * accumulation,
+            line = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,
+                    "grad_norm": grad_norm.item(),  # this step's, before clipping
+                    "seconds_per_step": (time.perf_counter() - window_start) / len(losses),
                     "cpu_peak_mb": cpu_mb, "gpu_peak_mb": gpu_mb,
                     "epoch": plan.epoch_of(position), "skipped_steps": skipped}
             if accelerator.is_main_process:

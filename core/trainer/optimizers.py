@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules by name (train.optimizer, train.lr_scheduler)."""
 import logging
-import math
 
 import torch
+from diffusers.optimization import get_scheduler
 
 
 def make_optimizer(name, parameters, lr):
@@ -36,14 +36,7 @@ def make_optimizer(name, parameters, lr):
 
 
 def make_scheduler(name, optimizer, warmup_steps, total_steps):
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if name in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if name == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """diffusers' schedules, with their meanings: "constant" ignores warm-up,
+    "constant_with_warmup", "linear" and "cosine" rise from 0 over warmup_steps first; "linear"
+    and "cosine" then fall to 0 at total_steps. Stepped once per optimizer update."""
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
