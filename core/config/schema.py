@@ -107,8 +107,11 @@ SCHEMA = {
             "gradient_accumulation_steps": _int(1, 1, 1024, "Steps whose gradients add up before an update."),
             "lr": _number(1e-4, 0.0, 1.0, "Learning rate. Guide: 1e-4; optimal range 1e-4 to 8e-4."),
             "optimizer": _choice(OPTIMIZERS, "adamw8bit", "Guide: adamw8bit (memory saving)."),
-            "lr_scheduler": _choice(SCHEDULERS, "constant", "Learning-rate schedule."),
-            "lr_warmup_steps": _int(0, 0, 1000000, "Warm-up steps for the schedule."),
+            "lr_scheduler": _choice(SCHEDULERS, "constant", "Learning-rate schedule, as diffusers' "
+                                    "get_scheduler means it: constant (no warm-up), constant_with_warmup, "
+                                    "or linear / cosine (warm-up, then down to 0 at the last step)."),
+            "lr_warmup_steps": _int(0, 0, 1000000, "Steps over which the rate rises from 0 to train.lr "
+                                    "(constant_with_warmup, linear, cosine; constant ignores it)."),
             "max_grad_norm": _number(1.0, 0.0, 1000.0, "Gradient clipping; 0 turns it off."),
             "max_nonfinite_steps": _int(10, 1, 1000000, "A step whose loss or gradients are NaN/inf "
                                         "is skipped; this many in a row stop the run."),
