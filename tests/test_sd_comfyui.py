@@ -7,13 +7,14 @@ with its parts: comfy.model_detection.detect_unet_config finds the tiny UNet's s
 comfy.utils.unet_to_diffusers (ComfyUI's own diffusers <-> LDM map) sends every UNet key of our
 file to the folder's equal tensor, ComfyUI's UNet built at the tiny size by its own SD15 / SDXL
 classes takes the file's UNet with no key missing or left over, and comfy.lora's key maps use
-every key of our kohya LoRA, patching each weight by exactly the delta of our peft LoRA."""
+every key of our kohya LoRA, patching each weight by exactly the delta of our peft LoRA. The
+real SD1.5 / SDXL-base UNets in our layout (shapes only, meta tensors) are named SD15 / SDXL by
+ComfyUI's model detection."""
 import json
 import os
 import re
 import subprocess
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +25,7 @@ from test_sd_files import FAMILIES, one_thread, peft_lora, tiny_sd  # noqa: F401
 
 SCRIPT = r'''
 import json, logging, sys
-jobs = json.loads(sys.argv[-1])
+jobs, shape_jobs = json.load(open(sys.argv[-1]))
 sys.argv = ["check", "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
@@ -87,13 +88,22 @@ for args in jobs:
         save_file(deltas, path + ".deltas.safetensors")
         report["loras"][name] = {"not_loaded": [w for w in warnings if "not loaded" in w],
                                  "patched": len(patches)}
+
+# the real architectures' key layout (shapes only, on the meta device): ComfyUI names the model
+for family, shapes in shape_jobs.items():
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    config = comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.")
+    found = comfy.model_detection.model_config_from_unet_config(config, sd)
+    reports["real_" + family] = type(found).__name__
 print(json.dumps(reports))
 '''
 
 
-def _run_comfyui(args):
+def _run_comfyui(args, folder):
     python, comfyui = comfyui_python_or_skip(), comfyui_source()
-    result = subprocess.run([python, "-c", SCRIPT, json.dumps(args)], cwd=comfyui, capture_output=True,
+    with open(folder / "jobs.json", "w") as f:
+        json.dump(args, f)
+    result = subprocess.run([python, "-c", SCRIPT, str(folder / "jobs.json")], cwd=comfyui, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui),
                                                          "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,6 +192,17 @@ def _check_loras(family, loras, report, unet_weights, text_weights):
             torch.testing.assert_close(deltas[key], delta, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
 
 
+def _real_shapes(family):
+    """{checkpoint UNet key: shape} of the real SD1.5 / SDXL-base UNet (packaged config), in our layout."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(keys.real_unet_config(family))
+    state = unet.state_dict()
+    return {keys.UNET_PREFIX + ldm: list(state[d].shape) for d, ldm in keys.unet_to_ldm(state, unet.config).items()}
+
+
 def test_comfyui_reads_our_checkpoints_and_loras(tiny_sd, tmp_path):
     jobs, expected = [], {}
     for family in FAMILIES:
@@ -189,7 +210,8 @@ def test_comfyui_reads_our_checkpoints_and_loras(tiny_sd, tmp_path):
         job, unet_config, unet_weights, text_weights = _lora_files(family, folder, tmp_path / family)
         jobs.append({**job, "checkpoint": checkpoint})
         expected[family] = (job["loras"], unet_config, unet_weights, text_weights)
-    reports = _run_comfyui(jobs)
+    reports = _run_comfyui([jobs, {family: _real_shapes(family) for family in FAMILIES}], tmp_path)
+    assert (reports["real_sd15"], reports["real_sdxl"]) == ("SD15", "SDXL")
     for family, (loras, unet_config, unet_weights, text_weights) in expected.items():
         _check_unet(reports[family]["config"], unet_config, reports[family])
         _check_loras(family, loras, reports[family]["loras"], unet_weights, text_weights)
