@@ -1,13 +1,13 @@
 """The SD1.5/SDXL training math (core/families/unet/noise.py, conditioning.py) measured against
-diffusers' own DDPMScheduler, compute_snr and UNet, and PIL's own crop."""
+diffusers' own DDPMScheduler, compute_snr and UNet."""
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
-from PIL import Image, ImageOps
 
 from loralab.core.families import sd15
 from loralab.core.families.unet import conditioning, noise
+from test_sd_files import one_thread  # noqa: F401 (autouse: tiny models on one thread)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 TIMESTEPS = torch.tensor([0, 1, 250, 500, 998, 999])
@@ -130,24 +130,6 @@ def test_training_loss_trains_against_the_schedulers_target(prediction_type):
         plain = sd15.training_loss(unet, batch, torch.Generator().manual_seed(7),
                                    {**settings, "min_snr_gamma": None}, False)
     assert torch.allclose(plain, per_sample.mean(), rtol=1e-5)
-
-
-@pytest.mark.parametrize("image_size, bucket", [((300, 200), (64, 64)), ((200, 300), (96, 48)),
-                                                 ((123, 457), (64, 128)), ((640, 480), (64, 48))])
-def test_centre_crop_is_where_pil_fit_crops(image_size, bucket, monkeypatch):
-    """(top, left) of the crop in the resized image, as core/dataset/buckets.py's ImageOps.fit
-    cuts it: PIL's own crop box (in the source image) scaled to the resized image."""
-    boxes = []
-    resize = Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize",
-                        lambda self, size, *args, box=None, **kw: boxes.append(box) or resize(self, size, *args, box=box, **kw))
-    width, height = image_size
-    bucket_width, bucket_height = bucket
-    ImageOps.fit(Image.new("RGB", image_size), bucket)
-    left, top, right, _ = boxes[-1]
-    scale = bucket_width / (right - left)
-    top_left = conditioning.centre_crop((height, width), (bucket_height, bucket_width))
-    assert top_left == (round(top * scale), round(left * scale))
 
 
 def test_add_time_ids_are_size_crop_target_per_sample():

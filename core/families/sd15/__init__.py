@@ -27,10 +27,11 @@ def encode_prompts(pipeline, prompts, device):
     through the final layer norm (diffusers' clip_skip is this minus 1)."""
     (encoder,) = family.text_encoders(pipeline, device)
     skip = getattr(pipeline, "loralab_clip_skip", None) or 1
+    final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers < 5 nests it
     encoded = {}
     for prompt in dict.fromkeys(prompts):
         hidden = encoder(family.tokens(pipeline.tokenizer, prompt, device), output_hidden_states=True)
-        embeddings = encoder.text_model.final_layer_norm(hidden.hidden_states[-skip])
+        embeddings = final_norm(hidden.hidden_states[-skip])
         encoded[prompt] = (embeddings[0].cpu(), torch.zeros(0))
     return encoded
 

@@ -1,6 +1,7 @@
 """Stable Diffusion XL: what the trainer needs of a model family (core/families/contract.py).
 Shared with SD1.5 in core/families/unet; here: two text encoders and the size conditioning."""
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from ..unet import conditioning, family
 from ..unet.family import (DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype, encode_image,
@@ -9,7 +10,6 @@ from ..unet.family import (DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype, encode
 
 name = "sdxl"
 KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
-LATENT_SCALE = 8  # pixels per latent side (the VAE's downscale), for the target size
 
 
 def load(model, quantize="none", comfyui=None):
@@ -25,24 +25,28 @@ def lora_to_kohya(model):
 def encode_prompts(pipeline, prompts, device):
     """{prompt: (embeddings [77, 2048], pooled [1280])} on the CPU, as diffusers' encode_prompt
     makes them: both encoders' penultimate hidden states side by side (no final layer norm) and
-    the second encoder's projected pooled output. SDXL always reads the penultimate layer, so
-    loralab_clip_skip does not apply."""
+    the second encoder's projected pooled output. SDXL reads the penultimate layer by design, so
+    loralab_clip_skip (A1111's count) 1 and 2 both mean it; 3 is the layer before (diffusers'
+    clip_skip 1)."""
     encoders = family.text_encoders(pipeline, device)
     tokenizers = (pipeline.tokenizer, pipeline.tokenizer_2)
+    layer = -max(2, getattr(pipeline, "loralab_clip_skip", None) or 2)
     encoded = {}
     for prompt in dict.fromkeys(prompts):
         outputs = [encoder(family.tokens(tokenizer, prompt, device), output_hidden_states=True)
                    for tokenizer, encoder in zip(tokenizers, encoders)]
-        embeddings = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
+        embeddings = torch.cat([output.hidden_states[layer] for output in outputs], dim=-1)
         encoded[prompt] = (embeddings[0].cpu(), outputs[-1].text_embeds[0].cpu())
     return encoded
 
 
 def training_loss(model, batch, generator, train_config, guidance_embeds):
     """The UNet's DDPM loss (unet/family.py), conditioned on the pooled text embedding and each
-    image's size and crop (conditioning.py); the target size is the latent's times 8."""
+    image's size and crop (conditioning.py); the target size is the latent's times the VAE's
+    downscale (8)."""
     latents = batch["latents"]
-    target_size = (latents.shape[-2] * LATENT_SCALE, latents.shape[-1] * LATENT_SCALE)
+    scale = extract_model_from_parallel(model).loralab_vae_scale_factor
+    target_size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
     time_ids = conditioning.add_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
     added = {"text_embeds": batch["pooled"], "time_ids": time_ids.to(latents.device)}
     return family.unet_loss(model, batch, generator, train_config, added)

@@ -7,18 +7,10 @@ import torch
 def add_time_ids(original_size, crop_top_left, target_size):
     """[B, 6] = (original_height, original_width, crop_top, crop_left, target_height,
     target_width) per sample, in diffusers' order (StableDiffusionXLPipeline._get_add_time_ids).
-    original_size and crop_top_left are [B, 2] (height/top first); target_size is (height, width)."""
+    original_size and crop_top_left are [B, 2] (height/top first; the crop as
+    core/dataset/buckets.py crop_top_left gives it); target_size is (height, width)."""
     original_size = torch.as_tensor(original_size, dtype=torch.float32)
     crop_top_left = torch.as_tensor(crop_top_left, dtype=torch.float32, device=original_size.device)
     target = torch.tensor(target_size, dtype=torch.float32, device=original_size.device)
     return torch.cat([original_size, crop_top_left, target.expand(len(original_size), 2)], dim=1)
 
-
-def centre_crop(original_size, bucket_size):
-    """(crop_top, crop_left) in the resized image of PIL's ImageOps.fit(image, bucket) with the
-    default centring, as core/dataset/buckets.py load_for_bucket crops: the image is scaled to
-    cover the bucket and the overhang is split evenly. Both sizes are (height, width)."""
-    height, width = original_size
-    bucket_height, bucket_width = bucket_size
-    scale = max(bucket_height / height, bucket_width / width)
-    return (round((height * scale - bucket_height) / 2), round((width * scale - bucket_width) / 2))

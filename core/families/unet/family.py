@@ -46,7 +46,7 @@ def load(name, model, quantize, comfyui):
     if quantize not in ("none", None):
         raise ValueError(f"model.quantize {quantize!r} is not available for {name} yet: use none")
     pipeline = load_pipeline(name, model, comfyui)
-    _remember_noise_schedule(pipeline)
+    _remember_for_training(pipeline)
     return pipeline
 
 
@@ -57,11 +57,14 @@ def lora_to_kohya(name):
     return lambda weights: to_kohya(weights, name)
 
 
-def _remember_noise_schedule(pipeline):
-    """training_loss is given the UNet only, so the UNet carries its scheduler's config (betas,
-    prediction type); kept from the first time it is seen, as samplers swap the scheduler."""
-    if not hasattr(pipeline.unet, "loralab_noise_config"):
-        pipeline.unet.loralab_noise_config = dict(pipeline.scheduler.config)
+def _remember_for_training(pipeline):
+    """training_loss is given the UNet only, so the UNet carries what it needs of the pipeline:
+    its scheduler's config (betas, prediction type), kept from the first time it is seen as
+    samplers swap the scheduler, and the VAE's downscale (SDXL's target size)."""
+    unet = pipeline.unet
+    if not hasattr(unet, "loralab_noise_config"):
+        unet.loralab_noise_config = dict(pipeline.scheduler.config)
+    unet.loralab_vae_scale_factor = pipeline.vae_scale_factor
 
 
 def size_multiple(pipeline):
@@ -69,7 +72,7 @@ def size_multiple(pipeline):
 
 
 def trainable_model(pipeline):
-    _remember_noise_schedule(pipeline)  # also for a pipeline that did not come through load
+    _remember_for_training(pipeline)  # also for a pipeline that did not come through load
     return pipeline.unet
 
 
