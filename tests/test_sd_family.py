@@ -316,3 +316,23 @@ def test_load_remembers_the_schedule_and_encoders_come_back_after_freeing(name, 
         assert torch.equal(first[prompt][0], again[prompt][0]) and torch.equal(first[prompt][1], again[prompt][1])
     with pytest.raises(ValueError, match="quantize"):
         family.load(model, "fp8")
+
+
+def test_a_float16_vae_that_asks_for_upcasting_encodes_in_float32(pipelines):
+    """SDXL's VAE overflows in float16 (force_upcast in its config): encode_image runs it in
+    float32, as the same weights in a float32 copy do, and leaves it float16 afterwards."""
+    import copy
+    import types
+
+    vae = copy.deepcopy(pipelines["sdxl"].vae).half()
+    vae.register_to_config(force_upcast=True)
+    reference_vae = copy.deepcopy(vae).float()
+    image = _image(3)
+    torch.manual_seed(9)
+    latent = sdxl.encode_image(types.SimpleNamespace(vae=vae), image, "cpu")
+    pixels = torch.from_numpy(numpy.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    torch.manual_seed(9)
+    with torch.no_grad():
+        reference = reference_vae.encode(pixels).latent_dist.sample()[0] * vae.config.scaling_factor
+    assert vae.dtype == torch.float16 and latent.dtype == torch.float32
+    assert torch.allclose(latent, reference, atol=1e-6)

@@ -59,12 +59,10 @@ def lora_to_kohya(name):
 
 def _remember_for_training(pipeline):
     """training_loss is given the UNet only, so the UNet carries what it needs of the pipeline:
-    its scheduler's config (betas, prediction type), kept from the first time it is seen as
-    samplers swap the scheduler, and the VAE's downscale (SDXL's target size)."""
-    unet = pipeline.unet
-    if not hasattr(unet, "loralab_noise_config"):
-        unet.loralab_noise_config = dict(pipeline.scheduler.config)
-    unet.loralab_vae_scale_factor = pipeline.vae_scale_factor
+    its scheduler's config (betas, prediction type, zero-SNR rescale) and the VAE's downscale
+    (SDXL's target size). generate swaps the scheduler only while it samples."""
+    pipeline.unet.loralab_noise_config = dict(pipeline.scheduler.config)
+    pipeline.unet.loralab_vae_scale_factor = pipeline.vae_scale_factor
 
 
 def size_multiple(pipeline):
