@@ -1,11 +1,12 @@
 """How much accelerator memory a chosen rank and optimizer cost (docs/training-guide.md, section 1: "show the
 memory the chosen rank costs"). An estimate from shapes, not a measurement: activations, which
 grow with resolution and batch size, come on top."""
+import functools
 import glob
 import json
 import math
 import os
-import struct
+import re
 from dataclasses import dataclass
 
 # FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double
@@ -27,32 +28,36 @@ def block_linear_parameters(shape):
             + shape["num_single_layers"] * (7 * d * d + 2 * d * m))
 
 
-def flux_double_block_linears(hidden, mlp):
-    """The linears of a double block that core.families.flux.LORA_TARGETS puts a LoRA on, as
-    (name, in features, out features)."""
-    attention = [(name, hidden, hidden) for name in (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")]
-    feed_forward = [(f"{ff}.net.0.proj", hidden, mlp) for ff in ("ff", "ff_context")]
-    feed_forward += [(f"{ff}.net.2", mlp, hidden) for ff in ("ff", "ff_context")]
-    return attention + feed_forward
+def lora_linears(shape):
+    """(in, out) of each linear that the FLUX family's LORA_TARGETS puts a LoRA on, for one double
+    and one single block: diffusers' own blocks, built on the meta device (no memory), matched
+    the way peft matches target_modules."""
+    return _lora_linears(shape["hidden"], shape["mlp"])
 
 
-def flux_single_block_linears(hidden, mlp):
-    """The same for a single block (its proj_out reads the attention and MLP outputs joined)."""
-    return [("attn.to_q", hidden, hidden), ("attn.to_k", hidden, hidden),
-            ("attn.to_v", hidden, hidden), ("proj_mlp", hidden, mlp),
-            ("proj_out", hidden + mlp, hidden)]
+@functools.lru_cache(maxsize=8)  # the fit table asks for the same shape dozens of times
+def _lora_linears(hidden, mlp):
+    import torch
+    from diffusers.models.transformers.transformer_flux import (FluxSingleTransformerBlock,
+                                                                FluxTransformerBlock)
+
+    from ..families.flux import LORA_TARGETS
+
+    with torch.device("meta"):  # one head of `hidden`: the linears do not depend on the heads
+        blocks = {"transformer_blocks.0.": FluxTransformerBlock(hidden, 1, hidden),
+                  "single_transformer_blocks.0.": FluxSingleTransformerBlock(
+                      hidden, 1, hidden, mlp_ratio=mlp / hidden)}
+    return {prefix: [(m.in_features, m.out_features) for name, m in block.named_modules()
+                     if isinstance(m, torch.nn.Linear) and re.fullmatch(LORA_TARGETS, prefix + name)]
+            for prefix, block in blocks.items()}
 
 
 def lora_parameters(rank, shape):
     """A LoRA of rank r on a linear (in -> out) has r x (in + out) parameters (A and B)."""
-    def per_rank(linears):
-        return sum(inputs + outputs for _, inputs, outputs in linears)
-
-    hidden, mlp = shape["hidden"], shape["mlp"]
-    return rank * (shape["num_layers"] * per_rank(flux_double_block_linears(hidden, mlp))
-                   + shape["num_single_layers"] * per_rank(flux_single_block_linears(hidden, mlp)))
+    per_block = {prefix: sum(inputs + outputs for inputs, outputs in linears)
+                 for prefix, linears in lora_linears(shape).items()}
+    return rank * (shape["num_layers"] * per_block["transformer_blocks.0."]
+                   + shape["num_single_layers"] * per_block["single_transformer_blocks.0."])
 
 
 # Bytes per trainable parameter beyond its float32 weight and gradient (4 + 4 bytes).
@@ -124,14 +129,10 @@ def gigabytes(count):
 
 
 def _safetensors_parameters(paths):
-    """Parameter count from safetensors headers alone (8-byte length, then JSON), no tensor read."""
-    total = 0
-    for path in paths:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
+    """Parameter count from the files' headers (safetensors reads them; no tensor is loaded)."""
+    from ..families.flux.files import read_header
+
+    return sum(math.prod(info["shape"]) for path in paths for info in read_header(path)[0].values())
 
 
 def _shape_of(config, parameters):

@@ -4,13 +4,16 @@ OS's file cache and never count towards the process's resident memory), undo fp8
 "scaled fp8", and tell what a file is (a FLUX transformer, a CLIP-L, a T5, a FLUX VAE, an SD
 checkpoint...) from its key names and shapes."""
 import json
+import math
 import os
 import re
 import struct
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-# safetensors dtype names -> torch dtypes
+# safetensors dtype names -> torch dtypes: tensors are read with plain file reads (below), so
+# their bytes are viewed as these
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -22,24 +25,29 @@ FP8_NAMES = ("F8_E4M3", "F8_E5M2")
 SCALED_FP8_MARKER = "scaled_fp8"
 # our writer stores the rope axes of a transformer whose head_dim is not FLUX's 128
 AXES_METADATA_KEY = "loralab.axes_dims_rope"
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def _header(path):
-    """(tensors, metadata, offset of the data section)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a .safetensors file (too short)")
-        size = struct.unpack("<Q", raw)[0]
-        if size > _MAX_HEADER:
-            raise ValueError(f"{path} is not a .safetensors file (header of {size} bytes)")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a .safetensors file ({error})") from error
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata, 8 + size
+    """(tensors, metadata, offset of the data section), the header read by safetensors itself.
+    The format stores the tensors back to back in offset order with no gap (safe_open refuses a
+    file that does not), so each tensor's offsets follow from that order and its size."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors, offset = {}, 0
+            for name in f.offset_keys():
+                part = f.get_slice(name)
+                dtype, shape = part.get_dtype(), part.get_shape()
+                # past a dtype we cannot size, offsets are unknown: those tensors cannot be read
+                size = math.prod(shape) * DTYPES[dtype].itemsize if dtype in DTYPES else None
+                known = offset is not None and size is not None
+                tensors[name] = {"dtype": dtype, "shape": shape,
+                                 "data_offsets": [offset, offset + size] if known else None}
+                offset = offset + size if known else None
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a .safetensors file ({error})") from None
+    # the data section ends the file; with an unknown size, plain reads are refused (raw)
+    return tensors, metadata, os.path.getsize(path) - offset if offset is not None else None
 
 
 def read_header(path):
@@ -75,7 +83,7 @@ class SafetensorsFile:
         """The tensor as stored (fp8 stays fp8)."""
         info = self.tensors[name]
         dtype = DTYPES.get(info["dtype"])
-        if dtype is None:
+        if dtype is None or self._data_start is None:
             raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         shape = info["shape"]
