@@ -1,4 +1,5 @@
-"""The loss plot of a run (loss.png, TrainLoRA's IMAGE output), drawn with Pillow alone."""
+"""The loss plot of a run (loss.png, TrainLoRA's IMAGE output), drawn with Pillow alone: ComfyUI
+ships no matplotlib, and a plot library for one line chart is not worth a dependency."""
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]

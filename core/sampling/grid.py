@@ -1,4 +1,5 @@
-"""Labelled image grids: rows are prompts, columns are LoRA strengths (or steps)."""
+"""Labelled image grids: rows are prompts, columns are LoRA strengths (or steps). Drawn with
+Pillow, which ComfyUI already ships (torchvision's make_grid has no labels)."""
 import textwrap
 
 from PIL import Image, ImageDraw, ImageFont

@@ -1,6 +1,7 @@
 """FLUX.1 module names: diffusers <-> Black Forest Labs (BFL). BFL names are what ComfyUI's
 single files and kohya LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`) use; BFL fuses q, k, v
-(and the single blocks' MLP input) into one linear."""
+(and the single blocks' MLP input) into one linear. Hand-written tables, not diffusers'
+converters: those hard-code FLUX.1's width 3072, so they cannot convert the tiny test models."""
 import torch
 
 # BFL module (inside a block) <- the diffusers modules it fuses, in order.
