@@ -34,7 +34,8 @@ matches those measurements within 3%; tests/test_fit.py checks it on fresh shape
 """
 from dataclasses import dataclass
 
-from .memory import BASE_BYTES, config_shape, estimate_memory, gigabytes
+from ..dtypes import bytes_per_value
+from .memory import config_shape, estimate_memory, gigabytes
 
 QUANTIZE_ORDER = ("none", "fp8", "int8", "nf4")   # least memory-saving first
 CUDA_ONLY = ("int8", "nf4")                        # bitsandbytes
@@ -74,7 +75,7 @@ def activation_bytes(shape, resolution, batch_size, checkpointing, train_dtype="
     tokens = batch_size * (image_tokens(resolution) + TEXT_TOKENS[shape.get("guidance", True)])
     blocks = shape["num_layers"] + shape["num_single_layers"]
     if checkpointing:
-        per_token = blocks * BASE_BYTES.get(model_dtype, 2) + BLOCK_SAVED[mode] + WORKING[mode]
+        per_token = blocks * bytes_per_value(model_dtype) + BLOCK_SAVED[mode] + WORKING[mode]
     else:
         per_token = blocks * BLOCK_SAVED[mode] + WORKING[mode]
     return tokens * shape["hidden"] * per_token
@@ -120,7 +121,7 @@ def peak_breakdown(config, quantize, gradient_checkpointing, resolution, shape=N
     model, train = config["model"], config["train"]
     activations = activation_bytes(shape[0], resolution, train["batch_size"], gradient_checkpointing,
                                    train["dtype"], model["dtype"])
-    vae = VAE_PARAMETERS * BASE_BYTES.get(model["dtype"], 2)
+    vae = VAE_PARAMETERS * bytes_per_value(model["dtype"])
     fixed = CUDA_CONTEXT + FRAMEWORK if device_type == "cuda" else 0
     return PeakEstimate(quantize, bool(gradient_checkpointing), resolution, memory.base_bytes,
                         memory.lora_bytes, activations,
@@ -224,6 +225,8 @@ def resolve_memory_settings(config, device_total_bytes, device_type):
     quantize = _explicit(config["model"]["quantize"])
     checkpointing = _explicit(config["train"]["gradient_checkpointing"])
     notes = []
+    if config["model"]["family"] in UNET_CHECKPOINTING_BELOW_GB:
+        return unet_memory_settings(config, device_total_bytes, device_type, checkpointing)
     if device_type != "cuda":
         if quantize in CUDA_ONLY:
             notes.append(f"model.quantize {quantize} needs bitsandbytes on a CUDA GPU; this is a "
@@ -253,6 +256,26 @@ def resolve_memory_settings(config, device_total_bytes, device_type):
                 return mode, switch, notes
     raise DoesNotFit(does_not_fit_message(config, device_total_bytes, modes[0] if quantize else
                                           modes[-1], switches[-1], shape))
+
+
+# SDXL and SD1.5 are not quantized; their estimate is a rule of thumb from common practice (kohya,
+# OneTrainer presets), not a measured model: gradient checkpointing below these GPU sizes.
+UNET_CHECKPOINTING_BELOW_GB = {"sdxl": 40, "sd15": 12}
+
+
+def unet_memory_settings(config, device_total_bytes, device_type, checkpointing):
+    """(quantize, gradient_checkpointing, notes) for SDXL / SD1.5: never quantized; "auto"
+    checkpointing is on for a CUDA GPU under the family's size (or of unknown size)."""
+    family = config["model"]["family"]
+    if config["model"]["quantize"] not in ("auto", "none"):
+        raise DoesNotFit(f"model.quantize {config['model']['quantize']} is FLUX.1-only; {family} "
+                         "trains unquantized: set model.quantize to auto or none.")
+    if checkpointing is not None:
+        return "none", checkpointing, []
+    limit = UNET_CHECKPOINTING_BELOW_GB[family]
+    switch = device_type == "cuda" and (device_total_bytes is None or device_total_bytes < limit * 2**30)
+    return "none", switch, [f"auto: {family} unquantized, gradient checkpointing "
+                            f"{'on' if switch else 'off'} (on for GPUs under {limit} GB)."]
 
 
 def does_not_fit_message(config, device_bytes, quantize, checkpointing, shape=None):
@@ -313,7 +336,7 @@ def vram_gigabytes(text):
 
 def text_encoder_note(config):
     """T5-XXL's size while it encodes the captions (before training, then off the device)."""
-    return (f"text encoders: T5-XXL ({gigabytes(T5_XXL_PARAMETERS * BASE_BYTES.get(config['model']['dtype'], 2))}) "
+    return (f"text encoders: T5-XXL ({gigabytes(T5_XXL_PARAMETERS * bytes_per_value(config['model']['dtype']))}) "
             "and CLIP-L are on the device only while the captions are encoded, not during training.")
 
 

@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..dtypes import bytes_per_value
+
 # FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double
 # blocks, 38 single blocks, hidden 24 heads x 128 = 3072, MLP 4 x 3072 = 12288; guidance-distilled
 # (dev), so it reads 512 T5 tokens (schnell: 256).
@@ -78,7 +80,6 @@ def state_bytes(optimizer, rank):
     return OPTIMIZER_STATE_BYTES.get(optimizer, 8)
 
 
-BASE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Bytes per quantized block-linear weight: fp8 and int8 one byte (one float32 scale per tensor /
 # per output row, negligible); nf4 half a byte plus a float32 absmax per 64-value block
 # (bitsandbytes' default blocksize, no double quantization as core.families.flux.model loads it).
@@ -87,7 +88,7 @@ QUANTIZED_BYTES = {"fp8": 1, "int8": 1, "nf4": 0.5 + 4 / 64}
 
 def base_bytes(shape, quantize, dtype):
     """Resident bytes of the frozen transformer: quantized block linears, the rest in dtype."""
-    full = BASE_BYTES.get(dtype, 2)
+    full = bytes_per_value(dtype or "bf16")
     if quantize not in QUANTIZED_BYTES:
         return shape["parameters"] * full
     quantized = min(block_linear_parameters(shape), shape["parameters"])
