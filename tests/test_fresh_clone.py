@@ -141,7 +141,8 @@ def test_pip_install_of_a_clone_gives_a_loralab_that_runs_the_quickstart_by_name
         shutil.copy2(os.path.join(ROOT, path), clone / path)
     python = make_venv(tmp_path / "venv")
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
+        # --ignore-installed: this checkout's editable install, seen through the .pth, stays
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--ignore-installed",
          "--no-build-isolation", "--no-index", "--quiet", str(clone)],
         capture_output=True, text=True, timeout=240)
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-3000:]
