@@ -87,6 +87,14 @@ def cmd_train(args):
 
 
 def cmd_make_tiny_model(args):
+    if args.family != "flux":  # SDXL / SD1.5: a diffusers folder, and a checkpoint if asked
+        from .core.families.unet.tiny import build_tiny, write_single_file
+
+        folder = build_tiny(args.family, args.folder)
+        if args.single_file:
+            print(write_single_file(folder, args.single_file) or args.single_file)
+        print(folder)
+        return 0
     from .core.families.flux.tiny import build_tiny_flux
 
     folder = build_tiny_flux(args.folder, preset=args.preset)
@@ -307,10 +315,11 @@ def build_parser():
     train.add_argument("config")
     train.set_defaults(handler=cmd_train)
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model folder, built locally")
-    tiny.add_argument("family", choices=["flux"])
+    tiny.add_argument("family", choices=["flux", "sdxl", "sd15"])
     tiny.add_argument("folder")
-    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    tiny.add_argument("--single-file", help="also write the transformer as one BFL-format .safetensors")
+    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="flux only")
+    tiny.add_argument("--single-file", help="also write one .safetensors: FLUX's transformer in BFL "
+                                            "keys; SDXL/SD1.5's whole checkpoint in original keys")
     tiny.add_argument("--comfyui", action="store_true",
                       help="also write the model as ComfyUI's single files in FOLDER/comfyui/ "
                            "(diffusion_models, text_encoders, vae)")

@@ -126,7 +126,7 @@ def run_mode(shape, mode, resolutions, steps, device, dtype):
         torch.cuda.reset_peak_memory_stats()
     baseline = status_bytes("VmRSS") if device == "cpu" else 0
     model = build(shape, mode, device, dtype)
-    add_lora(model, 16, 16, LORA_TARGETS)
+    add_lora(model, 16, 16, {"target_modules": LORA_TARGETS})
     model.enable_gradient_checkpointing()
     model.train()
     for resolution in resolutions:

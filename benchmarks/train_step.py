@@ -62,7 +62,7 @@ def _setup(config):
     from loralab.core.lora import add_lora
 
     pipeline = flux.load(config["model"]["path"], dtype="fp32")
-    parameters = add_lora(pipeline.transformer, 16, 16, flux.LORA_TARGETS)
+    parameters = add_lora(pipeline.transformer, 16, 16, {"target_modules": flux.LORA_TARGETS})
     items = scan_folder(config["dataset"]["folder"], "txt", "sks").items
     size = (config["dataset"]["resolution"][0],) * 2
     return torch, flux, pipeline, parameters, items, size, load_for_bucket

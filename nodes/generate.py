@@ -70,9 +70,7 @@ class LoRALabSampleGrid:
         sample_config = checked(config_from(self.SETTINGS, {"prompts": prompts, **values}))["sample"]
         if not sample_config["prompts"]:
             raise ValueError("prompts is empty: give one prompt per line")
-        trained = None if lora is None else {"weights": lora.weights,
-                                             "rank": lora.config["network"]["linear"],
-                                             "alpha": lora.config["network"]["linear_alpha"]}
+        trained = None if lora is None else {"weights": lora.weights, "network": lora.config["network"]}
         title = (f"{lora.name} step {lora.step}" if lora else "base model") + f", seed {values['seed']}"
         try:
             with comfy_adapter.outside_inference_mode():  # it moves the pipeline
@@ -110,5 +108,8 @@ class LoRALabApplyLoRA:
                    "loading), so the graph that trained it can generate with it. ComfyUI only.")
 
     def apply(self, model, lora, strength):
-        tensors = lora.tensors(fmt="diffusers", dtype="float32")
+        from ..core.families import get_family
+
+        fmt = get_family(lora.config["model"]["family"]).COMFYUI_LORA_FORMAT
+        tensors = lora.tensors(fmt=fmt, dtype="float32")
         return (comfy_adapter.patch_model_with_lora(model, tensors, strength),)

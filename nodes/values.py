@@ -80,6 +80,8 @@ class TrainedLoRA:
         """The tensors of the LoRA file (alpha baked into lora_B) in the given key format."""
         from ..core.lora import file_tensors
 
-        network = self.config["network"]
-        return file_tensors(self.weights, network["linear"], network["linear_alpha"], fmt, dtype,
-                            to_kohya=self.to_kohya)
+        from ..core.families import get_family
+
+        prefix = get_family(self.config["model"]["family"]).DIFFUSERS_PREFIX
+        return file_tensors(self.weights, self.config["network"], fmt, dtype, to_kohya=self.to_kohya,
+                            prefix=prefix)

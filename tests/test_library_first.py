@@ -75,7 +75,7 @@ def random_lora(transformer, rank, alpha, seed=0):
 
 
 def lora_config(rank, alpha, fmt="diffusers"):
-    return {"name": "random", "network": {"linear": rank, "linear_alpha": alpha},
+    return {"name": "random", "model": {"family": "flux"}, "network": {"linear": rank, "linear_alpha": alpha},
             "save": {"format": fmt, "dtype": "float32"}}
 
 
@@ -86,7 +86,7 @@ def test_sampling_at_a_strength_is_diffusers_set_adapters_on_the_saved_file(tiny
     strengths, prompt = [0.0, 0.5, 1.0, 1.5], "a photo of sks"
     sample = {"seed": 3, "sample_steps": 2, "guidance_scale": 3.5, "width": 64, "height": 64}
     _, images = strength_grid(flux, ours, [prompt], strengths, sample, "cpu",
-                              lora={"weights": weights, "rank": 4, "alpha": 8})
+                              lora={"weights": weights, "network": {"linear": 4, "linear_alpha": 8}})
 
     reference = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
     reference.load_lora_weights(path, adapter_name="saved")

@@ -319,11 +319,12 @@ def comfyui(tmp_path, monkeypatch):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     comfy_adapter._comfy.cache_clear()
-    for kind in ("diffusers/FLUX.1-dev", "diffusion_models", "text_encoders", "vae", "loras"):
+    for kind in ("diffusers/FLUX.1-dev", "diffusion_models", "text_encoders", "vae", "loras", "checkpoints"):
         (models / kind).mkdir(parents=True)
     (models / "diffusers" / "FLUX.1-dev" / "model_index.json").write_text("{}")
     for name in ("diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l.safetensors",
-                 "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors"):
+                 "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors",
+                 "checkpoints/sd_xl_base_1.0.safetensors"):
         (models / name).write_bytes(b"")
     yield seen
     comfy_adapter._comfy.cache_clear()
@@ -335,6 +336,7 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
     assert optional["diffusion_model"][0] == ["none", "flux1-dev.safetensors"]
     assert optional["clip_l"][0] == optional["t5"][0] == ["none", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
     assert optional["vae"][0] == ["none", "ae.safetensors"]
+    assert optional["checkpoint"][0] == ["none", "sd_xl_base_1.0.safetensors"]
     load = NODES["LoRALabLoadBaseModel"].model_section
     assert load("flux", "", "diffusers/FLUX.1-dev")["path"] == str(
         tmp_path / "models" / "diffusers" / "FLUX.1-dev")
@@ -344,8 +346,9 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
     four = load("flux", "", diffusion_model="flux1-dev.safetensors", clip_l="clip_l.safetensors",
                 t5="t5xxl_fp16.safetensors", vae="ae.safetensors")
     assert four["path"] is None and four["vae_path"].endswith("vae/ae.safetensors")
-    with pytest.raises(ValueError, match="clip_l, t5, vae not picked"):
-        load("flux", "", diffusion_model="flux1-dev.safetensors")
+    with pytest.raises(ValueError, match="model.clip_l_path, model.t5_path, model.vae_path not given"):
+        call("LoRALabLoadBaseModel", family="flux", path="", dtype="bf16", quantize="none",
+             diffusion_model="flux1-dev.safetensors")
     with pytest.raises(ValueError, match="vae: 'nothing.safetensors' is not in ComfyUI's vae folders"):
         load("flux", tiny_flux, vae="nothing.safetensors")
 

@@ -1,5 +1,6 @@
 """The LoRA file (docs/architecture.md, "LoRA file"): safetensors in the save dtype, alpha baked
-into lora_B, diffusers keys with the `transformer.` prefix or kohya keys, config in metadata."""
+into lora_B, diffusers keys with the family's prefix (`transformer.`, `unet.`) or kohya keys,
+config in metadata."""
 import json
 
 from safetensors import safe_open
@@ -9,15 +10,19 @@ from ..dtypes import torch_dtype
 from ..runs.atomic import atomic_path
 
 
-def bake_alpha(weights, rank, alpha):
-    """lora_B * (alpha / rank): every loader then applies the LoRA at scale 1, alpha key or not."""
-    scale = alpha / rank
-    return {k: (v * scale if ".lora_B." in k else v) for k, v in weights.items()}
+def bake_alpha(weights, network):
+    """lora_B * (alpha / rank): every loader then applies the LoRA at scale 1, alpha key or not.
+    Conv layers (LoCon, 4-D weights) have their own rank and alpha (network.conv, conv_alpha)."""
+    linear = network["linear_alpha"] / network["linear"]
+    conv = (network.get("conv_alpha") or network.get("conv") or 1) / (network.get("conv") or 1)
+    return {k: (v * (conv if v.dim() == 4 else linear) if ".lora_B." in k else v)
+            for k, v in weights.items()}
 
 
-def file_tensors(weights, rank, alpha, fmt, dtype, to_kohya=None, prefix="transformer."):
-    """The tensors of a LoRA file from peft weights (float32, peft names)."""
-    baked = bake_alpha(weights, rank, alpha)
+def file_tensors(weights, network, fmt, dtype, to_kohya=None, prefix="transformer."):
+    """The tensors of a LoRA file from peft weights (float32, peft names) trained with the
+    `network` config section."""
+    baked = bake_alpha(weights, network)
     if fmt == "kohya":
         if to_kohya is None:
             raise ValueError("this model family has no kohya key mapping")
@@ -28,12 +33,15 @@ def file_tensors(weights, rank, alpha, fmt, dtype, to_kohya=None, prefix="transf
     return {k: (v if k.endswith(".alpha") else v.to(save_dtype)).contiguous() for k, v in tensors.items()}
 
 
-def file_metadata(config, step, rank, alpha, fmt):
+def file_metadata(config, step, fmt, kohya_metadata):
     """String metadata: ours plus the ss_* keys that kohya-aware tools (and ComfyUI's UI) show.
     The weights have alpha / rank baked in, so the file's own scale is 1: ss_network_alpha equals
     ss_network_dim, as the kohya `.alpha` tensors equal their (fused) rank; the alpha the LoRA was
-    trained with is kept in loralab_network_alpha."""
-    return {
+    trained with is kept in loralab_network_alpha. `kohya_metadata` is the family's
+    ss_base_model_version and ss_network_module."""
+    network = config["network"]
+    rank, alpha, conv = network["linear"], network["linear_alpha"], network.get("conv") or 0
+    metadata = {
         "format": "pt",
         "loralab_version": "1",
         "loralab_format": fmt,
@@ -41,13 +49,17 @@ def file_metadata(config, step, rank, alpha, fmt):
         "loralab_network_dim": str(rank),
         "loralab_network_alpha": str(alpha),
         "loralab_config": json.dumps(config, sort_keys=True, default=str),
-        "ss_network_module": "networks.lora_flux" if fmt == "kohya" else "peft",
+        "ss_network_module": kohya_metadata["ss_network_module"] if fmt == "kohya" else "peft",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(rank),
         "ss_output_name": str(config.get("name", "")),
         "ss_steps": str(step),
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": kohya_metadata["ss_base_model_version"],
     }
+    if conv:  # kohya's LoCon settings, also at scale 1; the trained conv alpha is ours again
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv), "conv_alpha": str(conv)})
+        metadata["loralab_conv_alpha"] = str(network.get("conv_alpha") or conv)
+    return metadata
 
 
 def save_lora_file(path, tensors, metadata):

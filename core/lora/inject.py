@@ -8,10 +8,12 @@ ADAPTER = "default"
 
 
 def add_lora(model, rank, alpha, targets):
-    """Adds a trainable LoRA (peft, adapter "default") to the modules matching `targets`; the LoRA
-    parameters are float32 whatever the base dtype, so small updates are not rounded away."""
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                 init_lora_weights=True))
+    """Adds a trainable LoRA (peft, adapter "default") to the modules that `targets` (the family's
+    lora_targets: target_modules, and rank/alpha patterns for modules with their own rank)
+    names; the LoRA parameters are float32 whatever the base dtype, so small updates are not
+    rounded away. A plain regex string is target_modules alone."""
+    targets = {"target_modules": targets} if isinstance(targets, str) else targets
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, **targets))
     parameters = [p for n, p in model.named_parameters() if "lora_" in n]
     for parameter in parameters:
         parameter.data = parameter.data.float()

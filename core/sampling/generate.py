@@ -12,9 +12,12 @@ def prompts_with_trigger(prompts, trigger_word):
     return [apply_trigger(p, trigger_word) if "[trigger]" in p else p for p in prompts]
 
 
-def sample_images(family, pipeline, prompt_embeds, strengths, sample_config, device):
+def sample_images(family, pipeline, prompt_embeds, strengths, sample_config, device,
+                  negative_embeds=None):
     """{strength: [image per prompt]}. A strength of 0 is the base model. The pipeline's model
-    must carry the LoRA (adapter "default") when a strength other than 0 is asked for."""
+    must carry the LoRA (adapter "default") when a strength other than 0 is asked for.
+    negative_embeds: the empty caption's (text, pooled), for families with classifier-free
+    guidance."""
     model = family.trainable_model(pipeline)
     images = {}
     for strength in strengths:
@@ -22,7 +25,7 @@ def sample_images(family, pipeline, prompt_embeds, strengths, sample_config, dev
             images[strength] = family.generate(
                 pipeline, prompt_embeds, sample_config["seed"], sample_config["sample_steps"],
                 sample_config["guidance_scale"], sample_config["width"], sample_config["height"],
-                device)
+                device, negative_embeds)
     return images
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..families import get_family
 from ..lora import file_metadata, file_tensors, save_lora_file
 from ..runs.atomic import atomic_path
 
@@ -26,11 +27,11 @@ class StateError(ValueError):
 
 
 def write_lora(path, weights, config, step, to_kohya=None, fmt=None, dtype=None):
-    network = config["network"]
+    family = get_family(config["model"]["family"])
     fmt = fmt or config["save"]["format"]
-    tensors = file_tensors(weights, network["linear"], network["linear_alpha"], fmt,
-                           dtype or config["save"]["dtype"], to_kohya=to_kohya)
-    metadata = file_metadata(config, step, network["linear"], network["linear_alpha"], fmt)
+    tensors = file_tensors(weights, config["network"], fmt, dtype or config["save"]["dtype"],
+                           to_kohya=to_kohya, prefix=family.DIFFUSERS_PREFIX)
+    metadata = file_metadata(config, step, fmt, family.KOHYA_METADATA)
     return save_lora_file(path, tensors, metadata)
 
 

@@ -15,6 +15,7 @@ from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
+from ..dataset.buckets import crop_top_left
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
@@ -161,7 +162,7 @@ def _train(config, pipeline, on_event, should_stop, held):
 
     # -- LoRA, optimizer, schedule -----------------------------------------------------------
     model = family.trainable_model(pipeline)
-    parameters = add_lora(model, net_cfg["linear"], net_cfg["linear_alpha"], family.LORA_TARGETS)
+    parameters = add_lora(model, net_cfg["linear"], net_cfg["linear_alpha"], family.lora_targets(net_cfg))
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -209,7 +210,8 @@ def _train(config, pipeline, on_event, should_stop, held):
     def sample(step):
         embeds = [cache.text(p) for p in sample_prompts]
         model.eval()
-        images = sample_images(family, pipeline, embeds, [1.0], sample_cfg, device)
+        images = sample_images(family, pipeline, embeds, [1.0], sample_cfg, device,
+                               negative_embeds=cache.text(""))
         model.train()
         paths = save_samples(run.samples(step), images, sample_prompts)
         emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
@@ -244,6 +246,12 @@ def _train(config, pipeline, on_event, should_stop, held):
                 "pooled": torch.stack([cache.text(t)[1] for t in texts]),
             }
             batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}
+            # Sizes stay integers (bf16 cannot hold 1023): the source image's and its centre crop's
+            batch["original_size"] = torch.tensor(
+                [(scan.items[e.image].height, scan.items[e.image].width) for e in entries], device=device)
+            batch["crop_top_left"] = torch.tensor(
+                [crop_top_left(scan.items[e.image].width, scan.items[e.image].height, e.size)
+                 for e in entries], device=device)
             with accelerator.accumulate(model), accelerator.autocast():
                 loss = family.training_loss(model, batch, generator, train_cfg, uses_guidance)
                 # backward divides by the accumulation steps; it runs even on a non-finite loss,

@@ -3,9 +3,9 @@ Shared with SDXL in core/families/unet; here: one CLIP text encoder with clip sk
 import torch
 
 from ..unet import family
-from ..unet.family import (DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype, encode_image,
-                           encoders_to_device, free_text_encoders, lora_targets, remove_lora,
-                           size_multiple, to_device, trainable_model, uses_guidance)
+from ..unet.family import (COMFYUI_LORA_FORMAT, DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype,
+                           encode_image, encoders_to_device, free_text_encoders, lora_targets,
+                           remove_lora, size_multiple, to_device, trainable_model, uses_guidance)
 
 name = "sd15"
 KOHYA_METADATA = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}
@@ -17,7 +17,7 @@ def load(model, quantize="none", comfyui=None):
 
 
 def lora_to_kohya(model):
-    return family.lora_to_kohya(name)
+    return family.lora_to_kohya(name, model)
 
 
 @torch.no_grad()
@@ -48,7 +48,8 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
                            device, negative_embeds)
 
 
-__all__ = ["DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "compute_dtype", "encode_image",
-           "encode_prompts", "encoders_to_device", "free_text_encoders", "generate", "load",
-           "lora_targets", "lora_to_kohya", "remove_lora", "size_multiple", "to_device",
-           "trainable_model", "training_loss", "uses_guidance"]
+__all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS",
+           "compute_dtype", "encode_image", "encode_prompts", "encoders_to_device",
+           "free_text_encoders", "generate", "load", "lora_targets", "lora_to_kohya",
+           "remove_lora", "size_multiple", "to_device", "trainable_model", "training_loss",
+           "uses_guidance"]

@@ -4,9 +4,9 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from ..unet import conditioning, family
-from ..unet.family import (DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype, encode_image,
-                           encoders_to_device, free_text_encoders, lora_targets, remove_lora,
-                           size_multiple, to_device, trainable_model, uses_guidance)
+from ..unet.family import (COMFYUI_LORA_FORMAT, DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype,
+                           encode_image, encoders_to_device, free_text_encoders, lora_targets,
+                           remove_lora, size_multiple, to_device, trainable_model, uses_guidance)
 
 name = "sdxl"
 KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
@@ -18,7 +18,7 @@ def load(model, quantize="none", comfyui=None):
 
 
 def lora_to_kohya(model):
-    return family.lora_to_kohya(name)
+    return family.lora_to_kohya(name, model)
 
 
 @torch.no_grad()
@@ -59,7 +59,8 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
                            device, negative_embeds, pooled=True)
 
 
-__all__ = ["DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "compute_dtype", "encode_image",
-           "encode_prompts", "encoders_to_device", "free_text_encoders", "generate", "load",
-           "lora_targets", "lora_to_kohya", "remove_lora", "size_multiple", "to_device",
-           "trainable_model", "training_loss", "uses_guidance"]
+__all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS",
+           "compute_dtype", "encode_image", "encode_prompts", "encoders_to_device",
+           "free_text_encoders", "generate", "load", "lora_targets", "lora_to_kohya",
+           "remove_lora", "size_multiple", "to_device", "trainable_model", "training_loss",
+           "uses_guidance"]

@@ -10,6 +10,9 @@ from accelerate.utils import extract_model_from_parallel
 from . import noise
 
 DIFFUSERS_PREFIX = "unet."
+# ComfyUI (0.33) maps a UNet's attention LoRA only under kohya names or diffusers' old
+# `attn1.processor.to_q` names, which diffusers itself no longer loads: kohya keys for ComfyUI.
+COMFYUI_LORA_FORMAT = "kohya"
 
 # Module names inside the UNet's transformer blocks, e.g.
 # down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k; resnets hold the 3x3 convolutions.
@@ -50,11 +53,13 @@ def load(name, model, quantize, comfyui):
     return pipeline
 
 
-def lora_to_kohya(name):
-    """A function mapping the UNet's peft LoRA weights to kohya's names (lora_unet_...)."""
+def lora_to_kohya(name, unet):
+    """A function mapping the UNet's peft LoRA weights to kohya's names (lora_unet_...); SDXL's
+    LDM names depend on the UNet's layout, so its config goes along."""
     from .keys import lora_to_kohya as to_kohya
 
-    return lambda weights: to_kohya(weights, name)
+    config = extract_model_from_parallel(unet).config
+    return lambda weights: to_kohya(weights, name, config)
 
 
 def _remember_for_training(pipeline):

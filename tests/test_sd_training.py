@@ -1,0 +1,115 @@
+"""SDXL and SD1.5 training must learn, measured outside our code: the DDPM loss on the training
+images with diffusers' own pipeline (its UNet, text encoding, VAE and DDPMScheduler.add_noise /
+get_velocity) and the saved LoRA file loaded by diffusers' own load_lora_weights, at fixed noise
+and timesteps. It must fall well under the base model's and be lowest at strength 1, so a sign
+or scale error in training or in the file cannot pass."""
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
+
+from loralab.core.config import resolve
+from loralab.core.dataset import load_for_bucket, scan_folder
+from loralab.core.dataset.demo import make_demo_dataset
+from loralab.core.trainer import train
+
+PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+torch.set_num_threads(1)  # tiny models: more threads only add overhead on a shared 2-core runner
+
+
+@pytest.fixture(scope="module")
+def sd_models(tmp_path_factory):
+    from loralab.core.families.unet.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("sd-models")
+    return {family: build_tiny(family, str(root / family)) for family in PIPELINES}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_demo_dataset(str(tmp_path_factory.mktemp("sd-learn") / "data"), count=3)
+
+
+def run(folder, dataset, output, family, steps=120, network=None, **model):
+    config = resolve({
+        "name": f"learn_{family}", "model": {"path": folder, "dtype": "fp32", **model},
+        "network": network or {},
+        "dataset": {"folder": dataset, "trigger_word": "sks", "resolution": [64], "caption_dropout_rate": 0.0},
+        "train": {"steps": steps, "lr": 3e-3, "optimizer": "adamw", "dtype": "fp32",
+                  "gradient_checkpointing": False},
+        "save": {"save_every": 1000, "output_dir": str(output)},
+        "sample": {"sample_every": 0}})
+    assert config["model"]["family"] == family and config["save"]["format"] == "kohya"
+    return train(config)
+
+
+def ddpm_loss(pipeline, latents, text, added, target="epsilon"):
+    """The mean DDPM loss at 8 fixed draws of noise and timesteps, by diffusers' own scheduler."""
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    generator = torch.Generator().manual_seed(123)
+    losses = []
+    with torch.no_grad():
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(50, 950, (latents.shape[0],), generator=generator)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            wanted = noise if target == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=text,
+                                       added_cond_kwargs=added).sample
+            losses.append(torch.nn.functional.mse_loss(prediction, wanted).item())
+    return sum(losses) / len(losses)
+
+
+def training_batch(pipeline, family, dataset):
+    """Latents, text and (SDXL) pooled text + size conditioning of the training images, made by
+    diffusers' own pipeline pieces."""
+    items = scan_folder(dataset, "txt", "sks").items
+    pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(load_for_bucket(i.path, (64, 64)),
+                                                                      dtype="float32")).permute(2, 0, 1)
+                          for i in items]) / 127.5 - 1
+    with torch.no_grad():
+        latents = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+        captions = [i.caption for i in items]
+        if family == "sd15":
+            text, _ = pipeline.encode_prompt(captions, "cpu", 1, False)
+            return latents, text, None
+        text, _, pooled, _ = pipeline.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[96, 96, 0, 0, 64, 64]] * len(items), dtype=torch.float32)  # demo: 96 px
+    return latents, text, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def strengths_of(pipeline, lora_path, batch, target="epsilon"):
+    base = ddpm_loss(pipeline, *batch, target=target)
+    pipeline.load_lora_weights(lora_path, adapter_name="trained")
+    by_strength = {}
+    for strength in (1.0, 0.5, 2.0, -1.0):
+        pipeline.set_adapters(["trained"], adapter_weights=[strength])
+        by_strength[strength] = ddpm_loss(pipeline, *batch, target=target)
+    return base, by_strength
+
+
+# SD1.5 with the default LoRA (attention); SDXL also with its feed-forward and conv layers (LoCon
+# at its own rank), so both layouts of the file are checked
+@pytest.mark.parametrize("family, network", [("sd15", {}), ("sdxl", {"feed_forward": True, "conv": 4})])
+def test_a_sd_lora_lowers_the_loss_on_its_training_images(family, network, sd_models, dataset, tmp_path):
+    result = run(sd_models[family], dataset, tmp_path, family, network=network)
+    with safe_open(result.lora_path, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)  # kohya keys, by default
+    assert metadata["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
+    pipeline = PIPELINES[family].from_pretrained(sd_models[family], local_files_only=True)
+    base, by_strength = strengths_of(pipeline, result.lora_path, training_batch(pipeline, family, dataset))
+    assert by_strength[1.0] < 0.7 * base, (base, by_strength)
+    assert by_strength[1.0] < by_strength[0.5] and by_strength[1.0] < by_strength[2.0], by_strength
+    assert by_strength[-1.0] > 1.5 * by_strength[1.0], by_strength  # a sign error: the other way
+
+
+def test_a_v_prediction_model_trains_against_the_v_target(sd_models, dataset, tmp_path):
+    """prediction_type v_prediction (as a v-pred checkpoint says, or set by hand): the LoRA lowers
+    the loss against diffusers' get_velocity target, not against the noise."""
+    result = run(sd_models["sd15"], dataset, tmp_path, "sd15", prediction_type="v_prediction")
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_models["sd15"], local_files_only=True)
+    batch = training_batch(pipeline, "sd15", dataset)
+    base, by_strength = strengths_of(pipeline, result.lora_path, batch, target="v_prediction")
+    assert by_strength[1.0] < 0.7 * base, (base, by_strength)
+    assert by_strength[-1.0] > 1.5 * by_strength[1.0], by_strength
