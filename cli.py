@@ -221,7 +221,10 @@ def cmd_plan(args):
             config.setdefault(section, {})[key] = value
     config.setdefault("dataset", {})["folder"] = args.dataset
     # validated like a training config, so a bad value is named; no model is needed to plan
-    resolve({**config, "model": {"path": "-", **config.get("model", {})}})
+    model = {"path": "-", **config.get("model", {})}
+    if model["path"] == "-" and not model.get("transformer_path") and not model.get("checkpoint_path"):
+        model.setdefault("family", "flux")  # no model named: the estimate is FLUX.1's
+    resolve({**config, "model": model})
     print(plan_report(args.dataset, config))
     if args.vram is not None:
         from .core.coach.fit import fit_report

@@ -122,4 +122,4 @@ def test_nf4_on_a_cpu_is_refused_before_loading_with_what_to_use(resolved):
     from loralab.core.trainer import PrecisionError, train
 
     with pytest.raises(PrecisionError, match='model.quantize = "nf4" trains only on a CUDA GPU.*"fp8"'):
-        train(resolved(model={"path": "/nowhere", "quantize": "nf4"}))  # refused before loading
+        train(resolved(model={"family": "flux", "path": "/nowhere", "quantize": "nf4"}))  # refused before loading

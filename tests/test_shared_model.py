@@ -21,7 +21,7 @@ def state(pipeline):
 
 
 def test_a_shared_pipeline_trained_in_bf16_samples_in_fp32_like_a_fresh_one(resolved, tiny_flux):
-    shared, fresh = flux.load(tiny_flux, dtype="fp32"), flux.load(tiny_flux, dtype="fp32")
+    shared, fresh = (flux.load({"path": tiny_flux, "dtype": "fp32"}) for _ in range(2))
     before = state(shared)
     config = resolved(train={"steps": 3, "dtype": "bf16", "gradient_checkpointing": True},
                       sample={"sample_every": 1, "width": 64, "height": 64, "sample_steps": 2})
