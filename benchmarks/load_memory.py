@@ -107,9 +107,9 @@ def child(slot, quantize, paths, dtype_name):
                               T5TokenizerFast)
 
     from loralab.core.families.flux import single_files
-    from loralab.core.families.flux.flow import DTYPES
+    from loralab.core.dtypes import torch_dtype
 
-    dtype = DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     with PeakMeter() as meter:

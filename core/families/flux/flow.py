@@ -4,7 +4,6 @@ import math
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def normalize_latents(vae_latents, vae_config):

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .flow import DTYPES
+from ...dtypes import torch_dtype as to_torch_dtype
 
 
 class ModelError(ValueError):
@@ -80,7 +80,7 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", cl
 
     from . import single_files
 
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = to_torch_dtype(dtype)
     if not path:
         pipeline = single_files.load_pipeline_from_files(transformer_path, clip_l_path, t5_path,
                                                          vae_path, torch_dtype, quantize, comfyui)

@@ -408,9 +408,9 @@ def load_pipeline_from_files(transformer_path, clip_l_path, t5_path, vae_path, d
     ComfyUI's checkout. `dtype` is a torch dtype or "bf16"/"fp16"/"fp32"."""
     from diffusers import FluxPipeline
 
-    from .flow import DTYPES
+    from ...dtypes import torch_dtype
 
-    dtype = DTYPES.get(dtype, dtype)
+    dtype = torch_dtype(dtype)
     paths = {"transformer": transformer_path, "clip_l": clip_l_path, "t5": t5_path, "vae": vae_path}
     for slot, path in paths.items():
         if not path:

@@ -20,9 +20,9 @@ TEXT_PARTS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_
 
 
 def _dtype(name):
-    from ..flux.flow import DTYPES
+    from ...dtypes import torch_dtype
 
-    return DTYPES.get(name, name)
+    return torch_dtype(name)
 
 
 # ---------------------------------------------------------------------------------------------
