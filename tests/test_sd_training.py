@@ -113,3 +113,20 @@ def test_a_v_prediction_model_trains_against_the_v_target(sd_models, dataset, tm
     base, by_strength = strengths_of(pipeline, result.lora_path, batch, target="v_prediction")
     assert by_strength[1.0] < 0.7 * base, (base, by_strength)
     assert by_strength[-1.0] > 1.5 * by_strength[1.0], by_strength
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_make_tiny_model_writes_a_folder_and_a_checkpoint_of_the_family(family, tmp_path):
+    """`loralab make-tiny-model sd15|sdxl DIR --single-file F`: a diffusers folder diffusers opens,
+    and one checkpoint whose keys say the family (and ComfyUI-style original keys)."""
+    from conftest import run_cli
+    from loralab.core.families.unet.files import detect
+
+    checkpoint = tmp_path / f"tiny-{family}.safetensors"
+    result = run_cli("make-tiny-model", family, str(tmp_path / family), "--single-file", str(checkpoint))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert detect(str(checkpoint)) == {"family": family, "prediction_type": "epsilon"}
+    with safe_open(str(checkpoint), "pt") as f:
+        assert any(key.startswith("model.diffusion_model.") for key in f.keys())
+    pipeline = PIPELINES[family].from_pretrained(str(tmp_path / family), local_files_only=True)
+    assert pipeline.unet.config.cross_attention_dim > 0
