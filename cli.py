@@ -224,7 +224,7 @@ def cmd_plan(args):
     model = {"path": "-", **config.get("model", {})}
     if model["path"] == "-" and not model.get("transformer_path") and not model.get("checkpoint_path"):
         model.setdefault("family", "flux")  # no model named: the estimate is FLUX.1's
-    resolve({**config, "model": model})
+    config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
         from .core.coach.fit import fit_report

@@ -10,6 +10,7 @@ from conftest import run_cli
 from loralab.core.coach.advice import advise
 from loralab.core.coach.memory import FLUX_DEV, estimate_memory, lora_parameters, model_shape, state_bytes
 from loralab.core.coach.plan import plan_dataset, plan_report, with_defaults
+from loralab.core.config import resolve
 from loralab.core.dataset import scan_folder
 
 
@@ -228,3 +229,17 @@ def test_plan_command(good):
 def test_plan_command_on_a_missing_folder(tmp_path):
     result = run_cli("plan", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "dataset folder not found" in result.stderr
+
+
+@pytest.mark.parametrize("family, vram, checkpointing", [("sdxl", 24, "on"), ("sdxl", 80, "off"),
+                                                         ("sd15", 8, "on"), ("sd15", 24, "off")])
+def test_the_unet_families_plan_unquantized_with_checkpointing_by_gpu_size(family, vram, checkpointing):
+    from loralab.core.coach.fit import DoesNotFit, fit_report, resolve_memory_settings
+
+    config = resolve({"model": {"path": f"builtin:tiny-{family}"}, "dataset": {"folder": "-"}})
+    assert config["model"]["family"] == family
+    report = fit_report(config, vram * 2**30)
+    assert f"{family} trains unquantized" in report and f"gradient checkpointing {checkpointing}" in report
+    assert resolve_memory_settings(config, vram * 2**30, "cuda")[:2] == ("none", checkpointing == "on")
+    with pytest.raises(DoesNotFit, match="model.quantize fp8 is FLUX.1-only"):
+        resolve_memory_settings({**config, "model": {**config["model"], "quantize": "fp8"}}, 2**34, "cuda")

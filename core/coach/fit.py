@@ -297,6 +297,12 @@ def does_not_fit_message(config, device_bytes, quantize, checkpointing, shape=No
 def fit_report(config, vram_bytes, resolutions=None):
     """Text: the estimated peak per quantize mode at each training resolution, with and without
     gradient checkpointing, which fit vram_bytes, and what auto would choose."""
+    family = config["model"]["family"]
+    if family in UNET_CHECKPOINTING_BELOW_GB:  # no estimate model for the UNet families yet
+        checkpointing = _explicit(config["train"]["gradient_checkpointing"])
+        _, _, notes = unet_memory_settings(config, vram_bytes, "cuda", checkpointing)
+        return (f"memory fit for {gigabytes(vram_bytes)}: {family} trains unquantized; "
+                + (" ".join(notes) or f"gradient checkpointing {'on' if checkpointing else 'off'} (given)."))
     rows = fit_table(config, resolutions)
     resolutions = sorted({row.resolution for row in rows})
     lines = [f"memory fit for {gigabytes(vram_bytes)} (estimate; fits = within 90%; "
