@@ -17,6 +17,7 @@ import loralab
 from loralab.workflow_runner import to_api
 from loralab.workflow_runner.node_types import declared_inputs
 
+from comfyui_env import comfyui_or_skip
 from conftest import COMFYUI_SOURCE, FAST, merge, run_cli
 from test_comfyui_server import WORKFLOWS, pack_trouble, server  # noqa: F401 (fixture)
 from test_sd_files import one_thread, tiny_sd  # noqa: F401 (fixtures)
@@ -199,6 +200,7 @@ def comfyui_loadable_sd15(path):
 
 @pytest.fixture(scope="session")
 def comfyui_sd15(tmp_path_factory):
+    comfyui_or_skip()  # built only for the real ComfyUI (a session fixture is set up before `server`)
     return comfyui_loadable_sd15(tmp_path_factory.mktemp("comfyui-sd15") / "comfyui-sd15.safetensors")
 
 
