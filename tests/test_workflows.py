@@ -51,7 +51,10 @@ def test_every_workflow_ships_in_both_formats():
     assert set(NAMES) <= api
 
 
-@pytest.mark.parametrize("name", NAMES)
+SHIPPED = sorted(name[:-len(".json")] for name in os.listdir(WORKFLOWS) if not name.endswith(".ui.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_ui_and_api_format_are_the_same_graph(name):
     api = to_api(workflow(f"{name}.json"), NODES)
     ui = to_api(workflow(f"{name}.ui.json"), NODES)
