@@ -192,12 +192,12 @@ def free_device_memory(pipeline):
 
 # -- ComfyUI models -----------------------------------------------------------------------------
 
-def patch_model_with_lora(model, lora_tensors, strength):
-    """A clone of a ComfyUI MODEL with the LoRA patched in, through ComfyUI's own LoRA loading
-    (the path LoraLoaderModelOnly takes), from diffusers-format tensors."""
+def patch_model_with_lora(model, lora_tensors, strength, clip=None):
+    """(MODEL, CLIP): clones of a ComfyUI MODEL and, when given, CLIP with the LoRA patched in,
+    through ComfyUI's own LoRA loading (the path LoraLoader takes; LoraLoaderModelOnly's without
+    a CLIP, which is then returned as None), both at `strength`."""
     sd = _comfy("comfy.sd")
     if sd is None:
         raise RuntimeError("LoRALabApplyLoRA patches a ComfyUI MODEL, so it runs only inside "
                            "ComfyUI. Headless, use LoRALabSampleGrid to see the LoRA.")
-    patched, _ = sd.load_lora_for_models(model, None, lora_tensors, strength, 0)
-    return patched
+    return sd.load_lora_for_models(model, clip, lora_tensors, strength, strength if clip is not None else 0)

@@ -98,18 +98,23 @@ class LoRALabApplyLoRA:
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "How strongly the LoRA changes the model; 0 is "
                                               "the model unchanged."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "ComfyUI's CLIP, for a LoRA trained with a text-encoder "
+                                         "LoRA (SDXL/SD1.5): patched at the same strength. "
+                                         "Without it only the MODEL is patched."}),
         }}
 
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
+    RETURN_TYPES = ("MODEL", "CLIP")  # CLIP second: links to the MODEL output stay where they were
+    RETURN_NAMES = ("model", "clip")
     FUNCTION = "apply"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Patches a ComfyUI MODEL with the trained LoRA (through ComfyUI's LoRA "
-                   "loading), so the graph that trained it can generate with it. ComfyUI only.")
+    DESCRIPTION = ("Patches a ComfyUI MODEL (and CLIP, when connected) with the trained LoRA "
+                   "(through ComfyUI's LoRA loading), so the graph that trained it can generate "
+                   "with it. ComfyUI only.")
 
-    def apply(self, model, lora, strength):
+    def apply(self, model, lora, strength, clip=None):
         from ..core.families import get_family
 
         fmt = get_family(lora.config["model"]["family"]).COMFYUI_LORA_FORMAT
         tensors = lora.tensors(fmt=fmt, dtype="float32")
-        return (comfy_adapter.patch_model_with_lora(model, tensors, strength),)
+        return tuple(comfy_adapter.patch_model_with_lora(model, tensors, strength, clip))

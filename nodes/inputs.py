@@ -188,6 +188,8 @@ class LoRALabConfigureLoRA:
         "timestep_min": setting("train.timestep_min"),
         "timestep_max": setting("train.timestep_max"),
         "zero_terminal_snr": setting("train.zero_terminal_snr"),
+        "text_encoder": setting("network.text_encoder"),
+        "text_encoder_lr": setting("train.text_encoder_lr", step=0.000001, round=False),
     }
 
     @classmethod

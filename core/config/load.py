@@ -97,7 +97,7 @@ def resolve(config, source=None):
         section, key = dotted.split(".")
         if key not in (config.get(section) or {}):
             resolved[section][key] = copy.deepcopy(value)
-    problems = _family_problems(model)
+    problems = _family_problems(model, resolved["network"])
     if resolved["train"]["timestep_min"] >= resolved["train"]["timestep_max"]:
         problems.append(f"train.timestep_min = {resolved['train']['timestep_min']} must be below "
                         f"train.timestep_max = {resolved['train']['timestep_max']}")
@@ -117,12 +117,15 @@ PATH_SETTINGS = (("model", "path"), ("model", "transformer_path"), ("model", "cl
                  ("dataset", "folder"), ("save", "output_dir"))
 
 
-def _family_problems(model):
+def _family_problems(model, network):
     """What the family needs of the model section: a folder or its single files, and none of
-    another family's files."""
+    another family's files; and what it offers of the network section."""
     from ..families import REQUIRED_FILES, folder_family
 
     family, problems = model["family"], []
+    if family == "flux" and network["text_encoder"]:
+        problems.append("network.text_encoder = true: FLUX.1 does not offer a text-encoder LoRA; "
+                        "set it to false")
     found = folder_family(model["path"]) if model["path"] else None
     if found and found != family:
         problems.append(f"model.family = {family}, but model.path {model['path']!r} is a {found} "

@@ -99,6 +99,10 @@ SCHEMA = {
                          "(LoCon); 0 leaves them frozen. Common: 4-16."),
             "conv_alpha": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
                            "description": "Alpha of the conv LoRA; empty means equal to conv."},
+            "text_encoder": {"type": "boolean", "default": False, "description":
+                             "SDXL/SD1.5: also train a LoRA on the text encoders (CLIP's attention "
+                             "and MLP linears); caption embeddings are then encoded every step, not "
+                             "cached. FLUX.1 does not offer it."},
         }),
         "train": _section({
             "steps": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000, "default": None,
@@ -106,6 +110,10 @@ SCHEMA = {
             "batch_size": _int(1, 1, 64, "Images per step. Guide: 1, unequivocally."),
             "gradient_accumulation_steps": _int(1, 1, 1024, "Steps whose gradients add up before an update."),
             "lr": _number(1e-4, 0.0, 1.0, "Learning rate. Guide: 1e-4; optimal range 1e-4 to 8e-4."),
+            "text_encoder_lr": {"type": ["number", "null"], "default": None, "minimum": 0.0,
+                                "maximum": 1.0, "description":
+                                "Learning rate of the text-encoder LoRA (network.text_encoder); empty "
+                                "means train.lr. Commonly lower than the UNet's, e.g. 5e-5 (kohya)."},
             "optimizer": _choice(OPTIMIZERS, "adamw8bit", "Guide: adamw8bit (memory saving)."),
             "lr_scheduler": _choice(SCHEDULERS, "constant", "Learning-rate schedule, as diffusers' "
                                     "get_scheduler means it: constant (no warm-up), constant_with_warmup, "

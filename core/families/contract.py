@@ -1,6 +1,6 @@
 """What the trainer, the sampler and the nodes need of a model family, written down. A family is
 a module (core/families/<name>/__init__.py) that satisfies this Protocol; FLUX.1 does, checked in
-tests/test_family_contract.py, and SDXL / SD1.5 are to land on the same contract."""
+tests/test_family_contract.py, as do SDXL and SD1.5."""
 from typing import Protocol, runtime_checkable
 
 
@@ -51,6 +51,20 @@ class ModelFamily(Protocol):
 
     def encode_prompts(self, pipeline, prompts, device) -> dict:
         """{prompt: (embeddings, pooled)} on the CPU, for the cache."""
+
+    def text_encoders(self, pipeline) -> dict:
+        """{name: module} of the text encoders a text-encoder LoRA goes on (network.text_encoder),
+        loaded again if they were freed; `name` is the pipeline attribute, and its weights take
+        the prefix `<name>.` in the LoRA file, as diffusers' save_lora_weights writes them. A
+        family that does not offer a text-encoder LoRA raises ValueError."""
+
+    def text_encoder_lora_targets(self, network) -> dict:
+        """peft LoraConfig arguments of the text-encoder LoRA for the `network` section."""
+
+    def encode_batch(self, pipeline, captions, device):
+        """(text [B,seq,dim], pooled [B,dim]) of `captions` on `device`, with gradients through
+        the text encoders (and their LoRA): for training them. With no LoRA (or one at zero) the
+        values are encode_prompts'."""
 
     def encode_image(self, pipeline, image, device):
         """The normalised latent of one PIL image at its bucket size, on the CPU."""

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from ..dtypes import torch_dtype
 from ..runs.atomic import atomic_path
+from .inject import text_encoder_of
 
 
 def bake_alpha(weights, network):
@@ -21,14 +22,15 @@ def bake_alpha(weights, network):
 
 def file_tensors(weights, network, fmt, dtype, to_kohya=None, prefix="transformer."):
     """The tensors of a LoRA file from peft weights (float32, peft names) trained with the
-    `network` config section."""
+    `network` config section. diffusers format: the trainable model's keys get `prefix`, a text
+    encoder's keep theirs (`text_encoder.`), as diffusers' save_lora_weights writes them."""
     baked = bake_alpha(weights, network)
     if fmt == "kohya":
         if to_kohya is None:
             raise ValueError("this model family has no kohya key mapping")
         tensors = to_kohya(baked)
     else:
-        tensors = {prefix + k: v for k, v in baked.items()}
+        tensors = {(k if text_encoder_of(k) else prefix + k): v for k, v in baked.items()}
     save_dtype = torch_dtype(dtype)
     return {k: (v if k.endswith(".alpha") else v.to(save_dtype)).contiguous() for k, v in tensors.items()}
 

@@ -1,19 +1,32 @@
-"""Put a LoRA on a model with peft, read it out, put weights back, and scale it for sampling."""
+"""Put a LoRA on a model with peft, read it out, put weights back, and scale it for sampling.
+
+A LoRA's weights are one dict in peft's names: the trainable model's (transformer, UNet)
+unprefixed, a text encoder's prefixed by its pipeline attribute (`text_encoder.`,
+`text_encoder_2.`), as diffusers' save_lora_weights names them."""
 import contextlib
 
-from peft import LoraConfig
+from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 ADAPTER = "default"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline attributes diffusers prefixes
 
 
-def add_lora(model, rank, alpha, targets):
-    """Adds a trainable LoRA (peft, adapter "default") to the modules that `targets` (the family's
-    lora_targets: target_modules, and rank/alpha patterns for modules with their own rank)
-    names; the LoRA parameters are float32 whatever the base dtype, so small updates are not
-    rounded away. A plain regex string is target_modules alone."""
-    targets = {"target_modules": targets} if isinstance(targets, str) else targets
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, **targets))
+def text_encoder_of(key):
+    """The text encoder a LoRA weight belongs to (its prefix), or None for the trainable model's."""
+    prefix = key.split(".", 1)[0]
+    return prefix if prefix in TEXT_ENCODERS else None
+
+
+def text_encoder_names(weights):
+    """The text encoders that `weights` hold a LoRA for."""
+    return sorted({text_encoder_of(key) for key in weights} - {None})
+
+
+def _float32_trainable(model):
+    """The LoRA parameters of `model`, float32 whatever the base dtype, so small updates are not
+    rounded away, and trainable."""
     parameters = [p for n, p in model.named_parameters() if "lora_" in n]
     for parameter in parameters:
         parameter.data = parameter.data.float()
@@ -21,30 +34,66 @@ def add_lora(model, rank, alpha, targets):
     return parameters
 
 
-def lora_weights(model):
-    """The LoRA weights as peft names it (`blocks.0.attn.to_q.lora_A.weight`), float32 on the CPU."""
-    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+def add_lora(model, rank, alpha, targets):
+    """Adds a trainable LoRA (peft, adapter "default") to the modules that `targets` (the family's
+    lora_targets: target_modules, and rank/alpha patterns for modules with their own rank)
+    names. A plain regex string is target_modules alone."""
+    targets = {"target_modules": targets} if isinstance(targets, str) else targets
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, **targets))
+    return _float32_trainable(model)
 
 
-def load_lora_weights(model, weights):
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise ValueError(f"LoRA weights do not fit the model: {unexpected[:5]}")
+def add_text_encoder_lora(text_encoders, rank, alpha, targets):
+    """add_lora for the text encoders {name: transformers model}; peft 0.21's add_adapter fails on
+    transformers models, so the adapter is injected with peft directly (as diffusers does)."""
+    parameters = []
+    for encoder in text_encoders.values():
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, **targets),
+                                encoder, adapter_name=ADAPTER)
+        parameters += _float32_trainable(encoder)
+    return parameters
+
+
+def lora_weights(model, text_encoders=None):
+    """The LoRA weights of `model` and of `text_encoders` {name: module} as peft names them
+    (`blocks.0.attn.to_q.lora_A.weight`, `text_encoder.encoder.layers.0...`), float32 on the CPU."""
+    parts = {"": model, **{name + ".": encoder for name, encoder in (text_encoders or {}).items()}}
+    return {prefix + k: v.detach().float().cpu().clone()
+            for prefix, part in parts.items() for k, v in get_peft_model_state_dict(part).items()}
+
+
+def load_lora_weights(model, weights, text_encoders=None):
+    """Puts lora_weights' `weights` back on `model` and `text_encoders`; a weight that fits none
+    of them raises ValueError."""
+    text_encoders = text_encoders or {}
+    missing = [name for name in text_encoder_names(weights) if name not in text_encoders]
+    if missing:
+        raise ValueError(f"LoRA weights for {', '.join(missing)}, which has no LoRA here")
+    own = {k: v for k, v in weights.items() if text_encoder_of(k) is None}
+    parts = [(model, own)] + [(encoder, {k[len(name) + 1:]: v for k, v in weights.items()
+                                         if text_encoder_of(k) == name})
+                              for name, encoder in text_encoders.items()]
+    for part, part_weights in parts:
+        result = set_peft_model_state_dict(part, part_weights)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise ValueError(f"LoRA weights do not fit the model: {unexpected[:5]}")
 
 
 @contextlib.contextmanager
-def lora_strength(model, strength):
-    """Every LoRA adapter of `model` at weight `strength` (0 = the base model) for the duration,
-    through diffusers' set_adapters (the transformer's or UNet's PeftAdapterMixin); afterwards
-    the same adapters are active at weight 1, as add_lora and load_lora_weights leave them."""
-    if not getattr(model, "peft_config", None):  # no LoRA on it: the base model at any strength
-        yield model
-        return
-    adapters = model.active_adapters()
+def lora_strength(models, strength):
+    """Every LoRA layer of `models` (one model or a list: the transformer or UNet, the text
+    encoders) at weight `strength` (0 = the base model) for the duration, the way diffusers'
+    set_adapters weights them; afterwards at weight 1, as add_lora and load_lora_weights leave
+    them."""
+    models = [m for m in (models if isinstance(models, (list, tuple)) else [models])
+              if getattr(m, "peft_config", None)]  # a model without a LoRA is the base at any strength
     try:
-        model.set_adapters(adapters, [strength] * len(adapters))
-        yield model
+        for model in models:
+            adapters = list(model.peft_config)
+            set_weights_and_activate_adapters(model, adapters, [strength] * len(adapters))
+        yield
     finally:
-        model.set_adapters(adapters, [1.0] * len(adapters))
-
+        for model in models:
+            adapters = list(model.peft_config)
+            set_weights_and_activate_adapters(model, adapters, [1.0] * len(adapters))

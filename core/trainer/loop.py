@@ -19,12 +19,12 @@ from ..dataset.buckets import crop_top_left
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
-from ..lora import add_lora, load_lora_weights, lora_weights
+from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, lora_weights
 from ..runs import choose_run_folder, write_json
 from ..runs.atomic import save_image
 from ..runs.fingerprint import dataset_fingerprint
 from ..runs.plot import loss_plot
-from ..sampling import prompts_with_trigger, sample_images, save_samples
+from ..sampling import encoded_now, prompts_with_trigger, sample_images, save_samples
 from .checkpoints import load_resume_state, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
@@ -146,10 +146,11 @@ def _train(config, pipeline, on_event, should_stop, held):
     family.encoders_to_device(pipeline, device)
     multiple = family.size_multiple(pipeline)
 
-    # -- cache latents and text embeddings once; a step then runs only the transformer -------
+    # -- cache latents and (without a text-encoder LoRA) text embeddings once -----------------
     sizes = image_sizes(scan.items, data_cfg["resolution"], multiple)
     sample_prompts = prompts_with_trigger(sample_cfg["prompts"], data_cfg["trigger_word"])
-    captions = [item.caption for item in scan.items] + [""] + sample_prompts
+    train_text = net_cfg.get("text_encoder", False)  # a text-encoder LoRA: no text is cached
+    captions = [] if train_text else [item.caption for item in scan.items] + [""] + sample_prompts
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{quantize}")
     cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None, digests)
     cache.fill(scan.items, sizes, captions,
@@ -157,7 +158,21 @@ def _train(config, pipeline, on_event, should_stop, held):
                encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
                model_key=model_key,
                on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
-    family.free_text_encoders(pipeline)  # their work is done: freed before the transformer comes on
+
+    # -- text: (text [B, seq, dim], pooled [B, dim]) of captions, and the sample prompts' pairs --
+    if train_text:  # the text encoders stay, with a LoRA at their own rate, and encode every step
+        text_encoders = family.text_encoders(pipeline)
+        text_parameters = add_text_encoder_lora(text_encoders, net_cfg["linear"], net_cfg["linear_alpha"],
+                                                family.text_encoder_lora_targets(net_cfg))
+        text_lr = train_cfg.get("text_encoder_lr")  # None: train.lr
+        text_groups = [{"params": text_parameters, "lr": train_cfg["lr"] if text_lr is None else text_lr}]
+        encode = lambda texts: family.encode_batch(pipeline, texts, device)
+        sample_embeds = lambda: encoded_now(family, pipeline, sample_prompts, device)
+    else:
+        family.free_text_encoders(pipeline)  # their work is done: freed before the transformer comes on
+        text_encoders, text_parameters, text_groups = {}, [], []
+        encode = lambda texts: tuple(torch.stack(part) for part in zip(*map(cache.text, texts)))
+        sample_embeds = lambda: ([cache.text(p) for p in sample_prompts], cache.text(""))
     family.to_device(pipeline, device)
 
     # -- LoRA, optimizer, schedule -----------------------------------------------------------
@@ -166,7 +181,8 @@ def _train(config, pipeline, on_event, should_stop, held):
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    optimizer = make_optimizer(train_cfg["optimizer"], parameters, train_cfg["lr"])
+    optimizer = make_optimizer(train_cfg["optimizer"], [{"params": parameters}, *text_groups],
+                               train_cfg["lr"])  # the schedule scales both groups
     scheduler = make_scheduler(train_cfg["lr_scheduler"], optimizer, train_cfg["lr_warmup_steps"], steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # With mixed precision, prepare() wraps the transformer's forward in autocast and float32
@@ -179,7 +195,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     if found is not None:
         resumable, state = found
         try:
-            load_lora_weights(accelerator.unwrap_model(model), state["lora"])
+            load_lora_weights(accelerator.unwrap_model(model), state["lora"], text_encoders)
         except (RuntimeError, ValueError):
             ranks = {v.shape[0] for k, v in state["lora"].items() if ".lora_A." in k}
             raise ResumeError(f"{run.checkpoint(resumable)} was trained with other network settings "
@@ -208,10 +224,8 @@ def _train(config, pipeline, on_event, should_stop, held):
             emit({"type": "warning", "step": step, "message": message})
 
     def sample(step):
-        embeds = [cache.text(p) for p in sample_prompts]
         model.eval()
-        images = sample_images(family, pipeline, embeds, [1.0], sample_cfg, device,
-                               negative_embeds=cache.text(""))
+        images = sample_images(family, pipeline, sample_embeds, [1.0], sample_cfg, device)
         model.train()
         paths = save_samples(run.samples(step), images, sample_prompts)
         emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
@@ -240,11 +254,9 @@ def _train(config, pipeline, on_event, should_stop, held):
             entries = plan.batch(position)
             texts = [("" if torch.rand(1, generator=generator).item() < dropout
                       else scan.items[e.image].caption) for e in entries]
-            batch = {
-                "latents": torch.stack([cache.latent(e.image, e.size) for e in entries]),
-                "text": torch.stack([cache.text(t)[0] for t in texts]),
-                "pooled": torch.stack([cache.text(t)[1] for t in texts]),
-            }
+            text, pooled = encode(texts)
+            batch = {"latents": torch.stack([cache.latent(e.image, e.size) for e in entries]),
+                     "text": text, "pooled": pooled}
             batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}
             # Sizes stay integers (bf16 cannot hold 1023): the source image's and its centre crop's
             batch["original_size"] = torch.tensor(
@@ -260,7 +272,11 @@ def _train(config, pipeline, on_event, should_stop, held):
             step_losses.append(loss.item())
         # The last micro-step synced the gradients: the norm is taken after the all-reduce, and
         # the verdict is summed over all ranks, so every process skips (or stops) together.
-        grad_norm = accelerator.clip_grad_norm_(parameters, train_cfg["max_grad_norm"] or math.inf)
+        if processes > 1:  # the text encoders are outside DDP's wrapper: averaged here, as DDP does
+            for parameter in text_parameters:
+                parameter.grad = accelerator.reduce(parameter.grad, "mean")
+        grad_norm = accelerator.clip_grad_norm_(parameters + text_parameters,
+                                                train_cfg["max_grad_norm"] or math.inf)
         step_loss = accelerator.reduce(torch.tensor([sum(step_losses) / accumulation], device=device),
                                        "mean").item()  # over every micro-step of every process
         nonfinite = agreed(accelerator, not (math.isfinite(step_loss) and torch.isfinite(grad_norm)))
@@ -300,7 +316,7 @@ def _train(config, pipeline, on_event, should_stop, held):
             losses, window_start = [], time.perf_counter()
         stopping = agreed(accelerator, should_stop())  # a stop asked of any process stops all
         if accelerator.is_main_process and (step % save_cfg["save_every"] == 0 or step == steps or stopping):
-            weights = lora_weights(accelerator.unwrap_model(model))
+            weights = lora_weights(accelerator.unwrap_model(model), text_encoders)
             path = save_checkpoint(run, step, weights, optimizer, scheduler, config, to_kohya)
             removed = run.rotate(save_cfg["max_step_saves_to_keep"])
             emit({"type": "checkpoint", "step": step, "path": path, "removed": removed})
@@ -313,7 +329,7 @@ def _train(config, pipeline, on_event, should_stop, held):
             break
 
     # -- the final LoRA, its last samples, then the run's verdict ------------------------------------
-    result.weights = lora_weights(accelerator.unwrap_model(model))
+    result.weights = lora_weights(accelerator.unwrap_model(model), text_encoders)
     if result.status == "finished" and accelerator.is_main_process:
         write_lora(run.final_lora, result.weights, config, result.step, to_kohya)
         if sampling:

@@ -112,6 +112,21 @@ def encode_prompts(pipeline, prompts, device):
     return encoded
 
 
+NO_TEXT_ENCODER_LORA = "network.text_encoder: FLUX.1 does not offer a text-encoder LoRA; set it to false"
+
+
+def text_encoders(pipeline):
+    raise ValueError(NO_TEXT_ENCODER_LORA)
+
+
+def text_encoder_lora_targets(network):
+    raise ValueError(NO_TEXT_ENCODER_LORA)
+
+
+def encode_batch(pipeline, captions, device):
+    raise ValueError(NO_TEXT_ENCODER_LORA)
+
+
 @torch.no_grad()
 def encode_image(pipeline, image, device):
     """Normalised latent [C, h, w] of one PIL image (already at its bucket size)."""
@@ -166,7 +181,8 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 
 __all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
-           "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders", "generate",
+           "encode_batch", "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders", "generate",
            "load", "lora_targets", "lora_to_kohya",
-           "predict", "remove_lora", "size_multiple", "text_length",
+           "predict", "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",
+           "text_length",
            "to_device", "trainable_model", "training_loss", "uses_guidance"]

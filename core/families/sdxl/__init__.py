@@ -6,7 +6,8 @@ from accelerate.utils import extract_model_from_parallel
 from ..unet import conditioning, family
 from ..unet.family import (COMFYUI_LORA_FORMAT, DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype,
                            encode_image, encoders_to_device, free_text_encoders, lora_targets,
-                           remove_lora, size_multiple, to_device, trainable_model, uses_guidance)
+                           remove_lora, size_multiple, text_encoder_lora_targets, text_encoders,
+                           to_device, trainable_model, uses_guidance)
 
 name = "sdxl"
 KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
@@ -21,23 +22,23 @@ def lora_to_kohya(model):
     return family.lora_to_kohya(name, model)
 
 
-@torch.no_grad()
-def encode_prompts(pipeline, prompts, device):
-    """{prompt: (embeddings [77, 2048], pooled [1280])} on the CPU, as diffusers' encode_prompt
-    makes them: both encoders' penultimate hidden states side by side (no final layer norm) and
-    the second encoder's projected pooled output. SDXL reads the penultimate layer by design, so
-    loralab_clip_skip (A1111's count) 1 and 2 both mean it; 3 is the layer before (diffusers'
-    clip_skip 1)."""
-    encoders = family.text_encoders(pipeline, device)
+def encode_batch(pipeline, captions, device):
+    """(embeddings [B, 77, 2048], pooled [B, 1280]) on `device`, with gradients (a text-encoder
+    LoRA trains through it), as diffusers' encode_prompt makes them: both encoders' penultimate
+    hidden states side by side (no final layer norm) and the second encoder's projected pooled
+    output. SDXL reads the penultimate layer by design, so loralab_clip_skip (A1111's count) 1
+    and 2 both mean it; 3 is the layer before (diffusers' clip_skip 1)."""
+    encoders = family.encoders_on(pipeline, device)
     tokenizers = (pipeline.tokenizer, pipeline.tokenizer_2)
     layer = -max(2, getattr(pipeline, "loralab_clip_skip", None) or 2)
-    encoded = {}
-    for prompt in dict.fromkeys(prompts):
-        outputs = [encoder(family.tokens(tokenizer, prompt, device), output_hidden_states=True)
-                   for tokenizer, encoder in zip(tokenizers, encoders)]
-        embeddings = torch.cat([output.hidden_states[layer] for output in outputs], dim=-1)
-        encoded[prompt] = (embeddings[0].cpu(), outputs[-1].text_embeds[0].cpu())
-    return encoded
+    outputs = [encoder(family.tokens(tokenizer, list(captions), device), output_hidden_states=True)
+               for tokenizer, encoder in zip(tokenizers, encoders)]
+    return torch.cat([output.hidden_states[layer] for output in outputs], dim=-1), outputs[-1].text_embeds
+
+
+def encode_prompts(pipeline, prompts, device):
+    """{prompt: (embeddings [77, 2048], pooled [1280])} on the CPU, for the cache (encode_batch)."""
+    return family.encode_prompts(encode_batch, pipeline, prompts, device)
 
 
 def training_loss(model, batch, generator, train_config, guidance_embeds):
@@ -60,7 +61,7 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 
 __all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS",
-           "compute_dtype", "encode_image", "encode_prompts", "encoders_to_device",
+           "compute_dtype", "encode_batch", "encode_image", "encode_prompts", "encoders_to_device",
            "free_text_encoders", "generate", "load", "lora_targets", "lora_to_kohya",
-           "remove_lora", "size_multiple", "to_device", "trainable_model", "training_loss",
-           "uses_guidance"]
+           "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",
+           "to_device", "trainable_model", "training_loss", "uses_guidance"]

@@ -109,25 +109,57 @@ def free_text_encoders(pipeline):
     pipeline.register_modules(**{name: None for name in _text_encoder_names(pipeline)})
 
 
-def text_encoders(pipeline, device):
-    """The pipeline's text encoders on `device`, loaded again if they were freed."""
+def text_encoders(pipeline):
+    """{"text_encoder": CLIP, ...}: the pipeline's text encoders, loaded again if they were
+    freed; a text-encoder LoRA's weights take these names as prefixes."""
     names = _text_encoder_names(pipeline)
     if any(getattr(pipeline, name) is None for name in names):
         from .load import reload_text_encoders
 
         reload_text_encoders(pipeline)
-    return [getattr(pipeline, name).to(device) for name in names]
+    return {name: getattr(pipeline, name) for name in names}
 
 
-def tokens(tokenizer, prompt, device):
-    """Token ids [1, 77], padded and truncated as the pipelines' encode_prompt does."""
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+# The text-encoder LoRA: CLIP's attention and MLP linears in every layer, as kohya's (lora_te_)
+TEXT_ENCODER_TARGETS = r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+
+
+def text_encoder_lora_targets(network):
+    return {"target_modules": TEXT_ENCODER_TARGETS}
+
+
+def encoders_on(pipeline, device):
+    """The text encoders (as text_encoders) on `device`, in the pipeline's order."""
+    return [encoder.to(device) for encoder in text_encoders(pipeline).values()]
+
+
+def tokens(tokenizer, prompts, device):
+    """Token ids [B, 77] of a list of prompts, padded and truncated as the pipelines'
+    encode_prompt does."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids.to(device)
 
 
+def encode_prompts(encode_batch, pipeline, prompts, device):
+    """{prompt: (text, pooled)} on the CPU, one prompt at a time through the family's
+    encode_batch, without gradients: the cache holds what training with a frozen text encoder
+    would compute."""
+    with torch.no_grad():
+        return {prompt: tuple(part[0].cpu() for part in encode_batch(pipeline, [prompt], device))
+                for prompt in dict.fromkeys(prompts)}
+
+
 def remove_lora(pipeline):
+    """The LoRA layers off the UNet and off any text encoder that carries one."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
     if getattr(pipeline.unet, "peft_config", None):
         pipeline.unet.unload_lora()
+    for name in _text_encoder_names(pipeline):
+        encoder = getattr(pipeline, name)
+        if getattr(encoder, "peft_config", None):
+            recurse_remove_peft_layers(encoder)  # what diffusers' unload_lora_weights does to them
+            del encoder.peft_config
 
 
 @contextlib.contextmanager
