@@ -11,6 +11,12 @@
 
 Every scene, noise and timestep comes from the seed and the step, and a state file is written
 every few minutes, so a stopped run resumes where it was and ends with the same numbers.
+
+The shipped shapes-flux.safetensors: `--minutes 42 --vae-minutes 4 --seed 0`, which planned
+`--steps 5067 --full-steps 271`; 30 minutes on one busy CPU core (VAE reconstruction MSE 0.0098
+in [-1, 1]), 5.2M transformer parameters, 11.4 MB in fp16. Sampled at 64 px, 8 steps, guidance
+4 (tests/test_shapes_model.py), 8 prompts x 2 seeds: background 16/16, shape colour 16/16; the
+forms are blobs (circles pass the fill test, squares and triangles mostly do not).
 """
 import argparse
 import json
