@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from loralab.core.families.flux.shapes import build_shapes_flux
+from loralab.core.families.flux.shapes.scenes import draw_scene, random_scene
 from loralab.core.families.flux.shapes.score import scene_score
 from loralab.core.families.flux.tiny import build_tiny_flux
 
@@ -54,3 +55,16 @@ def test_the_shapes_model_draws_the_prompted_colours(shapes_result):
 def test_a_random_model_fails_the_thresholds(tmp_path):
     result = shares(build_tiny_flux(str(tmp_path / "tiny")))
     assert not passes(result), result
+
+
+def test_the_score_knows_a_drawn_scene_and_a_wrong_one():
+    for seed in range(30):  # every drawn scene is right by its own caption
+        image, caption = random_scene(seed)
+        words = caption.split()
+        score = scene_score(image, words[1], words[2], words[5])
+        assert score["background"] and score["colour"] and score["shape"], (caption, score)
+    red_circle = draw_scene("red", "circle", "white")
+    assert scene_score(red_circle, "red", "square", "white")["shape"] is False
+    assert scene_score(red_circle, "blue", "circle", "white")["colour"] is False
+    assert scene_score(red_circle, "red", "circle", "black")["background"] is False
+    assert scene_score(draw_scene("red", "triangle", "white"), "red", "triangle", "white")["shape"]
