@@ -1,9 +1,11 @@
 """Built-in model and dataset names (`builtin:tiny-flux`, `builtin:demo`) that the project
 makes locally on first use, so the quickstart runs on a fresh machine with no download."""
+import hashlib
 import os
 
 BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "tiny"), "builtin:small-flux": ("flux", "small"),
-                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
+                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
+                  "builtin:shapes-flux": ("flux", "shapes")}
 BUILTIN_DATASETS = {"builtin:demo": 6}
 
 
@@ -30,6 +32,12 @@ def resolve_model_path(path):
         return path
     family, preset = BUILTIN_MODELS[path]
     folder = os.path.join(cache_root(), "models", f"{preset}-{family}")
+    if preset == "shapes":  # the pretrained one, unpacked from the file the package ships
+        from .flux.shapes import SHIPPED, build_shapes_flux
+
+        with open(SHIPPED, "rb") as f:  # a new shipped file unpacks into a new folder
+            stamp = hashlib.sha256(f.read()).hexdigest()[:12]
+        return _build_once(f"{folder}-{stamp}", "model_index.json", build_shapes_flux)
     if family == "flux":
         from .flux.tiny import build_tiny_flux
 
