@@ -7,6 +7,9 @@ from ..core.config import ConfigError, field, resolve
 
 # Required keys of sections a node does not own, filled in only to validate the node's own part.
 PLACEHOLDERS = {"model": {"family": "flux", "path": "-"}, "dataset": {"folder": "-"}}
+# What checked() fills in: SD1.5 takes every setting (FLUX.1 refuses network.text_encoder), so a
+# node's own values are checked alone; the family's rules apply when TrainLoRA resolves it all.
+CHECK_PLACEHOLDERS = {**PLACEHOLDERS, "model": {"family": "sd15", "path": "-"}}
 
 
 @dataclass(frozen=True)
@@ -107,5 +110,5 @@ def config_from(settings, values):
 def checked(raw):
     """Validates a node's part of the config now, so a bad value fails at the node that holds
     it (the error names the key); returns `raw` unchanged."""
-    resolve({**PLACEHOLDERS, **raw})
+    resolve({**CHECK_PLACEHOLDERS, **raw})
     return raw

@@ -23,7 +23,7 @@ PROMPTS = ["a photo of [trigger]", "a red car on a street"]
 @pytest.fixture(scope="module")
 def runs(tiny_flux, demo_dataset, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("runs"))
-    pipeline = get_family("flux").load(tiny_flux, None, "fp32", "none")
+    pipeline = get_family("flux").load({"path": tiny_flux, "dtype": "fp32"}, "none")
     results = {}
     for name, lr in (("healthy", 1e-3), ("lr0", 0.0), ("lr_high", 1.0)):
         config = resolve(merge(FAST, {

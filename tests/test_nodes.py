@@ -406,7 +406,8 @@ def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(
                  dtype="float16", format="diffusers")
     assert path == str(tmp_path / "models" / "loras" / "mine" / "cancelled_00001.safetensors")
 
-    model, = call("LoRALabApplyLoRA", model="comfy MODEL", lora=lora, strength=0.8)
+    model, clip = call("LoRALabApplyLoRA", model="comfy MODEL", lora=lora, strength=0.8)
     (given, tensors, strength, clip_strength), = comfyui.patched
     assert model == ("patched", "comfy MODEL") and (strength, clip_strength) == (0.8, 0)
+    assert clip is None  # no CLIP given: a FLUX LoRA has no text-encoder part to put on it
     assert tensors.keys() == load_file(path).keys()
