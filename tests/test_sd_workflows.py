@@ -213,10 +213,10 @@ def in_checkpoints(server, path, name):
 
 
 def at_strengths(api, strengths):
-    """The generation half (ApplyLoRA -> KSampler -> VAEDecode -> SaveImage) once per strength,
-    each copy saving under generated/strength_<s>; {strength: its SaveImage's id}."""
-    chain = [i for i, n in api.items()
-             if n["class_type"] in ("LoRALabApplyLoRA", "KSampler", "VAEDecode", "SaveImage")]
+    """The generation half (ApplyLoRA -> CLIPTextEncode -> KSampler -> VAEDecode -> SaveImage) once
+    per strength, each copy saving under generated/strength_<s>; {strength: its SaveImage's id}."""
+    chain = [i for i, n in api.items() if n["class_type"] in (
+        "LoRALabApplyLoRA", "CLIPTextEncode", "KSampler", "VAEDecode", "SaveImage")]
     saves = {}
     for index, strength in enumerate(strengths):
         renamed = {node_id: f"{node_id}{index}" for node_id in chain}
