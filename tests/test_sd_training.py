@@ -14,7 +14,15 @@ from loralab.core.dataset.demo import make_demo_dataset
 from loralab.core.trainer import train
 
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-torch.set_num_threads(1)  # tiny models: more threads only add overhead on a shared 2-core runner
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: more threads only add overhead on a shared 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +38,12 @@ def dataset(tmp_path_factory):
     return make_demo_dataset(str(tmp_path_factory.mktemp("sd-learn") / "data"), count=3)
 
 
-def run(folder, dataset, output, family, steps=120, network=None, **model):
+def run(folder, dataset, output, family, steps=50, network=None, **model):
     config = resolve({
         "name": f"learn_{family}", "model": {"path": folder, "dtype": "fp32", **model},
         "network": network or {},
         "dataset": {"folder": dataset, "trigger_word": "sks", "resolution": [64], "caption_dropout_rate": 0.0},
-        "train": {"steps": steps, "lr": 3e-3, "optimizer": "adamw", "dtype": "fp32",
+        "train": {"steps": steps, "lr": 6e-3, "optimizer": "adamw", "dtype": "fp32",
                   "gradient_checkpointing": False},
         "save": {"save_every": 1000, "output_dir": str(output)},
         "sample": {"sample_every": 0}})
