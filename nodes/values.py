@@ -82,6 +82,6 @@ class TrainedLoRA:
 
         from ..core.families import get_family
 
-        prefix = get_family(self.config["model"]["family"]).DIFFUSERS_PREFIX
+        to_diffusers = get_family(self.config["model"]["family"]).lora_to_diffusers
         return file_tensors(self.weights, self.config["network"], fmt, dtype, to_kohya=self.to_kohya,
-                            prefix=prefix)
+                            to_diffusers=to_diffusers)

@@ -135,8 +135,10 @@ def _lora_files(family, folder, out):
     unet_weights = {k: v for k, v in weights.items() if not k.startswith("text_encoder")}
     text_weights = {k: v for k, v in weights.items() if k.startswith("text_encoder")}
     out.mkdir()
-    loras = {name: str(out / f"{name}.safetensors") for name in ("kohya", "diffusers_unet_prefixed", "text")}
+    loras = {name: str(out / f"{name}.safetensors")
+             for name in ("kohya", "diffusers", "diffusers_unet_prefixed", "text")}
     save_file(keys.lora_to_kohya(unet_weights, family, parts["unet"].config), loras["kohya"])
+    save_file(keys.lora_to_diffusers(unet_weights), loras["diffusers"])  # our diffusers format
     save_file({"unet." + k: v.contiguous() for k, v in unet_weights.items()}, loras["diffusers_unet_prefixed"])
     save_file(keys.lora_to_kohya(text_weights, family), loras["text"])
     if family == "sdxl":  # kohya's names for SDXL are LDM ones; diffusers module names also map
@@ -168,7 +170,8 @@ def _check_unet(config, unet_config, report):
 def _check_loras(family, loras, report, unet_weights, text_weights):
     modules = sum(k.endswith(".lora_A.weight") for k in unet_weights)
     # diffusers' peft names with a `unet.` prefix: ComfyUI maps attention projections only by the
-    # old attention-processor names (attn1.processor.to_q), so those are left out; use kohya's
+    # old attention-processor names (attn1.processor.to_q), so those are left out: why our
+    # diffusers format (checked with the others below) uses those names
     attention = {f"unet.{k[:-len('.lora_A.weight')]}.weight" for k in unet_weights
                  if re.search(r"\.to_(q|k|v|out\.0)\.lora_A\.weight$", k)}
     assert attention

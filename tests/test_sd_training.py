@@ -11,7 +11,7 @@ from safetensors import safe_open
 from loralab.core.config import resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
 from loralab.core.dataset.demo import make_demo_dataset
-from loralab.core.trainer import train
+from loralab.core.trainer import train, write_lora
 
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
@@ -110,6 +110,12 @@ def test_a_sd_lora_lowers_the_loss_on_its_training_images(family, network, sd_mo
     assert by_strength[1.0] < 0.7 * base, (base, by_strength)
     assert by_strength[1.0] < by_strength[0.5] and by_strength[1.0] < by_strength[2.0], by_strength
     assert by_strength[-1.0] > 1.5 * by_strength[1.0], by_strength  # a sign error: the other way
+    # the diffusers format of the same LoRA: diffusers' loader gives the very same losses
+    path = write_lora(str(tmp_path / "diffusers.safetensors"), result.weights, result.config,
+                      result.step, fmt="diffusers", dtype="float32")
+    pipeline = PIPELINES[family].from_pretrained(sd_models[family], local_files_only=True)
+    _, in_diffusers_format = strengths_of(pipeline, path, training_batch(pipeline, family, dataset))
+    assert in_diffusers_format == pytest.approx(by_strength, rel=2e-3), (in_diffusers_format, by_strength)
 
 
 def test_a_v_prediction_model_trains_against_the_v_target(sd_models, dataset, tmp_path):

@@ -46,6 +46,10 @@ class ModelFamily(Protocol):
         """peft LoraConfig arguments (target_modules, and rank_pattern/alpha_pattern where some
         modules get their own rank) for the `network` config section."""
 
+    def lora_to_diffusers(self, weights) -> dict:
+        """The diffusers-format file's keys for peft LoRA weights (alpha baked in): names that
+        diffusers' load_lora_weights and ComfyUI's LoRA loader both map in full."""
+
     def lora_to_kohya(self, model):
         """A function mapping the LoRA's weights to kohya key names."""
 

@@ -30,7 +30,7 @@ def write_lora(path, weights, config, step, to_kohya=None, fmt=None, dtype=None)
     family = get_family(config["model"]["family"])
     fmt = fmt or config["save"]["format"]
     tensors = file_tensors(weights, config["network"], fmt, dtype or config["save"]["dtype"],
-                           to_kohya=to_kohya, prefix=family.DIFFUSERS_PREFIX)
+                           to_kohya=to_kohya, to_diffusers=family.lora_to_diffusers)
     metadata = file_metadata(config, step, fmt, family.KOHYA_METADATA)
     return save_lora_file(path, tensors, metadata)
 

@@ -93,6 +93,13 @@ def remove_lora(pipeline):
         transformer.unload_lora()
 
 
+def lora_to_diffusers(weights):
+    """diffusers' own names: `transformer.` + peft's (ComfyUI maps them for FLUX)."""
+    from ...lora.files import prefixed
+
+    return prefixed(weights, DIFFUSERS_PREFIX)
+
+
 def lora_to_kohya(model):
     """A function mapping the transformer's LoRA weights to kohya names (lora_unet_double_...)."""
     config = model.config
@@ -182,7 +189,7 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 __all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
            "encode_batch", "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders", "generate",
-           "load", "lora_targets", "lora_to_kohya",
+           "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya",
            "predict", "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",
            "text_length",
            "to_device", "trainable_model", "training_loss", "uses_guidance"]

@@ -6,8 +6,9 @@ from accelerate.utils import extract_model_from_parallel
 from ..unet import conditioning, family
 from ..unet.family import (COMFYUI_LORA_FORMAT, DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype,
                            encode_image, encoders_to_device, free_text_encoders, lora_targets,
-                           remove_lora, size_multiple, text_encoder_lora_targets, text_encoders,
-                           to_device, trainable_model, uses_guidance)
+                           lora_to_diffusers, remove_lora, size_multiple,
+                           text_encoder_lora_targets, text_encoders, to_device, trainable_model,
+                           uses_guidance)
 
 name = "sdxl"
 KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
@@ -62,6 +63,6 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
 
 __all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS",
            "compute_dtype", "encode_batch", "encode_image", "encode_prompts", "encoders_to_device",
-           "free_text_encoders", "generate", "load", "lora_targets", "lora_to_kohya",
+           "free_text_encoders", "generate", "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya",
            "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",
            "to_device", "trainable_model", "training_loss", "uses_guidance"]

@@ -10,8 +10,8 @@ from accelerate.utils import extract_model_from_parallel
 from . import noise
 
 DIFFUSERS_PREFIX = "unet."
-# ComfyUI (0.33) maps a UNet's attention LoRA only under kohya names or diffusers' old
-# `attn1.processor.to_q` names, which diffusers itself no longer loads: kohya keys for ComfyUI.
+# kohya's names are what SD users and A1111/Forge expect; ComfyUI maps them in full (and our
+# diffusers format too: see keys.lora_to_diffusers)
 COMFYUI_LORA_FORMAT = "kohya"
 
 # Module names inside the UNet's transformer blocks, e.g.
@@ -51,6 +51,13 @@ def load(name, model, quantize, comfyui):
     pipeline = load_pipeline(name, model, comfyui)
     _remember_for_training(pipeline)
     return pipeline
+
+
+def lora_to_diffusers(weights):
+    """diffusers' attention-processor names, which diffusers and ComfyUI both load (keys.py)."""
+    from .keys import lora_to_diffusers as to_diffusers
+
+    return to_diffusers(weights)
 
 
 def lora_to_kohya(name, unet):

@@ -224,3 +224,32 @@ def real_unet_config(family):
 
     with open(os.path.join(os.path.dirname(__file__), "configs", family, "unet", "config.json")) as f:
         return json.load(f)
+
+
+# diffusers' attention-processor LoRA names (`attn1.processor.to_q_lora.down.weight`): diffusers
+# still loads them (converting to peft), and ComfyUI 0.33 maps a UNet's attention LoRA only in
+# this form, not under peft's `attn1.to_q.lora_A.weight`.
+_ATTENTION_LORA = re.compile(r"(.*)\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight")
+_OTHER_LORA = re.compile(r"(.*)\.lora_([AB])\.weight")
+
+
+def lora_to_diffusers(weights):
+    """peft LoRA weights of the UNet (alpha baked in) -> the diffusers-format file's keys that
+    both diffusers' load_lora_weights and ComfyUI's loader take: attention projections as
+    `unet.<block>.processor.to_q_lora.down.weight`, other modules (feed-forward, LoCon convs) as
+    `unet.<module>.lora.down.weight`. Text-encoder weights keep their peft names and prefix."""
+    named = {}
+    for key, value in weights.items():
+        attention, other = _ATTENTION_LORA.fullmatch(key), _OTHER_LORA.fullmatch(key)
+        if key.startswith(("text_encoder.", "text_encoder_2.")):
+            named[key] = value
+        elif attention:
+            block, projection, part = attention.groups()
+            named[f"unet.{block}.processor.{projection.removesuffix('.0')}_lora."
+                  f"{'down' if part == 'A' else 'up'}.weight"] = value
+        elif other:
+            module, part = other.groups()
+            named[f"unet.{module}.lora.{'down' if part == 'A' else 'up'}.weight"] = value
+        else:
+            raise ValueError(f"not a peft LoRA weight: {key}")
+    return named
