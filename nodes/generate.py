@@ -113,8 +113,6 @@ class LoRALabApplyLoRA:
                    "with it. ComfyUI only.")
 
     def apply(self, model, lora, strength, clip=None):
-        from ..core.families import get_family
-
-        fmt = get_family(lora.config["model"]["family"]).COMFYUI_LORA_FORMAT
-        tensors = lora.tensors(fmt=fmt, dtype="float32")
+        # ComfyUI maps every key of either format (kohya, diffusers) for every family
+        tensors = lora.tensors(fmt=lora.config["save"]["format"], dtype="float32")
         return tuple(comfy_adapter.patch_model_with_lora(model, tensors, strength, clip))

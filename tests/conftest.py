@@ -41,6 +41,18 @@ def comfyui_folder(tiny_flux, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run in milliseconds on one thread; several threads on shared cores wait for
+    each other (a tiny UNet call: 0.03 s on one thread, seconds on two when the cores are busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     return make_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), count=6)

@@ -15,13 +15,16 @@ import os
 import re
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from loralab.core.families.unet import keys
 
 from comfyui_env import comfyui_python_or_skip, comfyui_source
-from test_sd_files import FAMILIES, one_thread, peft_lora, tiny_sd  # noqa: F401 (fixtures)
+from test_sd_files import FAMILIES, peft_lora, tiny_sd  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCRIPT = r'''
 import json, logging, sys

@@ -11,7 +11,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from loralab.core.families import sd15, sdxl
 from loralab.core.families.flux.tiny import _write_clip_tokenizer
-from test_sd_files import one_thread  # noqa: F401 (autouse: tiny models on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
 
 SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                  steps_offset=1)

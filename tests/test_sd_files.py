@@ -16,14 +16,7 @@ FAMILIES = ("sd15", "sdxl")
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run in milliseconds on one thread; several threads on shared cores wait for
-    each other (a tiny UNet call: 0.03 s on one thread, seconds on two when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

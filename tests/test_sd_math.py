@@ -7,7 +7,8 @@ from diffusers.training_utils import compute_snr
 
 from loralab.core.families import sd15
 from loralab.core.families.unet import conditioning, noise
-from test_sd_files import one_thread  # noqa: F401 (autouse: tiny models on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 TIMESTEPS = torch.tensor([0, 1, 250, 500, 998, 999])

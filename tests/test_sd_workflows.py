@@ -20,7 +20,9 @@ from loralab.workflow_runner.node_types import declared_inputs
 from comfyui_env import comfyui_or_skip
 from conftest import COMFYUI_SOURCE, FAST, merge, run_cli
 from test_comfyui_server import WORKFLOWS, pack_trouble, server  # noqa: F401 (fixture)
-from test_sd_files import one_thread, tiny_sd  # noqa: F401 (fixtures)
+from test_sd_files import tiny_sd  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NODES = loralab.NODE_CLASS_MAPPINGS
 FAMILIES = ("sd15", "sdxl")

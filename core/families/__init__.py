@@ -31,8 +31,9 @@ def detect_family(model_cfg):
         return detect(checkpoint)["family"]
     if any(model_cfg.get(key) for key in ("transformer_path", "clip_l_path", "t5_path")):
         return "flux"
-    if path and folder_family(path):
-        return folder_family(path)
+    found = folder_family(path) if path else None
+    if found:
+        return found
     if path and os.path.isfile(os.path.join(os.path.expanduser(path), "model_index.json")):
         raise ValueError(f"model.family is auto, and {path}/model_index.json names a pipeline that is "
                          f"none of {', '.join(PIPELINE_CLASSES)}: set model.family.")

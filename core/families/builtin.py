@@ -1,5 +1,6 @@
 """Built-in model and dataset names (`builtin:tiny-flux`, `builtin:demo`) that the project
 makes locally on first use, so the quickstart runs on a fresh machine with no download."""
+import functools
 import hashlib
 import os
 
@@ -33,11 +34,9 @@ def resolve_model_path(path):
     family, preset = BUILTIN_MODELS[path]
     folder = os.path.join(cache_root(), "models", f"{preset}-{family}")
     if preset == "shapes":  # the pretrained one, unpacked from the file the package ships
-        from .flux.shapes import SHIPPED, build_shapes_flux
+        from .flux.shapes import build_shapes_flux
 
-        with open(SHIPPED, "rb") as f:  # a new shipped file unpacks into a new folder
-            stamp = hashlib.sha256(f.read()).hexdigest()[:12]
-        return _build_once(f"{folder}-{stamp}", "model_index.json", build_shapes_flux)
+        return _build_once(f"{folder}-{_shipped_stamp()}", "model_index.json", build_shapes_flux)
     if family == "flux":
         from .flux.tiny import build_tiny_flux
 
@@ -45,6 +44,16 @@ def resolve_model_path(path):
     from .unet.tiny import build_tiny
 
     return _build_once(folder, "model_index.json", lambda target: build_tiny(family, target))
+
+
+@functools.cache
+def _shipped_stamp():
+    """A short hash of the shipped shapes model: a new file unpacks into a new folder. Hashed once
+    per process (the file is 11 MB, and every config that names it resolves it)."""
+    from .flux.shapes import SHIPPED
+
+    with open(SHIPPED, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def resolve_dataset_folder(folder):

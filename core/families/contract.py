@@ -8,9 +8,7 @@ from typing import Protocol, runtime_checkable
 class ModelFamily(Protocol):
     name: str
     LORA_TARGETS: str  # regex of the module names that get a LoRA by default
-    DIFFUSERS_PREFIX: str  # key prefix of the diffusers-format LoRA file ("transformer.", "unet.")
     KOHYA_METADATA: dict  # ss_base_model_version and ss_network_module of a kohya-format file
-    COMFYUI_LORA_FORMAT: str  # the file format whose every key ComfyUI's LoRA loader maps
 
     def load(self, model, quantize="none", comfyui=None):
         """The pipeline from local files only, every part frozen. `model` is the resolved

@@ -23,19 +23,21 @@ def bake_alpha(weights, network):
 def file_tensors(weights, network, fmt, dtype, to_kohya=None, to_diffusers=None):
     """The tensors of a LoRA file from peft weights (float32, peft names) trained with the
     `network` config section: kohya names by `to_kohya`, diffusers names by `to_diffusers` (the
-    family's lora_to_diffusers; by default FLUX's `transformer.` prefix)."""
+    family's lora_to_diffusers)."""
     baked = bake_alpha(weights, network)
     if fmt == "kohya":
         if to_kohya is None:
             raise ValueError("this model family has no kohya key mapping")
         tensors = to_kohya(baked)
     else:
-        tensors = (to_diffusers or prefixed)(baked)
+        if to_diffusers is None:
+            raise ValueError("this model family has no diffusers key mapping")
+        tensors = to_diffusers(baked)
     save_dtype = torch_dtype(dtype)
     return {k: (v if k.endswith(".alpha") else v.to(save_dtype)).contiguous() for k, v in tensors.items()}
 
 
-def prefixed(weights, prefix="transformer."):
+def prefixed(weights, prefix):
     """The diffusers file's keys as diffusers' save_lora_weights writes them: the trainable
     model's get `prefix`, a text encoder's keep theirs (`text_encoder.`)."""
     return {(k if text_encoder_of(k) else prefix + k): v for k, v in weights.items()}

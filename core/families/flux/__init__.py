@@ -15,7 +15,6 @@ LORA_TARGETS = (r".*(transformer_blocks|single_transformer_blocks)\.\d+\."
 
 DIFFUSERS_PREFIX = "transformer."
 KOHYA_METADATA = {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
-COMFYUI_LORA_FORMAT = "diffusers"  # ComfyUI maps transformer.<diffusers name> for FLUX
 
 
 def load(model, quantize="none", comfyui=None):
@@ -187,7 +186,7 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
     return images
 
 
-__all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
+__all__ = ["DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
            "encode_batch", "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders", "generate",
            "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya",
            "predict", "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",

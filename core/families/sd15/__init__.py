@@ -1,7 +1,7 @@
 """Stable Diffusion 1.5: what the trainer needs of a model family (core/families/contract.py).
 Shared with SDXL in core/families/unet; here: one CLIP text encoder with clip skip."""
 from ..unet import family
-from ..unet.family import (COMFYUI_LORA_FORMAT, DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype,
+from ..unet.family import (LORA_TARGETS, compute_dtype,
                            encode_image, encoders_to_device, free_text_encoders, lora_targets,
                            lora_to_diffusers, remove_lora, size_multiple,
                            text_encoder_lora_targets, text_encoders, to_device, trainable_model,
@@ -50,7 +50,7 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
                            device, negative_embeds)
 
 
-__all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS",
+__all__ = ["KOHYA_METADATA", "LORA_TARGETS",
            "compute_dtype", "encode_batch", "encode_image", "encode_prompts", "encoders_to_device",
            "free_text_encoders", "generate", "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya",
            "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",

@@ -4,7 +4,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from ..unet import conditioning, family
-from ..unet.family import (COMFYUI_LORA_FORMAT, DIFFUSERS_PREFIX, LORA_TARGETS, compute_dtype,
+from ..unet.family import (LORA_TARGETS, compute_dtype,
                            encode_image, encoders_to_device, free_text_encoders, lora_targets,
                            lora_to_diffusers, remove_lora, size_multiple,
                            text_encoder_lora_targets, text_encoders, to_device, trainable_model,
@@ -61,7 +61,7 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
                            device, negative_embeds, pooled=True)
 
 
-__all__ = ["COMFYUI_LORA_FORMAT", "DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS",
+__all__ = ["KOHYA_METADATA", "LORA_TARGETS",
            "compute_dtype", "encode_batch", "encode_image", "encode_prompts", "encoders_to_device",
            "free_text_encoders", "generate", "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya",
            "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders",

@@ -9,10 +9,6 @@ from accelerate.utils import extract_model_from_parallel
 
 from . import noise
 
-DIFFUSERS_PREFIX = "unet."
-# kohya's names are what SD users and A1111/Forge expect; ComfyUI maps them in full (and our
-# diffusers format too: see keys.lora_to_diffusers)
-COMFYUI_LORA_FORMAT = "kohya"
 
 # Module names inside the UNet's transformer blocks, e.g.
 # down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k; resnets hold the 3x3 convolutions.
