@@ -1,5 +1,6 @@
-"""Signs in the loss curve (docs/training-guide.md, section 5: "loss that does not go down, or jumps a lot"),
-as pure functions of the logged loss values so they can be tested on made-up sequences.
+"""Signs in the loss curve (docs/training-guide.md, section 5: "loss that does not go down, or jumps a
+lot", and a validation loss that rises while the training loss falls), as pure functions of the
+logged loss values so they can be tested on made-up sequences.
 
 A flow-matching loss is noisy: each step draws its own noise level, so single values swing.
 Both signs are therefore judged in units of the curve's own noise: the typical change from one
@@ -13,6 +14,9 @@ SPIKE_HALF_WINDOW = 10  # a value is judged against the 10 values before and the
 MIN_SPIKE_LINES = 20   # the noise is measured on at least 20 values: a few early swings skew it
 SPIKE_NOISE = 6.0      # 6 noise units above the values around it ...
 SPIKE_RISE = 0.3       # ... and 30% above them, and above the value before it
+OVERFIT_LINES = 8      # validation values needed before a rise is judged ...
+OVERFIT_AFTER = 4      # ... at least this many after the lowest one
+OVERFIT_T = 5.0        # the recent mean must be 5 standard errors above the lowest value
 
 
 def finite(value):
@@ -53,3 +57,30 @@ def is_spike(values, index):
     level, scale = statistics.median(around), noise(values)
     return (value > values[index - 1] and value > level * (1 + SPIKE_RISE)
             and value - level > SPIKE_NOISE * scale)
+
+
+def overfitting(training, validation):
+    """The validation loss clearly risen from its lowest value while the training loss went down:
+    (index of the lowest validation value, recent validation mean, training mean up to that index,
+    recent training mean), else None. `training` and `validation` are the losses of the same
+    metrics lines. "Recent" is the last half of the values after the lowest (at least
+    OVERFIT_AFTER); the rise is judged in standard errors of the validation curve's own noise,
+    which counts its lowest value as one noisy value (so a minimum that noise dug out is not
+    enough). The training loss only has to be lower recently than up to the lowest validation
+    value: it is far noisier, and what sets overfitting apart from a diverging run (both rise) is
+    its direction."""
+    if len(validation) < OVERFIT_LINES:
+        return None
+    best = min(range(len(validation)), key=validation.__getitem__)
+    after = len(validation) - best - 1
+    if after < OVERFIT_AFTER:
+        return None
+    count = max(OVERFIT_AFTER, after // 2)
+    recent = statistics.fmean(validation[-count:])
+    error = noise(validation) * math.sqrt(1 + 1 / count)
+    rise = recent - validation[best]
+    if rise <= 0 or (error > 0 and rise / error < OVERFIT_T):
+        return None
+    then = statistics.fmean(training[max(0, best + 1 - count):best + 1])
+    now = statistics.fmean(training[-count:])
+    return (best, recent, then, now) if now < then else None

@@ -24,6 +24,7 @@ class Monitor:
         self.training_images = list(training_images)
         self.warnings = []
         self.losses = []            # (step, loss) of every metrics line
+        self.validation = []        # (step, loss, validation_loss) of the lines that measured it
         self.spikes = []            # steps whose loss jumped
         self.judged = 0             # losses before this index are judged for jumps
         self.reported = set()       # signs already reported
@@ -38,6 +39,8 @@ class Monitor:
         """A resumed run continues the curve of its first part (already judged for jumps)."""
         earlier = self.run.read_metrics() if self.run is not None else []
         self.losses = [(m["step"], m["loss"]) for m in earlier if loss_signs.finite(m.get("loss"))]
+        self.validation = [(m["step"], m["loss"], m["validation_loss"]) for m in earlier
+                           if loss_signs.finite(m.get("loss")) and loss_signs.finite(m.get("validation_loss"))]
         self.judged = len(self.losses)
         while self.next_trend_check <= len(self.losses):
             self.next_trend_check *= 2
@@ -59,6 +62,9 @@ class Monitor:
                                 "and resume from the last good checkpoint.")
         self.losses.append((step, loss))
         found = self._check_spikes(final=False)
+        if loss_signs.finite(line.get("validation_loss")):
+            self.validation.append((step, loss, line["validation_loss"]))
+            found += self._check_overfitting()
         if len(self.losses) >= self.next_trend_check:
             self.next_trend_check *= 2  # a check at 20, 40, 80... lines: cheap and not repetitive
             found += self._check_trend()
@@ -108,6 +114,32 @@ class Monitor:
                             "the noise. Likely cause: a learning rate too low (or 0) for the LoRA "
                             "to learn. Try train.lr between 1e-4 and 8e-4, and check whether the "
                             "samples change.")
+
+    def _check_overfitting(self):
+        if "overfitting" in self.reported:
+            return []
+        seen = loss_signs.overfitting([t for _, t, _ in self.validation], [v for _, _, v in self.validation])
+        if seen is None:
+            return []
+        best, recent, then, now = seen
+        step, lowest = self.validation[best][0], self.validation[best][2]
+        return self._report("overfitting", f"the validation loss (on the held-out images) was lowest "
+                            f"at step {step} ({lowest:.4g}) and has risen since (mean {recent:.4g} "
+                            f"lately), while the training loss kept falling ({then:.4g} then, "
+                            f"{now:.4g} lately): overfitting, the LoRA memorises its training images "
+                            f"instead of learning what they share. {self._keep_advice(step)} "
+                            "Next time, train fewer steps, lower train.lr or add varied images.")
+
+    def _keep_advice(self, step):
+        """Which saved step checkpoint to keep: the one nearest `step` (the earlier of two)."""
+        saved = self.run.checkpoints() if self.run is not None else []
+        if not saved:
+            return (f"No step checkpoint is saved yet; lower save.save_every to keep one near step "
+                    f"{step}.")
+        keep = min(saved, key=lambda s: (abs(s - step), s))
+        return (f"Keep the checkpoint of step {keep}, the saved one nearest step {step} "
+                f"({os.path.basename(self.run.checkpoint(keep))}); `loralab runs pin {self.run.path} "
+                f"{keep}` keeps it out of rotation.")
 
     # -- samples ------------------------------------------------------------------------------
     def on_samples(self, step, images):

@@ -87,6 +87,9 @@ SCHEMA = {
                                             "Share of steps trained with an empty caption. Guide: 0.05."),
             "cache": _choice(["memory", "disk"], "memory",
                              "Where VAE latents and text embeddings are cached."),
+            "validation_images": _int(0, 0, 100000, "Images held out of training to measure a "
+                                      "validation loss every performance_log_every steps (spread "
+                                      "evenly over the sorted file names); 0 turns it off."),
         }, required=["folder"]),
         "network": _section({
             "linear": _int(16, 1, 1024, "LoRA rank. Guide: 16-32 for most cases, 4-8 when memory is short."),

@@ -6,9 +6,12 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 
 def loss_plot(curves, width=640, height=360, title="loss"):
-    """curves: {label: [(step, loss), ...]} (or one list of metrics dicts). Returns a PIL image."""
+    """curves: {label: [(step, loss), ...]}, or a run's metrics lines: their training loss, and
+    their validation loss when it was measured (a legend then names both). Returns a PIL image."""
     if isinstance(curves, list):
-        curves = {"loss": [(m["step"], m["loss"]) for m in curves if "loss" in m]}
+        curves = {label: [(m["step"], m[key]) for m in curves if key in m]
+                  for label, key in (("training loss", "loss"), ("validation loss", "validation_loss"))}
+        curves = {label: curve for label, curve in curves.items() if curve} or {"loss": []}
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -46,6 +49,8 @@ def loss_plot(curves, width=640, height=360, title="loss"):
         elif line:
             x, y = line[0]
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        if len(curves) > 1:
-            draw.text((right - 150, top + 4 + 12 * index), str(label)[:24], fill=color, font=font)
+        if len(curves) > 1:  # the legend: a stroke of the curve's colour, then its label
+            y = top + 10 + 12 * index
+            draw.line([(right - 170, y), (right - 155, y)], fill=color, width=2)
+            draw.text((right - 150, y - 6), str(label)[:24], fill=color, font=font)
     return image

@@ -14,7 +14,7 @@ from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
-from ..dataset import BatchPlan, Cache, image_sizes, model_fingerprint, scan_folder
+from ..dataset import BatchPlan, Cache, hold_out, image_sizes, model_fingerprint, scan_folder
 from ..dataset.buckets import crop_top_left
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
@@ -30,6 +30,7 @@ from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
 from .shared_model import given_back_unchanged
+from .validation import HeldOut
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -100,6 +101,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     scan = scan_folder(resolve_dataset_folder(data_cfg["folder"]), data_cfg["caption_ext"],
                        data_cfg["trigger_word"])
     notes = [f"skipped {name}: {reason}" for name, reason in scan.skipped]
+    training, held_out = hold_out(scan, data_cfg.get("validation_images", 0))  # indices into scan.items
     if device.type == "cpu" and train_cfg["optimizer"] == "adamw8bit":
         notes.append("train.optimizer adamw8bit runs on this CPU but slowly (bitsandbytes' 8-bit "
                      "states are a GPU feature); without a GPU, adamw is much faster.")
@@ -107,10 +109,10 @@ def _train(config, pipeline, on_event, should_stop, held):
         emit({"type": "warning", "message": note})
     for note in memory_notes:
         emit({"type": "status", "message": note})
-    steps = train_cfg["steps"] or recommended_steps(len(scan.items))
+    steps = train_cfg["steps"] or recommended_steps(len(training))
     batch_size = train_cfg["batch_size"]
-    emit({"type": "plan", "images": len(scan.items), "steps": steps,
-          "steps_per_epoch": steps_per_epoch(len(scan.items), data_cfg["repeats"], batch_size)})
+    emit({"type": "plan", "images": len(training), "steps": steps,
+          "steps_per_epoch": steps_per_epoch(len(training), data_cfg["repeats"], batch_size)})
 
     # -- the run folder: one training per folder, held by this run (before any model loads) ------
     digests = {index: file_digest(item.path) for index, item in enumerate(scan.items)}
@@ -212,11 +214,13 @@ def _train(config, pipeline, on_event, should_stop, held):
             notes.append(metrics_problem)
             emit({"type": "warning", "message": metrics_problem})
         run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
-                          "dataset_stats": {"images": len(scan.items), "skipped": scan.skipped,
+                          "dataset_stats": {"images": len(training), "skipped": scan.skipped,
+                                            "validation_images": [os.path.basename(scan.items[i].path)
+                                                                  for i in held_out],
                                             "fingerprint": fingerprint,
                                             "buckets": sorted({s for v in sizes.values() for s in v})}})
 
-    monitor = Monitor(run, [item.path for item in scan.items])
+    monitor = Monitor(run, [scan.items[i].path for i in training])
 
     def warn(messages, step):
         for message in messages:
@@ -231,9 +235,11 @@ def _train(config, pipeline, on_event, should_stop, held):
         emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
         warn(monitor.on_samples(step, images[1.0]), step)
 
-    plan = BatchPlan(sizes, data_cfg["repeats"], batch_size, train_cfg["seed"])
+    plan = BatchPlan({i: sizes[i] for i in training}, data_cfg["repeats"], batch_size, train_cfg["seed"])
     compute_dtype = family.compute_dtype(pipeline)  # asked once: diffusers walks every module
     uses_guidance = family.uses_guidance(pipeline)
+    validation = HeldOut(family, scan.items, held_out, sizes, cache.latent, encode, train_cfg,
+                         uses_guidance, device, compute_dtype, accelerator.autocast)
     generator = torch.Generator()
     accumulation = train_cfg["gradient_accumulation_steps"]
     processes, rank = accelerator.num_processes, accelerator.process_index
@@ -308,7 +314,8 @@ def _train(config, pipeline, on_event, should_stop, held):
                     "grad_norm": grad_norm.item(),  # this step's, before clipping
                     "seconds_per_step": (time.perf_counter() - window_start) / len(losses),
                     "cpu_peak_mb": cpu_mb, "gpu_peak_mb": gpu_mb,
-                    "epoch": plan.epoch_of(position), "skipped_steps": skipped}
+                    "epoch": plan.epoch_of(position), "skipped_steps": skipped,
+                    **validation.metrics(model, text_encoders.values())}  # {} when none held out
             if accelerator.is_main_process:
                 run.append_metrics(line)
             emit({"type": "log", **line})
