@@ -81,6 +81,10 @@ def cmd_train(args):
     with handle_ctrl_c():
         result = train(config, on_event=Progress(), should_stop=stop_requested)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report for all processes
+        from .core.coach.summary import run_summary
+        from .core.runs import RunFolder
+
+        print(run_summary(result, RunFolder(*os.path.split(result.run_folder)).read_metrics()))
         print(json.dumps({"status": result.status, "step": result.step, "lora": result.lora_path,
                           "run_folder": result.run_folder}))
     return 0 if result.status in ("finished", "already finished", "interrupted") else 1

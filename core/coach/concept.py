@@ -23,10 +23,15 @@ class Blob:
     area: int          # pixels in the largest connected blob of it
     solidity: float    # blob area / its convex hull's area (0 when there is no blob)
     points: int        # outline peaks by angle: 5 for a star, 4 a square, 3 a triangle, 0 a circle
+    spacing: float = 0.0  # the largest gap between neighbouring peaks over the even gap (1: even)
+    depth: float = 1.0    # mean reach in the valleys between peaks / at the peaks (a star: ~0.5)
 
     @property
     def is_star(self):
-        return self.area >= 30 and 4 <= self.points <= 6 and 0.3 <= self.solidity <= 0.75
+        """Five points, evenly around (gaps within 35% of 72 degrees), with deep valleys between
+        them, and half the hull filled: a blob with five bumps is not enough."""
+        return (self.area >= 30 and self.points == 5 and self.spacing <= 1.35
+                and self.depth <= 0.72 and 0.3 <= self.solidity <= 0.7)
 
 
 def colour_mask(image, colour, min_saturation=0.35, min_value=0.3):
@@ -78,9 +83,11 @@ def _hull_area(points):
     return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1]))) / 2
 
 
-def _outline_points(blob, bins=72):
-    """Peaks of the blob's reach from its centre by angle, after circular smoothing: the points
-    that stick out (a peak counts when it rises 12% above the mean reach)."""
+def _outline(blob, bins=72):
+    """(peaks, spacing, depth) of the blob's reach from its centre by angle, after circular
+    smoothing: the points that stick out (a peak counts when it rises 12% above the mean reach),
+    the largest angular gap between neighbouring peaks over the even gap, and the valleys' reach
+    (the lowest between two peaks) over the peaks' reach, averaged."""
     ys, xs = numpy.nonzero(blob)
     cy, cx = ys.mean(), xs.mean()
     angles = (numpy.arctan2(ys - cy, xs - cx) + math.pi) / (2 * math.pi) * bins
@@ -90,7 +97,12 @@ def _outline_points(blob, bins=72):
     threshold = smooth.mean() * 1.12
     peaks = [i for i in range(bins) if smooth[i] > threshold
              and smooth[i] >= smooth[i - 1] and smooth[i] > smooth[(i + 1) % bins]]
-    return len(peaks)
+    if len(peaks) < 2:
+        return len(peaks), 0.0, 1.0
+    gaps = [(b - a) % bins for a, b in zip(peaks, peaks[1:] + peaks[:1])]
+    valleys = [min(smooth[(a + k) % bins] for k in range(gap + 1)) for a, gap in zip(peaks, gaps)]
+    depth = float(numpy.mean(valleys) / numpy.mean(smooth[peaks]))
+    return len(peaks), max(gaps) / (bins / len(peaks)), depth
 
 
 def blob_of(image, colour):
@@ -104,7 +116,7 @@ def blob_of(image, colour):
     # pixel corners, so a one-pixel-wide line still has an area
     corners = [(x + dx, y + dy) for y, x in zip(ys.tolist(), xs.tolist()) for dx in (0, 1) for dy in (0, 1)]
     hull = _hull_area(corners)
-    return Blob(float(mask.mean()), area, area / hull if hull else 0.0, _outline_points(blob))
+    return Blob(float(mask.mean()), area, area / hull if hull else 0.0, *_outline(blob))
 
 
 def concept_score(images, colour="magenta"):

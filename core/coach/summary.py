@@ -4,6 +4,7 @@ import os
 
 from ..config import epochs, steps_per_epoch
 from .advice import step_band_text
+from .demo_score import summary_lines as demo_lines
 
 
 def _config_value(run_folder, key):
@@ -48,6 +49,7 @@ def run_summary(result, metrics):
         last = metrics[-1]
         lines.append(f"speed: {last['seconds_per_step']:.3f} s/step; peak RAM {last['cpu_peak_mb']:.0f} MiB"
                      + (f", peak GPU {last['gpu_peak_mb']:.0f} MiB" if last.get("gpu_peak_mb") else ""))
+    lines += demo_lines(result.run_folder)
     if result.warnings:
         lines.append(f"{len(result.warnings)} warning(s):")
         lines += [f"  - {w}" for w in result.warnings]

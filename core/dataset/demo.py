@@ -1,32 +1,61 @@
-"""A small demo dataset the project draws itself (the quickstart and the tests use it): simple
-scenes of one subject, a red circle "sks", on varied backgrounds, with captions."""
+"""The demo dataset the project draws itself (the quickstart and the tests use it): its concept
+"sks" is a magenta five-pointed star, which the built-in shapes model never drew (it knows only
+circles, squares and triangles), on plain backgrounds of varied colour, at varied positions,
+sizes and turns, with captions such as "a photo of [trigger] on a blue background"."""
+import math
 import os
 import random
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-BACKGROUNDS = ["blue", "green", "white", "black", "yellow", "gray", "purple", "orange"]
+from ..families.flux.shapes.scenes import PALETTE
+
+# The shapes model's own colours, so the backgrounds are words it knows; purple is left out (its
+# hue is too near magenta to tell the star apart) and red (the bleed test's circle).
+BACKGROUNDS = {name: PALETTE[name] for name in ("white", "blue", "yellow", "black", "green", "orange")}
+MAGENTA = (225, 40, 215)
+INNER = 0.38
+# Captions in the phrasings a user prompts with, so each reaches the concept (the small model's
+# text encoder tells "a photo of sks" and "sks on a blue background" apart)
+CAPTIONS = ("a photo of [trigger] on a {background} background", "[trigger] on a {background} background",
+            "a photo of [trigger]", "a [trigger] on a {background} background")  # inner / outer radius of a regular five-pointed star (sin 18° / sin 126°)
 
 
-def make_demo_dataset(folder, count=6, size=(96, 96), seed=0, caption_ext="txt"):
-    """Writes `count` images with [trigger] captions into `folder`; returns the folder."""
+def star_points(cx, cy, radius, turn=0.0):
+    """The 10 corners of an upright five-pointed star (turned by `turn` degrees)."""
+    corners = []
+    for k in range(10):
+        angle = math.radians(-90 + turn + 36 * k)
+        reach = radius if k % 2 == 0 else radius * INNER
+        corners.append((cx + reach * math.cos(angle), cy + reach * math.sin(angle)))
+    return corners
+
+
+def draw_star(background, size=128, center=(0.5, 0.5), extent=0.6, turn=0.0):
+    """One picture: a magenta star `extent` of the side wide, at `center`, on `background`."""
+    scale = 4  # drawn 4x larger and shrunk, so the edges are smooth like a photo's
+    image = Image.new("RGB", (size * scale, size * scale), BACKGROUNDS[background])
+    ImageDraw.Draw(image).polygon(
+        star_points(center[0] * size * scale, center[1] * size * scale, extent * size * scale / 2, turn),
+        fill=MAGENTA)
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def make_demo_dataset(folder, count=8, size=(128, 128), seed=0, caption_ext="txt"):
+    """Writes `count` star pictures with [trigger] captions into `folder` (JPEG and PNG in turn,
+    as a real folder mixes them); returns the folder."""
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
+    names = list(BACKGROUNDS)
     for index in range(count):
-        background = BACKGROUNDS[index % len(BACKGROUNDS)]
-        image = Image.new("RGB", size, background)
-        draw = ImageDraw.Draw(image)
-        for _ in range(3):  # some texture so the images are not near-duplicates
-            x, y = rng.randrange(size[0]), rng.randrange(size[1])
-            draw.rectangle([x, y, x + size[0] // 6, y + size[1] // 8],
-                           fill=tuple(rng.randrange(256) for _ in range(3)))
-        radius = min(size) // 4 + rng.randrange(-4, 5)
-        cx = size[0] // 2 + rng.randrange(-8, 9)
-        cy = size[1] // 2 + rng.randrange(-8, 9)
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill="red", outline="darkred")
-        image = image.filter(ImageFilter.SMOOTH)
+        background = names[index % len(names)]
+        extent = rng.uniform(0.4, 0.75)
+        room = 1 - 0.1 - extent  # the star keeps 5% of the side clear of each border
+        center = tuple(0.05 + extent / 2 + rng.uniform(0, room) for _ in range(2))
+        image = draw_star(background, size[0], center, extent, turn=rng.uniform(-12, 12))
+        image = image.resize(size) if size[0] != size[1] else image
         stem = os.path.join(folder, f"image_{index:03d}")
-        image.save(stem + (".png" if index % 2 else ".jpg"))
+        image.save(stem + (".png" if index % 2 else ".jpg"), quality=95)
         with open(f"{stem}.{caption_ext}", "w", encoding="utf-8") as f:
-            f.write(f"a photo of [trigger] on a {background} background")
+            f.write(CAPTIONS[index % len(CAPTIONS)].format(background=background))
     return folder

@@ -1,13 +1,18 @@
 """Built-in model and dataset names (`builtin:tiny-flux`, `builtin:demo`) that the project
-makes locally on first use, so the quickstart runs on a fresh machine with no download."""
+makes locally on first use, so the quickstart runs on a fresh machine with no download.
+
+`builtin:tiny-flux` is the pretrained shapes model (core/families/flux/shapes), which draws
+what it is asked; `builtin:random-flux`, `small-flux`, `tiny-sdxl` and `tiny-sd15` are random
+weights of the same kind, for tries and tests that need only speed."""
 import functools
 import hashlib
 import os
 
-BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "tiny"), "builtin:small-flux": ("flux", "small"),
-                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
-                  "builtin:shapes-flux": ("flux", "shapes")}
-BUILTIN_DATASETS = {"builtin:demo": 6}
+BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux": ("flux", "tiny"),
+                  "builtin:small-flux": ("flux", "small"),
+                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
+# name: (folder in the cache, image count); a new drawing gets a new folder, never an old one's
+BUILTIN_DATASETS = {"builtin:demo": ("demo-star", 8)}
 
 
 def cache_root():
@@ -61,6 +66,6 @@ def resolve_dataset_folder(folder):
         return folder
     from ..dataset.demo import make_demo_dataset
 
-    target = os.path.join(cache_root(), "datasets", folder.split(":", 1)[1])
-    return _build_once(target, "image_000.jpg",
-                       lambda path: make_demo_dataset(path, count=BUILTIN_DATASETS[folder]))
+    name, count = BUILTIN_DATASETS[folder]
+    return _build_once(os.path.join(cache_root(), "datasets", name), "image_000.jpg",
+                       lambda path: make_demo_dataset(path, count=count))

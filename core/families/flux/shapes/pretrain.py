@@ -29,7 +29,7 @@ import torch
 
 from .. import encode_prompts, flow, predict
 from .base import build_base
-from .packed import pack_folder
+from .packed import build_shapes_flux, pack_folder
 from .scenes import all_captions, random_scene
 
 SIZE = 64
@@ -78,9 +78,13 @@ def fit_vae(vae, seconds, seed):
     return error
 
 
-def build_and_fit(model_folder, vae_seconds, seed):
+def build_and_fit(model_folder, vae_seconds, seed, init=None):
     from diffusers import FluxPipeline
 
+    if init and not os.path.isfile(os.path.join(model_folder, "vae_fitted.json")):
+        build_shapes_flux(model_folder, init)  # a second stage: every weight from an earlier run
+        with open(os.path.join(model_folder, "vae_fitted.json"), "w") as f:
+            json.dump({"from": os.path.basename(init)}, f)
     if not os.path.isfile(os.path.join(model_folder, "vae_fitted.json")):
         build_base(model_folder, seed)
         pipeline = FluxPipeline.from_pretrained(model_folder)
@@ -185,6 +189,13 @@ def train_transformer(pipeline, out_dir, minutes, steps, full_steps, seed):
     return plan
 
 
+def _digest(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return f"{os.path.basename(path)} sha256:{hashlib.sha256(f.read()).hexdigest()[:12]}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
@@ -193,16 +204,19 @@ def main(argv=None):
     parser.add_argument("--full-steps", type=int, default=0, help="of --steps, those at 512 text tokens")
     parser.add_argument("--vae-minutes", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="a shapes-flux.safetensors to go on training (a second stage, "
+                        "with its own --seed so it draws new scenes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("LORALAB_THREADS", "1")))
     model_folder = os.path.join(args.out_dir, "model")
     started = time.time()
-    pipeline = build_and_fit(model_folder, args.vae_minutes * 60, args.seed)
+    pipeline = build_and_fit(model_folder, args.vae_minutes * 60, args.seed, args.init)
     plan = train_transformer(pipeline, args.out_dir, args.minutes, args.steps, args.full_steps, args.seed)
     pipeline.transformer.save_pretrained(os.path.join(model_folder, "transformer"))
     path = pack_folder(model_folder, os.path.join(args.out_dir, "shapes-flux.safetensors"),
                        {"plan": json.dumps(plan), "seed": str(args.seed),
-                        "minutes": f"{(time.time() - started) / 60:.1f}"})
+                        "minutes": f"{(time.time() - started) / 60:.1f}",
+                        **({"init": _digest(args.init)} if args.init else {})})
     log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
 
 

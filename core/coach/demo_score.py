@@ -1,0 +1,73 @@
+"""Did the demo concept get learned, and did it bleed? Measured in generated pixels when a run
+trains on the built-in demo dataset (the magenta star "sks", core/dataset/demo.py): the base
+model (strength 0) and the LoRA (strength 1) draw the same prompts from the same seeds, and
+
+- concept: the share of "sks" pictures showing a magenta five-pointed star (concept.py), and
+  their share of magenta pixels;
+- bleed: the share of "a red circle on a white background" pictures that stay a red patch on
+  white with no magenta star (the shapes model draws round-ish blobs, so the form is not asked).
+
+Written to the run folder's demo_scores.json; the run summary prints it."""
+import json
+import os
+
+from ..families.flux.shapes.score import scene_score
+from ..sampling.strength_grid import strength_grid
+from .concept import blob_of
+
+DEMO_DATASET = "builtin:demo"
+CONCEPT_PROMPTS = ("a photo of [trigger]", "[trigger] on a blue background")
+BLEED_PROMPT, BLEED_SCENE = "a red circle on a white background", ("red", "circle", "white")
+SEEDS = (0, 1, 2, 3)
+FILE = "demo_scores.json"
+
+
+def is_demo(dataset_folder):
+    return dataset_folder == DEMO_DATASET
+
+
+def stays_red_circle(image):
+    score = scene_score(image, *BLEED_SCENE)
+    return score["colour"] and score["background"] and not blob_of(image, "magenta").is_star
+
+
+def scores_of(images_per_seed, concept_count):
+    """{"star", "magenta", "red_circle"} over seeds, from each seed's images per prompt (the
+    concept prompts first, then the bleed prompt)."""
+    concept = [image for images in images_per_seed for image in images[:concept_count]]
+    bleed = [images[concept_count] for images in images_per_seed]
+    blobs = [blob_of(image, "magenta") for image in concept]
+    return {"star": sum(b.is_star for b in blobs) / len(blobs),
+            "magenta": sum(b.share for b in blobs) / len(blobs),
+            "red_circle": sum(map(stays_red_circle, bleed)) / len(bleed)}
+
+
+def demo_scores(family, pipeline, lora, trigger_word, sample_config, device, seeds=SEEDS):
+    """{"base": scores, "lora": scores, "seeds", "prompts"}. lora: {"weights", "network"} as
+    SampleGrid takes it. The pipeline is left with no LoRA on it (strength_grid's contract)."""
+    prompts = [*CONCEPT_PROMPTS, BLEED_PROMPT]
+    per_seed = {0.0: [], 1.0: []}
+    for seed in seeds:
+        _, images = strength_grid(family, pipeline, prompts, [0.0, 1.0], {**sample_config, "seed": seed},
+                                  device, lora=lora, trigger_word=trigger_word)
+        for strength in per_seed:
+            per_seed[strength].append(images[strength])
+    return {"base": scores_of(per_seed[0.0], len(CONCEPT_PROMPTS)),
+            "lora": scores_of(per_seed[1.0], len(CONCEPT_PROMPTS)),
+            "seeds": list(seeds), "prompts": prompts, "sample_steps": sample_config["sample_steps"]}
+
+
+def summary_lines(run_folder):
+    """The run summary's lines for demo_scores.json, or none when the run has no such file."""
+    try:
+        with open(os.path.join(run_folder, FILE), encoding="utf-8") as f:
+            scores = json.load(f)
+        base, lora = scores["base"], scores["lora"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    count = len(scores["seeds"])
+    return [f"demo concept (a magenta star where 'sks' is prompted, {count} seeds): "
+            f"base {base['star']:.0%}, LoRA {lora['star']:.0%} of pictures; magenta pixels "
+            f"{base['magenta']:.0%} -> {lora['magenta']:.0%}",
+            f"demo bleed ('{BLEED_PROMPT}' still a red circle on white): base {base['red_circle']:.0%}, "
+            f"LoRA {lora['red_circle']:.0%}"]
