@@ -179,7 +179,7 @@ class LoRALabConfigureLoRA:
         "gradient_checkpointing": setting("train.gradient_checkpointing"),
         "train_dtype": setting("train.dtype"),
     }
-    SD_SETTINGS = {  # optional, after the others, so saved UI workflows keep their order
+    OPTIONAL_SETTINGS = {  # after the others, so saved UI workflows keep their order: SD's, then newer
         "feed_forward": setting("network.feed_forward"),
         "conv": setting("network.conv"),
         "conv_alpha": setting("network.conv_alpha", step=0.5),
@@ -190,11 +190,13 @@ class LoRALabConfigureLoRA:
         "zero_terminal_snr": setting("train.zero_terminal_snr"),
         "text_encoder": setting("network.text_encoder"),
         "text_encoder_lr": setting("train.text_encoder_lr", step=0.000001, round=False),
+        "preservation_class": setting("train.preservation_class"),
+        "preservation_weight": setting("train.preservation_weight", step=0.05, round=False),
     }
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": widget_inputs(cls.SETTINGS), "optional": widget_inputs(cls.SD_SETTINGS)}
+        return {"required": widget_inputs(cls.SETTINGS), "optional": widget_inputs(cls.OPTIONAL_SETTINGS)}
 
     RETURN_TYPES = ("LORALAB_CONFIG",)
     RETURN_NAMES = ("config",)
@@ -203,5 +205,5 @@ class LoRALabConfigureLoRA:
     DESCRIPTION = "LoRA and training settings; the defaults are the training guide's."
 
     def configure(self, **values):
-        return (TrainingSettings(checked(config_from({**self.SETTINGS, **self.SD_SETTINGS}, values))),)
+        return (TrainingSettings(checked(config_from({**self.SETTINGS, **self.OPTIONAL_SETTINGS}, values))),)
 

@@ -7,9 +7,10 @@ from ..core.config import ConfigError, field, resolve
 
 # Required keys of sections a node does not own, filled in only to validate the node's own part.
 PLACEHOLDERS = {"model": {"family": "flux", "path": "-"}, "dataset": {"folder": "-"}}
-# What checked() fills in: SD1.5 takes every setting (FLUX.1 refuses network.text_encoder), so a
-# node's own values are checked alone; the family's rules apply when TrainLoRA resolves it all.
-CHECK_PLACEHOLDERS = {**PLACEHOLDERS, "model": {"family": "sd15", "path": "-"}}
+# What checked() fills in: SD1.5 takes every setting (FLUX.1 refuses network.text_encoder), and a
+# trigger word lets train.preservation_class through, so a node's own values are checked alone;
+# the rules between sections apply when TrainLoRA resolves it all.
+CHECK_PLACEHOLDERS = {"model": {"family": "sd15", "path": "-"}, "dataset": {"folder": "-", "trigger_word": "-"}}
 
 
 @dataclass(frozen=True)

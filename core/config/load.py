@@ -101,6 +101,11 @@ def resolve(config, source=None):
     if resolved["train"]["timestep_min"] >= resolved["train"]["timestep_max"]:
         problems.append(f"train.timestep_min = {resolved['train']['timestep_min']} must be below "
                         f"train.timestep_max = {resolved['train']['timestep_max']}")
+    if resolved["train"]["preservation_class"] and not resolved["dataset"]["trigger_word"]:
+        problems.append(f"train.preservation_class = {json.dumps(resolved['train']['preservation_class'])} "
+                        "needs dataset.trigger_word: preservation replaces the trigger in each caption "
+                        "by the class word; set dataset.trigger_word to the word your captions use "
+                        "for the concept, or leave train.preservation_class empty")
     if problems:
         raise ConfigError(problems, source)
     if resolved["network"]["linear_alpha"] is None:

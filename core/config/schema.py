@@ -144,6 +144,14 @@ SCHEMA = {
             "zero_terminal_snr": {"type": "boolean", "default": False, "description":
                                   "SDXL/SD1.5: rescale the noise schedule to zero terminal SNR "
                                   "(for v-prediction models trained that way)."},
+            "preservation_class": {"type": "string", "default": "", "description":
+                                   "Preservation against bleed: the class word that the trigger "
+                                   "stands for (e.g. star). On steps with the trigger, the LoRA's "
+                                   "prediction for the caption with the class word instead is "
+                                   "pulled toward the base model's. Needs dataset.trigger_word; "
+                                   "empty is off."},
+            "preservation_weight": _number(1.0, 0.0, 100.0, "Weight of the preservation loss "
+                                           "(train.preservation_class) beside the training loss."),
             "resume": {"type": "boolean", "default": True,
                        "description": "Continue from the newest kept checkpoint of the run."},
         }),

@@ -75,7 +75,13 @@ class ModelFamily(Protocol):
         """The loss of one batch: noise, target, loss. `batch` holds, on the device, latents
         [B,C,h,w], text [B,seq,dim], pooled [B,dim] (dim may be 0), original_size [B,2] (height,
         width of the source image) and crop_top_left [B,2] (of the centre crop in the resized
-        image); all randomness comes from `generator`."""
+        image); all randomness comes from `generator`. With train.preservation_class it also
+        holds preservation_text / preservation_pooled (the captions with the trigger replaced by
+        the class word, encoded as the captions are), preservation_base_text / _pooled (the same
+        by the text encoders without their LoRA) and preservation_mask [B] (1 where the caption
+        held the trigger): the loss then adds train_config["preservation_weight"] times the
+        drift of those entries' prediction from the base model's on the same noisy input
+        (core/families/preservation.py's predict_preserving, which every family uses)."""
 
     def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
                  negative_embeds=None):

@@ -19,6 +19,7 @@ from ..dataset.buckets import crop_top_left
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
+from ..families.preservation import base_encoding, class_caption, preservation_batch
 from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, lora_weights
 from ..runs import choose_run_folder, write_json
 from ..runs.atomic import save_image
@@ -153,6 +154,9 @@ def _train(config, pipeline, on_event, should_stop, held):
     sample_prompts = prompts_with_trigger(sample_cfg["prompts"], data_cfg["trigger_word"])
     train_text = net_cfg.get("text_encoder", False)  # a text-encoder LoRA: no text is cached
     captions = [] if train_text else [item.caption for item in scan.items] + [""] + sample_prompts
+    class_word = train_cfg["preservation_class"] if train_cfg["preservation_weight"] > 0 else ""
+    if class_word:  # preservation's class captions are cached with the captions
+        captions += [class_caption(c, data_cfg["trigger_word"], class_word) or c for c in captions]
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{quantize}")
     cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None, digests)
     cache.fill(scan.items, sizes, captions,
@@ -169,11 +173,13 @@ def _train(config, pipeline, on_event, should_stop, held):
         text_lr = train_cfg.get("text_encoder_lr")  # None: train.lr
         text_groups = [{"params": text_parameters, "lr": train_cfg["lr"] if text_lr is None else text_lr}]
         encode = lambda texts: family.encode_batch(pipeline, texts, device)
+        encode_base = lambda texts: base_encoding(family, pipeline, texts, device, text_encoders)
         sample_embeds = lambda: encoded_now(family, pipeline, sample_prompts, device)
     else:
         family.free_text_encoders(pipeline)  # their work is done: freed before the transformer comes on
         text_encoders, text_parameters, text_groups = {}, [], []
         encode = lambda texts: tuple(torch.stack(part) for part in zip(*map(cache.text, texts)))
+        encode_base = encode  # the cache holds the base text encoders' embeddings
         sample_embeds = lambda: ([cache.text(p) for p in sample_prompts], cache.text(""))
     family.to_device(pipeline, device)
 
@@ -263,6 +269,8 @@ def _train(config, pipeline, on_event, should_stop, held):
             text, pooled = encode(texts)
             batch = {"latents": torch.stack([cache.latent(e.image, e.size) for e in entries]),
                      "text": text, "pooled": pooled}
+            if class_word:  # preservation: the captions with the class word for the trigger
+                batch.update(preservation_batch(texts, data_cfg["trigger_word"], class_word, encode, encode_base))
             batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}
             # Sizes stay integers (bf16 cannot hold 1023): the source image's and its centre crop's
             batch["original_size"] = torch.tensor(

@@ -2,6 +2,7 @@
 import numpy
 import torch
 
+from ..preservation import predict_preserving
 from . import flow, keys
 from .model import ModelError, load_pipeline
 
@@ -144,7 +145,8 @@ def encode_image(pipeline, image, device):
 
 def training_loss(model, batch, generator, train_config, guidance_embeds):
     """Flow-matching MSE of one batch: batch holds latents [B,C,h,w], text [B,seq,dim] and
-    pooled [B,dim] on the training device."""
+    pooled [B,dim] on the training device; plus preservation's loss where the batch carries
+    it (families/preservation.py)."""
     latents = batch["latents"]
     batch_size, _, height, width = latents.shape
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
@@ -152,9 +154,15 @@ def training_loss(model, batch, generator, train_config, guidance_embeds):
                                 num_tokens=height * width // 4, generator=generator)
     sigmas = sigmas.to(latents.device)
     noisy, target = flow.noisy_latents(latents, noise, sigmas)
-    prediction = predict(model, flow.pack(noisy), sigmas, batch["text"], batch["pooled"],
-                         height, width, train_config["guidance"] if guidance_embeds else None)
-    return torch.nn.functional.mse_loss(prediction.float(), flow.pack(target).float())
+    guidance = train_config["guidance"] if guidance_embeds else None
+
+    def velocity(module, packed, sigmas, text, pooled):
+        return predict(module, packed, sigmas, text, pooled, height, width, guidance)
+
+    prediction, preservation = predict_preserving(
+        model, velocity, flow.pack(noisy), {"sigmas": sigmas, "text": batch["text"], "pooled": batch["pooled"]},
+        batch, train_config.get("preservation_weight", 0.0))
+    return torch.nn.functional.mse_loss(prediction.float(), flow.pack(target).float()) + preservation
 
 
 def predict(transformer, packed_noisy, sigmas, text, pooled, height, width, guidance):

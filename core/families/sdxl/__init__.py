@@ -50,8 +50,7 @@ def training_loss(model, batch, generator, train_config, guidance_embeds):
     scale = extract_model_from_parallel(model).loralab_vae_scale_factor
     target_size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
     time_ids = conditioning.add_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
-    added = {"text_embeds": batch["pooled"], "time_ids": time_ids.to(latents.device)}
-    return family.unet_loss(model, batch, generator, train_config, added)
+    return family.unet_loss(model, batch, generator, train_config, time_ids.to(latents.device))
 
 
 def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,

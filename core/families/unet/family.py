@@ -7,6 +7,7 @@ import numpy
 import torch
 from accelerate.utils import extract_model_from_parallel
 
+from ..preservation import predict_preserving
 from . import noise
 
 
@@ -188,9 +189,17 @@ def encode_image(pipeline, image, device):
     return (latent[0] * pipeline.vae.config.scaling_factor).float().cpu()
 
 
-def unet_loss(model, batch, generator, train_config, added_cond_kwargs=None):
+def _unet_prediction(module, noisy, timesteps, text, pooled, time_ids=None):
+    """The UNet's output; SDXL (time_ids given) is also conditioned on the pooled text."""
+    added = None if time_ids is None else {"text_embeds": pooled, "time_ids": time_ids}
+    return module(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def unet_loss(model, batch, generator, train_config, time_ids=None):
     """The (min-SNR weighted) MSE of one batch: noise and timesteps from `generator`, the noisy
-    latents, the UNet's prediction against the epsilon or v target of its scheduler."""
+    latents, the UNet's prediction against the epsilon or v target of its scheduler; plus
+    preservation's loss where the batch carries it (families/preservation.py). SDXL passes
+    its size conditioning `time_ids` [B, 6]."""
     config = extract_model_from_parallel(model).loralab_noise_config
     prediction_type = config.get("prediction_type") or "epsilon"
     cumulative = noise.alphas_cumprod(config, train_config.get("zero_terminal_snr", False))
@@ -201,12 +210,15 @@ def unet_loss(model, batch, generator, train_config, added_cond_kwargs=None):
         train_config.get("timestep_min", 0), train_config.get("timestep_max", 1000))
     drawn, timesteps = drawn.to(latents.device), timesteps.to(latents.device)
     noisy = noise.noisy_latents(clean, drawn, cumulative, timesteps)
-    prediction = model(noisy.to(latents.dtype), timesteps, encoder_hidden_states=batch["text"],
-                       added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+    per_entry = {"timesteps": timesteps, "text": batch["text"], "pooled": batch["pooled"]}
+    if time_ids is not None:
+        per_entry["time_ids"] = time_ids
+    prediction, preservation = predict_preserving(model, _unet_prediction, noisy.to(latents.dtype), per_entry,
+                                                  batch, train_config.get("preservation_weight", 0.0))
     target = noise.target(clean, drawn, cumulative, timesteps, prediction_type)
     gamma = train_config.get("min_snr_gamma")
     weights = noise.min_snr_weights(noise.snr(cumulative, timesteps), gamma, prediction_type) if gamma else None
-    return noise.weighted_mse(prediction, target, weights)
+    return noise.weighted_mse(prediction, target, weights) + preservation
 
 
 @contextlib.contextmanager
