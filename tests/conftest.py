@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random FLUX.1 folder and a drawn dataset, built once per session."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,17 @@ def make_config(tiny_flux, demo_dataset, tmp_path):
 @pytest.fixture
 def resolved(make_config):
     return lambda **sections: resolve(make_config(**sections))
+
+
+def train_in_processes(raw, folder, port, processes=2):
+    """`loralab train` of the raw config `raw` (written to `folder`) under torchrun with
+    `processes` CPU processes: accelerate's DDP."""
+    path = folder / f"{raw['name']}.json"
+    path.write_text(json.dumps(raw))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+         "--master_port", str(port), "-m", "loralab.cli", "train", str(path)],
+        capture_output=True, text=True, timeout=300)
 
 
 def run_cli(*args, timeout=300, **kwargs):

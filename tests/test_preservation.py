@@ -3,6 +3,8 @@ running the trained models, not by reading our loss. The LoRA file is loaded wit
 load_lora_weights; at fixed noise and noise levels, its prediction for the class caption ("a
 photo of star ...") must stay closer to the base model's with preservation than without, while
 the training captions' loss still falls. Tiny random models, real training."""
+import os
+
 import pytest
 import torch
 from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionPipeline
@@ -13,8 +15,10 @@ from loralab.core.families import flux, get_family
 from loralab.core.families.flux import flow
 from loralab.core.families.preservation import class_caption
 from loralab.core.lora import add_lora
+from loralab.core.runs import RunFolder
 from loralab.core.trainer import train
 
+from conftest import train_in_processes
 from test_sd_training import dataset, sd_models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,3 +227,16 @@ def test_configure_lora_offers_preservation_as_optional_widgets_and_train_lora_c
                                               "folder": demo_dataset, "resolution": "64"})
     with pytest.raises(Exception, match=r"train.preservation_class = \"star\" needs dataset.trigger_word"):
         call("LoRALabTrainLoRA", base_model=base, dataset=dataset, config=config, name="x", resume=True)
+
+
+def test_two_processes_train_with_preservation_and_gradient_checkpointing(make_config, tmp_path):
+    """torchrun with two CPU processes (accelerate's DDP): the class entries join the batch's
+    forward, so DDP all-reduces once per step, whichever entries of each rank hold the trigger
+    (caption dropout empties some); with gradient checkpointing the backward recomputes the
+    blocks with the LoRA on, after the base prediction had it off."""
+    raw = make_config(name="ddp_keep", dataset={"resolution": [32], "caption_dropout_rate": 0.5},
+                      train={"steps": 6, "preservation_class": "star", "gradient_checkpointing": True})
+    result = train_in_processes(raw, tmp_path, 29541)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = RunFolder(resolve(raw)["save"]["output_dir"], "ddp_keep")
+    assert os.path.isfile(run.final_lora) and run.read_metrics()[-1]["skipped_steps"] == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, train_in_processes
 from loralab.core.config import resolve
 from loralab.core.runs import RunFolder
 from loralab.core.trainer import train
@@ -152,11 +152,7 @@ def test_cli_reports_a_bad_model_path(make_config, tmp_path):
 def test_two_processes_train_data_parallel(make_config, tmp_path):
     """torchrun with two CPU processes: accelerate's DDP, the same loop and files as one process."""
     raw = make_config(name="ddp", train={"steps": 4}, save={"save_every": 2})
-    path = tmp_path / "ddp.json"
-    path.write_text(json.dumps(raw))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         "-m", "loralab.cli", "train", str(path)], capture_output=True, text=True, timeout=300)
+    result = train_in_processes(raw, tmp_path, 29533)
     assert result.returncode == 0, result.stderr[-2000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1 and reports[0]["step"] == 4 and reports[0]["status"] == "finished"
