@@ -1,8 +1,7 @@
 """The shipped shapes model draws what it is asked, measured from the pixels: the border is the
-prompted background colour, the rest mostly the prompted shape colour, in the prompted form. A
-random FLUX model of the same kind fails the same thresholds, so they measure learning. The form
-("shape" in the result) is measured but not required: the model draws blobs (see the report in
-core/families/flux/shapes/pretrain.py's module docstring)."""
+prompted background colour, the rest mostly the prompted shape colour, in the prompted form (the
+patch fills its bounding box as a circle, a square or a triangle does). A random FLUX model of
+the same kind fails the same thresholds, so they measure learning."""
 import pytest
 import torch
 
@@ -17,7 +16,8 @@ PROMPTS = [("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "
            ("purple", "circle", "orange"), ("black", "square", "white")]
 SEEDS = (0, 1)
 STEPS = 8
-THRESHOLDS = {"background": 0.8, "colour": 0.75, "both": 0.7}  # shipped: 1.0 each; random: <= 0.25
+# shipped: 1.0, 1.0, 1.0 and form 0.625 (10 of 16); random: <= 0.25
+THRESHOLDS = {"background": 0.8, "colour": 0.75, "both": 0.7, "shape": 0.5}
 
 
 def shares(folder):

@@ -28,9 +28,9 @@ class Blob:
 
     @property
     def is_star(self):
-        """Five points, evenly around (gaps within 35% of 72 degrees), with deep valleys between
+        """Five points spread around (no gap over 1.6 times 72 degrees), with deep valleys between
         them, and half the hull filled: a blob with five bumps is not enough."""
-        return (self.area >= 30 and self.points == 5 and self.spacing <= 1.35
+        return (self.area >= 30 and self.points == 5 and self.spacing <= 1.6
                 and self.depth <= 0.72 and 0.3 <= self.solidity <= 0.7)
 
 

@@ -4,8 +4,9 @@ model (strength 0) and the LoRA (strength 1) draw the same prompts from the same
 
 - concept: the share of "sks" pictures showing a magenta five-pointed star (concept.py), and
   their share of magenta pixels;
-- bleed: the share of "a red circle on a white background" pictures that stay a red patch on
-  white with no magenta star (the shapes model draws round-ish blobs, so the form is not asked).
+- bleed: the share of "a red circle on a white background" pictures that stay red on white with
+  no magenta star ("red"), and of those whose patch also fills its bounding box as a circle does,
+  not as a square, a triangle or a star ("red_circle"). The base model passes both 8 times in 8.
 
 Written to the run folder's demo_scores.json; the run summary prints it."""
 import json
@@ -18,7 +19,7 @@ from .concept import blob_of
 DEMO_DATASET = "builtin:demo"
 CONCEPT_PROMPTS = ("a photo of [trigger]", "[trigger] on a blue background")
 BLEED_PROMPT, BLEED_SCENE = "a red circle on a white background", ("red", "circle", "white")
-SEEDS = (0, 1, 2, 3)
+SEEDS = tuple(range(8))
 FILE = "demo_scores.json"
 
 
@@ -26,20 +27,23 @@ def is_demo(dataset_folder):
     return dataset_folder == DEMO_DATASET
 
 
-def stays_red_circle(image):
+def bleed_of(image):
+    """(stays red on white with no magenta star, and also round)"""
     score = scene_score(image, *BLEED_SCENE)
-    return score["colour"] and score["background"] and not blob_of(image, "magenta").is_star
+    red = score["colour"] and score["background"] and not blob_of(image, "magenta").is_star
+    return red, red and score["shape"]
 
 
 def scores_of(images_per_seed, concept_count):
-    """{"star", "magenta", "red_circle"} over seeds, from each seed's images per prompt (the
-    concept prompts first, then the bleed prompt)."""
+    """{"star", "magenta", "red", "red_circle"} over seeds, from each seed's images per prompt
+    (the concept prompts first, then the bleed prompt)."""
     concept = [image for images in images_per_seed for image in images[:concept_count]]
-    bleed = [images[concept_count] for images in images_per_seed]
+    bleed = [bleed_of(images[concept_count]) for images in images_per_seed]
     blobs = [blob_of(image, "magenta") for image in concept]
     return {"star": sum(b.is_star for b in blobs) / len(blobs),
             "magenta": sum(b.share for b in blobs) / len(blobs),
-            "red_circle": sum(map(stays_red_circle, bleed)) / len(bleed)}
+            "red": sum(red for red, _ in bleed) / len(bleed),
+            "red_circle": sum(round_too for _, round_too in bleed) / len(bleed)}
 
 
 def demo_scores(family, pipeline, lora, trigger_word, sample_config, device, seeds=SEEDS):
@@ -69,5 +73,5 @@ def summary_lines(run_folder):
     return [f"demo concept (a magenta star where 'sks' is prompted, {count} seeds): "
             f"base {base['star']:.0%}, LoRA {lora['star']:.0%} of pictures; magenta pixels "
             f"{base['magenta']:.0%} -> {lora['magenta']:.0%}",
-            f"demo bleed ('{BLEED_PROMPT}' still a red circle on white): base {base['red_circle']:.0%}, "
-            f"LoRA {lora['red_circle']:.0%}"]
+            f"demo bleed ('{BLEED_PROMPT}'): still red on white: base {base['red']:.0%}, LoRA "
+            f"{lora['red']:.0%}; still round too: base {base['red_circle']:.0%}, LoRA {lora['red_circle']:.0%}"]

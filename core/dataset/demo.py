@@ -49,7 +49,7 @@ def make_demo_dataset(folder, count=8, size=(128, 128), seed=0, caption_ext="txt
     names = list(BACKGROUNDS)
     for index in range(count):
         background = names[index % len(names)]
-        extent = rng.uniform(0.4, 0.75)
+        extent = rng.uniform(0.55, 0.85)
         room = 1 - 0.1 - extent  # the star keeps 5% of the side clear of each border
         center = tuple(0.05 + extent / 2 + rng.uniform(0, room) for _ in range(2))
         image = draw_star(background, size[0], center, extent, turn=rng.uniform(-12, 12))

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from ..coach.demo_score import FILE as DEMO_SCORES, demo_scores, is_demo
 from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
@@ -349,6 +350,10 @@ def _train(config, pipeline, on_event, should_stop, held):
         write_lora(run.final_lora, result.weights, config, result.step, to_kohya)
         if sampling:
             sample(result.step)
+        if is_demo(data_cfg["folder"]):  # the demo's verdict in pixels, for the run summary
+            write_json(run.file(DEMO_SCORES), demo_scores(
+                family, pipeline, {"weights": result.weights, "network": net_cfg},
+                data_cfg["trigger_word"], sample_cfg, device))
     warn(monitor.finish(), result.step)
     if accelerator.is_main_process:
         save_image(loss_plot(run.read_metrics(), title=f"{config['name']} loss"), run.file("loss.png"))

@@ -1,5 +1,5 @@
 """Pretrain the shapes model: `python -m loralab.core.families.flux.shapes.pretrain OUT_DIR
-[--minutes N | --steps N] [--seed S]`.
+[--minutes N | --steps N] [--seed S] [--init FILE]` (--init: go on training a packed model).
 
 1. Build the random FLUX-shaped folder (base.py) in OUT_DIR/model.
 2. Fit its tiny VAE to the scenes, so latents decode back to pictures, and set its latent shift
@@ -12,11 +12,13 @@
 Every scene, noise and timestep comes from the seed and the step, and a state file is written
 every few minutes, so a stopped run resumes where it was and ends with the same numbers.
 
-The shipped shapes-flux.safetensors: `--minutes 42 --vae-minutes 4 --seed 0`, which planned
-`--steps 5067 --full-steps 271`; 30 minutes on one busy CPU core (VAE reconstruction MSE 0.0098
-in [-1, 1]), 5.2M transformer parameters, 11.4 MB in fp16. Sampled at 64 px, 8 steps, guidance
-4 (tests/test_shapes_model.py), 8 prompts x 2 seeds: background 16/16, shape colour 16/16; the
-forms are blobs (circles pass the fill test, squares and triangles mostly do not).
+The shipped shapes-flux.safetensors is two runs on one CPU core, 77 minutes in all:
+- `--minutes 42 --vae-minutes 4 --seed 0`, which planned `--steps 5067 --full-steps 271`: 30
+  minutes (VAE reconstruction MSE 0.0098 in [-1, 1]); it drew the colours but blobs;
+- `--init <that file> --steps 8000 --full-steps 300 --seed 1`: 47 minutes, new scenes.
+5.2M transformer parameters, 11.4 MB in fp16. Sampled at 64 px, 8 steps, guidance 4
+(tests/test_shapes_model.py), 8 prompts x 2 seeds: background 16/16, shape colour 16/16, form
+10/16 (a random model of the same kind: backgrounds 2/16, colours 4/16).
 """
 import argparse
 import json
