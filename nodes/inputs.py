@@ -20,10 +20,13 @@ class LoRALabLoadDataset:
         "resolution": setting("dataset.resolution"),
         "caption_dropout_rate": setting("dataset.caption_dropout_rate", step=0.01),
     }
+    OPTIONAL_SETTINGS = {  # after the others, so saved UI workflows keep their order
+        "validation_images": setting("dataset.validation_images"),
+    }
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": widget_inputs(cls.SETTINGS)}
+        return {"required": widget_inputs(cls.SETTINGS), "optional": widget_inputs(cls.OPTIONAL_SETTINGS)}
 
     RETURN_TYPES = ("LORALAB_DATASET", "STRING")
     RETURN_NAMES = ("dataset", "report")
@@ -55,7 +58,7 @@ class LoRALabLoadDataset:
         from ..core.coach.plan import plan_report
         from ..core.dataset import scan_folder
 
-        section = checked(config_from(self.SETTINGS, values))["dataset"]
+        section = checked(config_from({**self.SETTINGS, **self.OPTIONAL_SETTINGS}, values))["dataset"]
         scan = scan_folder(resolve_dataset_folder(section["folder"]), section["caption_ext"],
                            section["trigger_word"])
         return DatasetSettings(section), plan_report(scan, {"dataset": section}) + self.fit(section)

@@ -104,6 +104,7 @@ def test_a_sign_flipped_target_fails_the_thresholds(tmp_path, monkeypatch):
         return noisy, -target
 
     monkeypatch.setattr(flow, "noisy_latents", flipped)
-    # 250 of the shipped steps: the true target learns the star in fewer (see the README)
-    scores = scores_of(train(quickstart_config(tmp_path, steps=250)))
+    # 150 of the shipped 1000 steps keep the suite short; the flipped target pushes the LoRA away
+    # from the pictures from the first step on
+    scores = scores_of(train(quickstart_config(tmp_path, steps=150)))
     assert not learned(scores), scores

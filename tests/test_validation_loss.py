@@ -54,6 +54,20 @@ def test_the_setting_is_in_the_schema():
         resolve({**base, "dataset": {"folder": "d", "validation_images": -1}})
 
 
+def test_the_load_dataset_node_takes_it_as_an_optional_widget(demo_dataset):
+    import loralab
+
+    node = loralab.NODE_CLASS_MAPPINGS["LoRALabLoadDataset"]
+    assert "validation_images" in node.INPUT_TYPES()["optional"]
+    settings, report = node().load(folder=demo_dataset, caption_ext="txt", trigger_word="sks", repeats=1,
+                                   resolution="64", caption_dropout_rate=0.0, validation_images=2)
+    assert settings.section["validation_images"] == 2
+    settings, _ = node().load(folder=demo_dataset, caption_ext="txt", trigger_word="sks", repeats=1,
+                              resolution="64", caption_dropout_rate=0.0)  # a workflow saved without it
+    assert resolve({"model": {"path": "m", "family": "flux"},
+                    "dataset": settings.section})["dataset"]["validation_images"] == 0
+
+
 def test_training_refuses_before_loading_when_nothing_is_left_to_train(resolved):
     events = []
     with pytest.raises(DatasetError, match="dataset.validation_images = 6"):
