@@ -1,7 +1,6 @@
 """`loralab`: run a workflow, train from a config, plan a dataset, build a tiny model, list runs."""
 import argparse
 import json
-import logging
 import os
 import shlex
 import sys
@@ -375,10 +374,12 @@ def build_parser():
 
 
 def main(argv=None):
+    from .core import quiet_optional_kernel_notes
+
     args = build_parser().parse_args(argv)
     # Library chatter that is not about the user's run (optional kernels, image processors).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_optional_kernel_notes()
     from .core.config import ConfigError
     from .core.dataset import DatasetError
     from .core.families.flux.model import ModelError

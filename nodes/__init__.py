@@ -1,5 +1,8 @@
 """LoRA Lab's ComfyUI nodes (V1 API). Each class only maps its widgets to a core call; what
 differs inside ComfyUI sits in comfy_adapter."""
+from ..core import quiet_optional_kernel_notes
+
+quiet_optional_kernel_notes()  # before the nodes import peft
 from .compare import LoRALabCompareRuns
 from .generate import LoRALabApplyLoRA, LoRALabSampleGrid
 from .inputs import LoRALabConfigureLoRA, LoRALabLoadBaseModel, LoRALabLoadDataset

@@ -1,13 +1,12 @@
 """Optimizers and learning-rate schedules by name (train.optimizer, train.lr_scheduler)."""
-import logging
-
 import torch
 from diffusers.optimization import get_scheduler
 
+from .. import quiet_optional_kernel_notes
+
 
 def make_optimizer(name, parameters, lr):
-    # bitsandbytes logs a warning about optional 4-bit CPU kernels we never use
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_optional_kernel_notes()
     if name == "adamw8bit":
         import bitsandbytes  # 8-bit states: about a quarter of AdamW's optimizer memory
 
