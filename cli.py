@@ -73,10 +73,11 @@ def _describe(event):
 
 def cmd_train(args):
     from .core.config import load_config
-    from .core.trainer import train
     from .workflow_runner.interrupt import handle_ctrl_c, stop_requested
 
-    config = load_config(args.config)
+    config = load_config(args.config)  # a bad config is answered before torch loads
+    from .core.trainer import train
+
     with handle_ctrl_c():
         result = train(config, on_event=Progress(), should_stop=stop_requested)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report for all processes
@@ -373,6 +374,25 @@ def build_parser():
     return parser
 
 
+# The errors that are the user's to fix (a bad config, a missing file, a model that does not fit):
+# printed in one line, exit 2. By module and name, not imported up front: a class can only be
+# raised once its module is loaded, and importing them all would load torch, diffusers and peft
+# (5 s) before `loralab runs` or a config check could answer.
+USER_ERRORS = {"core.config": ["ConfigError"], "core.dataset": ["DatasetError"],
+               "core.families.flux.model": ["ModelError"], "core.coach.fit": ["DoesNotFit"],
+               "core.trainer": ["OutOfMemory", "PrecisionError", "ResumeError"],
+               "workflow_runner": ["WorkflowError"], "core.runs": ["RunLocked"],
+               "core.runs.history": ["RunNotFound"], "nodes.comfyui_nodes": ["ComfyUINotImportable"]}
+
+
+def user_errors():
+    """The USER_ERRORS classes whose modules are loaded."""
+    package = __package__ or "loralab"
+    return tuple(getattr(sys.modules[f"{package}.{module}"], name)
+                 for module, names in USER_ERRORS.items() if f"{package}.{module}" in sys.modules
+                 for name in names)
+
+
 def main(argv=None):
     from .core import quiet_optional_kernel_notes
 
@@ -380,20 +400,11 @@ def main(argv=None):
     # Library chatter that is not about the user's run (optional kernels, image processors).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     quiet_optional_kernel_notes()
-    from .core.config import ConfigError
-    from .core.dataset import DatasetError
-    from .core.families.flux.model import ModelError
-    from .core.coach.fit import DoesNotFit
-    from .core.trainer import OutOfMemory, PrecisionError, ResumeError
-    from .workflow_runner import WorkflowError
-    from .core.runs import RunLocked
-    from .core.runs.history import RunNotFound
-    from .nodes.comfyui_nodes import ComfyUINotImportable
-
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, DoesNotFit, ModelError, OutOfMemory, PrecisionError,
-            ResumeError, RunLocked, WorkflowError, RunNotFound, ComfyUINotImportable) as error:
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
