@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # image-processor notes, not about the runs
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
