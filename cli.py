@@ -374,27 +374,8 @@ def build_parser():
     return parser
 
 
-# The errors that are the user's to fix (a bad config, a missing file, a model that does not fit):
-# printed in one line, exit 2. By module and name, not imported up front: a class can only be
-# raised once its module is loaded, and importing them all would load torch, diffusers and peft
-# (5 s) before `loralab runs` or a config check could answer.
-USER_ERRORS = {"core.config": ["ConfigError"], "core.dataset": ["DatasetError"],
-               "core.families.flux.model": ["ModelError"], "core.coach.fit": ["DoesNotFit"],
-               "core.trainer": ["OutOfMemory", "PrecisionError", "ResumeError"],
-               "workflow_runner": ["WorkflowError"], "core.runs": ["RunLocked"],
-               "core.runs.history": ["RunNotFound"], "nodes.comfyui_nodes": ["ComfyUINotImportable"]}
-
-
-def user_errors():
-    """The USER_ERRORS classes whose modules are loaded."""
-    package = __package__ or "loralab"
-    return tuple(getattr(sys.modules[f"{package}.{module}"], name)
-                 for module, names in USER_ERRORS.items() if f"{package}.{module}" in sys.modules
-                 for name in names)
-
-
 def main(argv=None):
-    from .core import quiet_optional_kernel_notes
+    from .core import UserError, quiet_optional_kernel_notes
 
     args = build_parser().parse_args(argv)
     # Library chatter that is not about the user's run (optional kernels, image processors).
@@ -402,9 +383,7 @@ def main(argv=None):
     quiet_optional_kernel_notes()
     try:
         return args.handler(args)
-    except Exception as error:
-        if not isinstance(error, user_errors()):
-            raise
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

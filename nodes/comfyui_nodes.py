@@ -10,10 +10,11 @@ import logging
 import os
 import sys
 
+from ..core import UserError
 from . import comfy_adapter
 
 
-class ComfyUINotImportable(Exception):
+class ComfyUINotImportable(UserError):
     pass
 
 

@@ -149,6 +149,18 @@ def test_cli_reports_a_bad_model_path(make_config, tmp_path):
     assert result.returncode == 2 and "model.path" in result.stderr and "model_index.json" in result.stderr
 
 
+def test_cli_reports_a_file_that_is_not_an_sd_checkpoint_in_one_line(tmp_path):
+    """The SDXL/SD1.5 loader's error is the user's too: one line, exit 2, no traceback."""
+    (tmp_path / "model.safetensors").write_bytes(b"not a model")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": {"family": "sd15", "path": str(tmp_path / "model.safetensors")},
+                                "dataset": {"folder": "builtin:demo"}, "save": {"output_dir": str(tmp_path)}}))
+    result = run_cli("train", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]  # after the run's progress lines
+    assert last.startswith("error: model.path: ") and "model.safetensors" in last
+
+
 def test_two_processes_train_data_parallel(make_config, tmp_path):
     """torchrun with two CPU processes: accelerate's DDP, the same loop and files as one process."""
     raw = make_config(name="ddp", train={"steps": 4}, save={"save_every": 2})

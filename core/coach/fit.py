@@ -34,6 +34,7 @@ matches those measurements within 3%; tests/test_fit.py checks it on fresh shape
 """
 from dataclasses import dataclass
 
+from .. import UserError
 from ..dtypes import bytes_per_value
 from .memory import config_shape, estimate_memory, gigabytes
 
@@ -55,7 +56,7 @@ T5_XXL_PARAMETERS = 4_762_310_656  # T5-XXL encoder: encodes captions once, then
 COMPUTE_BYTES = 2
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(UserError, ValueError):
     """No allowed setting fits the device; the message gives the estimate and what to change."""
 
 

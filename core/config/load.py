@@ -6,10 +6,11 @@ import os
 
 import jsonschema
 
+from .. import UserError
 from .schema import FAMILY_DEFAULTS, SCHEMA
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; `problems` holds one line per bad key."""
 
     def __init__(self, problems, source=None):

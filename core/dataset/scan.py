@@ -2,12 +2,13 @@
 import os
 from dataclasses import dataclass, field
 
+from .. import UserError
 from .images import decode_upright
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be trained on; the message says which path and what to do."""
 
 

@@ -9,12 +9,13 @@ import json
 import os
 import re
 
+from .. import UserError
 from .atomic import TEMPORARY, append_line, atomic_path, write_json
 
 LOCK_FILE = ".lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another process is training in this run folder."""
 
 

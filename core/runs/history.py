@@ -6,10 +6,11 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+from .. import UserError
 from .folder import RunFolder
 
 
-class RunNotFound(ValueError):
+class RunNotFound(UserError, ValueError):
     """A run reference that names no run folder; the message says where it looked."""
 
 

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from .. import UserError
 from ..coach.demo_score import FILE as DEMO_SCORES, demo_scores, is_demo
 from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.monitor import Monitor
@@ -37,7 +38,7 @@ from .validation import HeldOut
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The run folder's checkpoints do not fit this config."""
 
 
@@ -59,7 +60,7 @@ def agreed(accelerator, flag):
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum") > 0)
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(UserError, RuntimeError):
     """The accelerator ran out of memory; the message says which settings to change."""
 
 

@@ -2,8 +2,10 @@
 one plain sentence instead of a crash inside the first step or sample."""
 import torch
 
+from .. import UserError
 
-class PrecisionError(ValueError):
+
+class PrecisionError(UserError, ValueError):
     """model.dtype / train.dtype that this device cannot run; the message says what to use."""
 
 

@@ -8,10 +8,11 @@ import warnings
 
 import torch
 
+from ... import UserError
 from ...dtypes import torch_dtype as to_torch_dtype
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model path that cannot be loaded; the message names the setting and what to do."""
 
 

@@ -7,11 +7,12 @@ import os
 
 import torch
 
+from ... import UserError
 from . import files, keys
 from .keys import HEADS_2_KEY, HEADS_KEY
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be loaded; the message names the setting and what to do."""
 
 
