@@ -376,6 +376,7 @@ def build_parser():
 
 def main(argv=None):
     from .core import UserError, quiet_optional_kernel_notes
+    from .workflow_runner import WorkflowError  # the runner's own layer: it imports nothing of core/
 
     args = build_parser().parse_args(argv)
     # Library chatter that is not about the user's run (optional kernels, image processors).
@@ -383,7 +384,7 @@ def main(argv=None):
     quiet_optional_kernel_notes()
     try:
         return args.handler(args)
-    except UserError as error:
+    except (UserError, WorkflowError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,4 @@
 """The exceptions a workflow run raises, and how a problem names the node it is about."""
-from ..core import UserError
 
 
 def describe_node(node_id, title, class_type) -> str:
@@ -45,7 +44,7 @@ def format_problem(problem: dict) -> str:
     return (", ".join(where) + ": " if where else "") + problem["message"]
 
 
-class WorkflowError(UserError, ValueError):
+class WorkflowError(ValueError):
     """A workflow that cannot run. The message lists every problem, one per line."""
 
     def __init__(self, problems: list[dict]):
