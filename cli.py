@@ -166,8 +166,7 @@ def _registry(args):
 def cmd_run(args):
     import traceback
 
-    from .core.runs import RunLocked
-    from .core.trainer import OutOfMemory
+    from .core import UserError  # loads nothing heavy: a refused workflow is answered before torch loads
     from .workflow_runner import NodeFailed, WorkflowInterrupted, run_workflow, to_api
     from .workflow_runner.interrupt import handle_ctrl_c, stop_requested
     from .nodes.events import listening
@@ -197,7 +196,7 @@ def cmd_run(args):
     except NodeFailed as failed:
         # config, dataset, model, paths, memory: things the user fixes, not bugs to trace
         cause = getattr(failed.__cause__, "original", failed.__cause__)  # a node's NodeError
-        user_error = isinstance(cause, (ValueError, OutOfMemory, RunLocked))
+        user_error = isinstance(cause, (ValueError, UserError))
         if not user_error:
             traceback.print_exception(cause)
         print(f"error: {failed}", file=sys.stderr)

@@ -2,6 +2,8 @@
 alike, and the error each kind of bad workflow gives."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,6 +200,20 @@ def test_a_bad_ui_workflow_names_the_same(tmp_path):
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert BAD["value out of range"][1] in done.stderr
+
+
+def test_a_refused_workflow_is_answered_before_torch_loads(tmp_path):
+    """`loralab run` validates before anything imports torch (seconds of a user's wait, and of
+    every refusal test here): the same refusal as above, and torch never imported."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(broken(BAD["value out of range"][0])))
+    check = ("import sys; from loralab.cli import main; code = main(['run', sys.argv[1]]); "
+             "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check, str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "LORALAB_COMFYUI"})
+    assert BAD["value out of range"][1] in done.stderr
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
 
 
 # -- a node of another pack ------------------------------------------------------------------------
