@@ -45,8 +45,9 @@ class Progress:
                       f"{event['seconds_per_step']:.3f} s/step, peak RAM {event['cpu_peak_mb']:.0f} MiB"
                       + (f", GPU {event['gpu_peak_mb']:.0f} MiB" if event.get("gpu_peak_mb") else ""))
         elif kind == "plan":
-            self.line(f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
-                      f"{event['steps']} steps")
+            others = event.get("regularization_images")
+            self.line(f"{event['images']} images" + (f" and {others} regularization images" if others else "")
+                      + f", {event['steps_per_epoch']} steps per epoch, {event['steps']} steps")
         elif kind == "checkpoint":
             self.line(f"saved {event['path']}")
         elif kind == "warning":

@@ -22,6 +22,9 @@ class LoRALabLoadDataset:
     }
     OPTIONAL_SETTINGS = {  # after the others, so saved UI workflows keep their order
         "validation_images": setting("dataset.validation_images"),
+        "regularization_folder": setting("dataset.regularization_folder"),
+        "regularization_ratio": setting("dataset.regularization_ratio", step=0.05),
+        "regularization_weight": setting("dataset.regularization_weight", step=0.05),
     }
 
     @classmethod

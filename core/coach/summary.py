@@ -23,12 +23,17 @@ def _plan_line(run_folder):
         images = config["dataset_stats"]["images"]
         repeats, batch = config["dataset"]["repeats"], config["train"]["batch_size"]
         steps = config["train"]["steps"]
+        others = config["dataset_stats"].get("regularization_images", 0)
+        ratio = config["dataset"].get("regularization_ratio", 1.0) if others else 0
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (f"plan: {images} images x {repeats} repeats / batch {batch} = "
-            f"{steps_per_epoch(images, repeats, batch)} steps per epoch; {steps} steps = "
-            f"{epochs(steps, images, repeats, batch):.4g} epochs (the guide: "
-            f"{step_band_text(images)} steps for {images} images)")
+    share = 1 + ratio  # each epoch also trains `ratio` regularization entries per image
+    return (f"plan: {images} images x {repeats} repeats"
+            + (f", and {ratio:g} per image of the {others} regularization images," if others else "")
+            + f" / batch {batch} = {steps_per_epoch(round(images * share), repeats, batch)} steps per "
+            f"epoch; {steps} steps = {epochs(steps, round(images * share), repeats, batch):.4g} epochs "
+            f"(the guide: {step_band_text(images)} steps for {images} images"
+            + (f", times {share:g} with the regularization images)" if others else ")"))
 
 
 def run_summary(result, metrics):

@@ -90,6 +90,18 @@ SCHEMA = {
             "validation_images": _int(0, 0, 100000, "Images held out of training to measure a "
                                       "validation loss every performance_log_every steps (spread "
                                       "evenly over the sorted file names); 0 turns it off."),
+            "regularization_folder": {"type": "string", "default": "", "description":
+                                      "Regularization images (kohya's reg_data_dir): pictures of what "
+                                      "the model must keep drawing as it did, captioned as written (no "
+                                      "trigger word), trained beside the dataset "
+                                      "(dataset.regularization_ratio of them per training image in each "
+                                      "epoch); builtin:demo-shapes goes with the demo. Empty is off."},
+            "regularization_ratio": _number(1.0, 0.05, 10.0, "Regularization entries per training "
+                                            "entry in each epoch: 1 (kohya's balance) needs twice the "
+                                            "steps for the same training on the dataset's images."),
+            "regularization_weight": _number(1.0, 0.0, 100.0, "Loss weight of the regularization "
+                                             "images beside the training images (kohya's "
+                                             "prior_loss_weight)."),
         }, required=["folder"]),
         "network": _section({
             "linear": _int(16, 1, 1024, "LoRA rank. Guide: 16-32 for most cases, 4-8 when memory is short."),

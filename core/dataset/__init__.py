@@ -3,7 +3,7 @@ from .batches import BatchPlan, Entry, image_sizes
 from .buckets import bucket_size, load_for_bucket
 from .cache import Cache, model_fingerprint
 from .holdout import hold_out
-from .scan import DatasetError, Item, Scan, apply_trigger, scan_folder
+from .scan import DatasetError, Item, Scan, add_regularization, apply_trigger, scan_folder
 
-__all__ = ["BatchPlan", "Cache", "DatasetError", "Entry", "Item", "Scan", "apply_trigger",
+__all__ = ["BatchPlan", "Cache", "DatasetError", "Entry", "Item", "Scan", "add_regularization", "apply_trigger",
            "bucket_size", "hold_out", "image_sizes", "load_for_bucket", "model_fingerprint", "scan_folder"]

@@ -22,8 +22,13 @@ def image_sizes(items, resolutions, multiple):
 
 
 class BatchPlan:
-    def __init__(self, sizes, repeats, batch_size, seed):
+    """`sizes` {image: bucket sizes} of the training images; `regularization` the same of the
+    regularization images, of which each epoch takes `ratio` entries per training entry (1 is
+    kohya's balance), going on through them epoch after epoch."""
+
+    def __init__(self, sizes, repeats, batch_size, seed, regularization=None, ratio=1.0):
         self.sizes, self.repeats, self.batch_size, self.seed = sizes, repeats, batch_size, seed
+        self.regularization, self.ratio = regularization or {}, ratio
         self._epochs = []  # cached batch lists, epoch by epoch
         self._starts = [0]  # stream position where each epoch starts (one more than _epochs)
 
@@ -41,6 +46,12 @@ class BatchPlan:
                 # With several resolutions each image takes them in turn, epoch by epoch, so an
                 # epoch still shows each image `repeats` times, as the guide's formula counts.
                 entries.append(Entry(image, sizes[(number + repeat) % len(sizes)]))
+        others = list(self.regularization)
+        count = max(1, round(len(entries) * self.ratio)) if others else 0
+        for k in range(count):
+            turn, place = divmod(number * count + k, len(others))  # turn: times through them so far
+            sizes = self.regularization[others[place]]
+            entries.append(Entry(others[place], sizes[turn % len(sizes)]))
         rng.shuffle(entries)
         by_size = {}
         for entry in entries:

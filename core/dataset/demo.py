@@ -1,14 +1,15 @@
 """The demo dataset the project draws itself (the quickstart and the tests use it): its concept
 "sks" is a magenta five-pointed star, which the built-in shapes model never drew (it knows only
 circles, squares and triangles), on plain backgrounds of varied colour, at varied positions,
-sizes and turns, with captions such as "a photo of [trigger] on a blue background"."""
+sizes and turns, with captions such as "a photo of [trigger] on a blue background"; and its
+regularization images (builtin:demo-shapes), the shapes the model already draws."""
 import math
 import os
 import random
 
 from PIL import Image, ImageDraw
 
-from ..families.flux.shapes.scenes import PALETTE
+from ..families.flux.shapes.scenes import PALETTE, random_scene
 
 # The shapes model's own colours, so the backgrounds are words it knows; purple is left out (its
 # hue is too near magenta to tell the star apart) and red (the bleed test's circle).
@@ -58,4 +59,28 @@ def make_demo_dataset(folder, count=8, size=(128, 128), seed=0, caption_ext="txt
         image.save(stem + (".png" if index % 2 else ".jpg"), quality=95)
         with open(f"{stem}.{caption_ext}", "w", encoding="utf-8") as f:
             f.write(CAPTIONS[index % len(CAPTIONS)].format(background=background))
+    return folder
+
+
+# The bleed test's scene (core/coach/demo_score.py) is left out of the regularization images, so
+# the test measures what they teach about shapes in general, not one memorised picture.
+BLEED_CAPTION = "a red circle on a white background"
+
+
+def make_shapes_dataset(folder, count=16, size=128, seed=1000):
+    """Writes `count` regularization pictures (dataset.regularization_folder): scenes of the
+    kind the shapes model was pretrained on (scenes.py), such as "a blue square on a yellow
+    background"; returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    written = 0
+    while written < count:
+        image, caption = random_scene(seed, size)
+        seed += 1
+        if caption == BLEED_CAPTION:
+            continue
+        stem = os.path.join(folder, f"image_{written:03d}")
+        image.save(stem + ".png")
+        with open(stem + ".txt", "w", encoding="utf-8") as f:
+            f.write(caption)
+        written += 1
     return folder

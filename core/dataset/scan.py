@@ -51,15 +51,16 @@ def _read_caption(image_path, caption_ext):
         return " ".join(f.read().split()), True
 
 
-def scan_folder(folder, caption_ext="txt", trigger_word=""):
+def scan_folder(folder, caption_ext="txt", trigger_word="", key="dataset.folder"):
     """Read every image of `folder` (not recursive). Unreadable images are listed in `skipped`
-    with the reason; a missing folder or one with no usable image raises DatasetError."""
+    with the reason; a missing folder or one with no usable image raises DatasetError, which
+    names the setting `key`."""
     folder = os.path.abspath(os.path.expanduser(folder))
     if not os.path.exists(folder):
-        raise DatasetError(f"dataset folder not found: {folder} (dataset.folder). Give the path "
+        raise DatasetError(f"dataset folder not found: {folder} ({key}). Give the path "
                            "of a folder of .jpg/.png/.webp images with same-name .txt captions.")
     if not os.path.isdir(folder):
-        raise DatasetError(f"dataset.folder is a file, not a folder: {folder}")
+        raise DatasetError(f"{key} is a file, not a folder: {folder}")
     scan = Scan(folder)
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -78,5 +79,15 @@ def scan_folder(folder, caption_ext="txt", trigger_word=""):
         scan.items.append(Item(path, apply_trigger(caption, trigger_word), width, height, has_caption))
     if not scan.items:
         why = "; ".join(f"{n}: {r}" for n, r in scan.skipped) or "it holds no .jpg/.jpeg/.png/.webp file"
-        raise DatasetError(f"no usable image in dataset folder {folder}: {why}")
+        raise DatasetError(f"no usable image in dataset folder {folder} ({key}): {why}")
     return scan
+
+
+def add_regularization(scan, regularization):
+    """Appends the scan `regularization` (dataset.regularization_folder) to `scan`, its skipped
+    files named with their folder; returns the new items' indices into scan.items."""
+    first = len(scan.items)
+    scan.items.extend(regularization.items)
+    scan.skipped.extend((os.path.join(regularization.folder, name), reason)
+                        for name, reason in regularization.skipped)
+    return list(range(first, len(scan.items)))

@@ -1,4 +1,4 @@
-"""Built-in model and dataset names (`builtin:tiny-flux`, `builtin:demo`) that the project
+"""Built-in model and dataset names (`builtin:tiny-flux`, `builtin:demo`, `builtin:demo-shapes`) that the project
 makes locally on first use, so the quickstart runs on a fresh machine with no download.
 
 `builtin:tiny-flux` is the pretrained shapes model (core/families/flux/shapes), which draws
@@ -11,8 +11,10 @@ import os
 BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux": ("flux", "tiny"),
                   "builtin:small-flux": ("flux", "small"),
                   "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
-# name: (folder in the cache, image count); a new drawing gets a new folder, never an old one's
-BUILTIN_DATASETS = {"builtin:demo": ("demo-star", 8)}
+# name: (folder in the cache, image count, the function in core/dataset/demo.py that draws it); a
+# new drawing gets a new folder, never an old one's
+BUILTIN_DATASETS = {"builtin:demo": ("demo-star", 8, "make_demo_dataset"),
+                    "builtin:demo-shapes": ("demo-shapes", 16, "make_shapes_dataset")}
 
 
 def cache_root():
@@ -64,8 +66,8 @@ def _shipped_stamp():
 def resolve_dataset_folder(folder):
     if folder not in BUILTIN_DATASETS:
         return folder
-    from ..dataset.demo import make_demo_dataset
+    from ..dataset import demo
 
-    name, count = BUILTIN_DATASETS[folder]
-    return _build_once(os.path.join(cache_root(), "datasets", name), "image_000.jpg",
-                       lambda path: make_demo_dataset(path, count=count))
+    name, count, draw = BUILTIN_DATASETS[folder]
+    return _build_once(os.path.join(cache_root(), "datasets", name), "image_000.txt",
+                       lambda path: getattr(demo, draw)(path, count=count))

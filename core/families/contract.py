@@ -81,7 +81,9 @@ class ModelFamily(Protocol):
         by the text encoders without their LoRA) and preservation_mask [B] (1 where the caption
         held the trigger): the loss then adds train_config["preservation_weight"] times the
         drift of those entries' prediction from the base model's on the same noisy input
-        (core/families/preservation.py's predict_preserving, which every family uses)."""
+        (core/families/preservation.py's predict_preserving, which every family uses). With
+        dataset.regularization_folder it holds loss_weight [B], each entry's weight in the loss
+        (core/families/loss.py's weighted_mse)."""
 
     def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
                  negative_embeds=None):

@@ -16,7 +16,8 @@ from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
-from ..dataset import BatchPlan, Cache, hold_out, image_sizes, model_fingerprint, scan_folder
+from ..dataset import (BatchPlan, Cache, add_regularization, hold_out, image_sizes, model_fingerprint,
+                       scan_folder)
 from ..dataset.buckets import crop_top_left
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
@@ -103,8 +104,13 @@ def _train(config, pipeline, on_event, should_stop, held):
     # -- dataset and plan (before any model loads, so a bad folder fails fast) --------------
     scan = scan_folder(resolve_dataset_folder(data_cfg["folder"]), data_cfg["caption_ext"],
                        data_cfg["trigger_word"])
-    notes = [f"skipped {name}: {reason}" for name, reason in scan.skipped]
     training, held_out = hold_out(scan, data_cfg.get("validation_images", 0))  # indices into scan.items
+    regularization = []  # indices of the regularization images, appended after the dataset's
+    if data_cfg.get("regularization_folder"):  # their captions are as written: no trigger word
+        regularization = add_regularization(scan, scan_folder(
+            resolve_dataset_folder(data_cfg["regularization_folder"]), data_cfg["caption_ext"], "",
+            key="dataset.regularization_folder"))
+    notes = [f"skipped {name}: {reason}" for name, reason in scan.skipped]
     if device.type == "cpu" and train_cfg["optimizer"] == "adamw8bit":
         notes.append("train.optimizer adamw8bit runs on this CPU but slowly (bitsandbytes' 8-bit "
                      "states are a GPU feature); without a GPU, adamw is much faster.")
@@ -112,10 +118,15 @@ def _train(config, pipeline, on_event, should_stop, held):
         emit({"type": "warning", "message": note})
     for note in memory_notes:
         emit({"type": "status", "message": note})
-    steps = train_cfg["steps"] or recommended_steps(len(training))
+    # regularization images add dataset.regularization_ratio entries per training entry to each
+    # epoch (BatchPlan), so the guide's steps for the training images grow by as much
+    ratio = data_cfg.get("regularization_ratio", 1.0) if regularization else 0
+    steps = train_cfg["steps"] or round(recommended_steps(len(training)) * (1 + ratio))
     batch_size = train_cfg["batch_size"]
-    emit({"type": "plan", "images": len(training), "steps": steps,
-          "steps_per_epoch": steps_per_epoch(len(training), data_cfg["repeats"], batch_size)})
+    entries = len(training) * data_cfg["repeats"]
+    entries += max(1, round(entries * ratio)) if regularization else 0
+    emit({"type": "plan", "images": len(training), "regularization_images": len(regularization),
+          "steps": steps, "steps_per_epoch": steps_per_epoch(entries, 1, batch_size)})
 
     # -- the run folder: one training per folder, held by this run (before any model loads) ------
     digests = {index: file_digest(item.path) for index, item in enumerate(scan.items)}
@@ -223,6 +234,7 @@ def _train(config, pipeline, on_event, should_stop, held):
             emit({"type": "warning", "message": metrics_problem})
         run.write_config({**config, "train": {**train_cfg, "steps": steps}, "versions": versions(),
                           "dataset_stats": {"images": len(training), "skipped": scan.skipped,
+                                            "regularization_images": len(regularization),
                                             "validation_images": [os.path.basename(scan.items[i].path)
                                                                   for i in held_out],
                                             "fingerprint": fingerprint,
@@ -243,7 +255,10 @@ def _train(config, pipeline, on_event, should_stop, held):
         emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
         warn(monitor.on_samples(step, images[1.0]), step)
 
-    plan = BatchPlan({i: sizes[i] for i in training}, data_cfg["repeats"], batch_size, train_cfg["seed"])
+    plan = BatchPlan({i: sizes[i] for i in training}, data_cfg["repeats"], batch_size, train_cfg["seed"],
+                     regularization={i: sizes[i] for i in regularization},
+                     ratio=ratio)
+    loss_weights = {i: data_cfg.get("regularization_weight", 1.0) for i in regularization}  # others: 1
     compute_dtype = family.compute_dtype(pipeline)  # asked once: diffusers walks every module
     uses_guidance = family.uses_guidance(pipeline)
     validation = HeldOut(family, scan.items, held_out, sizes, cache.latent, encode, train_cfg,
@@ -271,6 +286,8 @@ def _train(config, pipeline, on_event, should_stop, held):
             text, pooled = encode(texts)
             batch = {"latents": torch.stack([cache.latent(e.image, e.size) for e in entries]),
                      "text": text, "pooled": pooled}
+            if regularization:
+                batch["loss_weight"] = torch.tensor([loss_weights.get(e.image, 1.0) for e in entries])
             if class_word:  # preservation: the captions with the class word for the trigger
                 batch.update(preservation_batch(texts, data_cfg["trigger_word"], class_word, encode, encode_base))
             batch = {k: v.to(device, compute_dtype) for k, v in batch.items()}

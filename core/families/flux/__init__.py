@@ -2,6 +2,7 @@
 import numpy
 import torch
 
+from ..loss import weighted_mse
 from ..preservation import predict_preserving
 from . import flow, keys
 from .model import ModelError, load_pipeline
@@ -162,7 +163,7 @@ def training_loss(model, batch, generator, train_config, guidance_embeds):
     prediction, preservation = predict_preserving(
         model, velocity, flow.pack(noisy), {"sigmas": sigmas, "text": batch["text"], "pooled": batch["pooled"]},
         batch, train_config.get("preservation_weight", 0.0))
-    return torch.nn.functional.mse_loss(prediction.float(), flow.pack(target).float()) + preservation
+    return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight")) + preservation
 
 
 def predict(transformer, packed_noisy, sigmas, text, pooled, height, width, guidance):

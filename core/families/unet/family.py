@@ -7,6 +7,7 @@ import numpy
 import torch
 from accelerate.utils import extract_model_from_parallel
 
+from ..loss import weighted_mse
 from ..preservation import predict_preserving
 from . import noise
 
@@ -218,7 +219,7 @@ def unet_loss(model, batch, generator, train_config, time_ids=None):
     target = noise.target(clean, drawn, cumulative, timesteps, prediction_type)
     gamma = train_config.get("min_snr_gamma")
     weights = noise.min_snr_weights(noise.snr(cumulative, timesteps), gamma, prediction_type) if gamma else None
-    return noise.weighted_mse(prediction, target, weights) + preservation
+    return weighted_mse(prediction, target, weights, batch.get("loss_weight")) + preservation
 
 
 @contextlib.contextmanager

@@ -82,11 +82,3 @@ def min_snr_weights(snr_values, gamma, prediction_type):
     if prediction_type == "v_prediction":
         return torch.minimum(snr_values, torch.full_like(snr_values, gamma)) / (snr_values + 1)
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-
-
-def weighted_mse(prediction, target_values, weights=None):
-    """The MSE of each sample (float32), times its weight when given, averaged over the batch."""
-    per_sample = (prediction.float() - target_values.float()).pow(2).flatten(1).mean(dim=1)
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.device)
-    return per_sample.mean()
