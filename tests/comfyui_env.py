@@ -4,7 +4,13 @@ LORALAB_COMFYUI names a ComfyUI folder (its source: main.py, comfy/) and LORALAB
 a Python that runs it with the pack's requirements. Without them these tests skip, saying what
 to set. With LORALAB_REQUIRE_COMFYUI=1 (CI sets it when ComfyUI is available) such a skip is a
 failure instead, so the real-ComfyUI tests cannot quietly stop running."""
+import json
 import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -47,3 +53,80 @@ def comfyui_or_skip():
     if not os.path.isfile(os.path.join(folder, "main.py")):
         pytest.fail(f"LORALAB_COMFYUI={folder} has no main.py")
     return folder, comfyui_python_or_skip()
+
+
+# -- a ComfyUI server (conftest.py's `server`, one per session) ------------------------------------
+
+STARTED = "To see the GUI go to"
+START_TIMEOUT, RUN_TIMEOUT = 180, 1200  # seconds; a busy CPU trains slowly
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A ComfyUI server process and the few endpoints the check uses."""
+
+    def __init__(self, folder, python, base, log_path, cache):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = log_path
+        command = [python, "main.py", "--cpu", "--listen", "127.0.0.1",
+                   "--port", self.url.rsplit(":", 1)[1], "--base-directory", str(base),
+                   "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
+                   "--disable-auto-launch"]
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=folder, stdout=log,
+                                            stderr=subprocess.STDOUT,
+                                            # one thread: tiny models on this shared 2-core
+                                            # runner ran ~2.5x faster than on two
+                                            env={**os.environ, "LORALAB_CACHE": str(cache),
+                                                 "OMP_NUM_THREADS": "1"})
+
+    def log(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def wait_started(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while STARTED not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("ComfyUI did not start:\n" + self.log()[-4000:])
+            time.sleep(1)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=60) as reply:
+            return reply.read()
+
+    def get_json(self, path):
+        return json.loads(self.get(path))
+
+    def run_prompt(self, prompt):
+        """POST /prompt, then poll /history until the prompt is done; its history entry."""
+        body = json.dumps({"prompt": prompt, "client_id": "loralab-test"}).encode()
+        request = urllib.request.Request(self.url + "/prompt", body,
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                prompt_id = json.load(reply)["prompt_id"]
+        except urllib.error.HTTPError as refused:
+            pytest.fail(f"/prompt refused the workflow: {refused.read().decode()[:4000]}")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                pytest.fail("ComfyUI exited while running the prompt:\n" + self.log()[-4000:])
+            time.sleep(2)
+        pytest.fail(f"the prompt did not finish in {RUN_TIMEOUT} s:\n" + self.log()[-4000:])
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

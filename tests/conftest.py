@@ -1,12 +1,18 @@
-"""Shared fixtures: a tiny random FLUX.1 folder and a drawn dataset, built once per session."""
+"""Shared fixtures, built once per session: a tiny random FLUX.1 folder, tiny SD1.5/SDXL models,
+drawn datasets and a real ComfyUI server. (A fixture imported into several test modules is set up
+once per module, so the ones several modules use live here.)"""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
+import loralab
+from comfyui_env import Server, comfyui_or_skip
 from loralab.core.config import resolve
 from loralab.core.dataset.demo import make_demo_dataset
 from loralab.core.families.flux.tiny import build_tiny_flux
@@ -40,6 +46,61 @@ def comfyui_folder(tiny_flux, tmp_path_factory):
     os.symlink(os.path.join(tiny_flux, "comfyui"), folder / "models")
     os.symlink(os.path.join(os.path.abspath(COMFYUI_SOURCE), "comfy"), folder / "comfy")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """{family: (folder, single file, v-prediction single file)} for sd15 and sdxl."""
+    from loralab.core.families.unet import tiny
+
+    if not os.path.isdir(os.path.join(COMFYUI_SOURCE, "comfy", "sd1_tokenizer")):
+        pytest.skip(f"no ComfyUI source at {COMFYUI_SOURCE}: its CLIP tokenizer loads single files")
+    base = tmp_path_factory.mktemp("sd")
+    made = {}
+    for family in ("sd15", "sdxl"):
+        folder = tiny.build_tiny(family, str(base / family), comfyui=COMFYUI_SOURCE)
+        made[family] = (folder, tiny.write_single_file(folder, str(base / "checkpoints" / f"{family}.safetensors")),
+                        tiny.write_single_file(folder, str(base / "checkpoints" / f"{family}-v.safetensors"),
+                                               v_prediction=True))
+    return made
+
+
+@pytest.fixture(scope="session")
+def sd_models(tmp_path_factory):
+    """{family: tiny diffusers folder} for sd15 and sdxl, built without ComfyUI's tokenizers."""
+    from loralab.core.families.unet.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("sd-models")
+    return {family: build_tiny(family, str(root / family)) for family in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """Three drawn demo images (the SD learning tests)."""
+    return make_demo_dataset(str(tmp_path_factory.mktemp("sd-learn") / "data"), count=3)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real ComfyUI server with the pack in custom_nodes, one for the session (its start takes
+    a minute): test_comfyui_server.py and test_sd_workflows.py post to it."""
+    folder, python = comfyui_or_skip()
+    base = tmp_path_factory.mktemp("comfyui-base")
+    (base / "custom_nodes").mkdir()
+    # the pack as a user installs it: its folder in custom_nodes, under a hyphenated name
+    os.symlink(os.path.dirname(os.path.abspath(loralab.__file__)), base / "custom_nodes" / "comfyui-loralab")
+    started = time.monotonic()
+    # builtin:tiny-flux and builtin:demo are built where the other tests build them
+    cache = tmp_path_factory.getbasetemp() / "loralab-cache"
+    server = Server(folder, python, base, base / "comfyui.log", cache)
+    try:
+        server.wait_started()
+        print(f"\nComfyUI started in {time.monotonic() - started:.1f} s")
+        server.base = base
+        yield server
+    finally:
+        server.stop()
+        shutil.copy(base / "comfyui.log", tmp_path_factory.getbasetemp() / "comfyui-server.log")
 
 
 @pytest.fixture(scope="module")

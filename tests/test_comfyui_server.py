@@ -5,120 +5,21 @@ Runs only with LORALAB_COMFYUI (a ComfyUI folder) and LORALAB_COMFYUI_PYTHON (it
 the pack's requirements), else skips (fails with LORALAB_REQUIRE_COMFYUI=1, see comfyui_env.py).
 Afterwards ComfyUI's log must hold no warning, error or traceback from the pack. The server runs
 with --cpu on a free port with a temporary --base-directory, so the user's models, outputs and
-custom nodes are left alone."""
+custom nodes are left alone (comfyui_env.Server)."""
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
 import time
 import urllib.parse
-import urllib.request
 
 import pytest
 
 import loralab
 from loralab.nodes import NODE_CLASS_MAPPINGS
 
-from comfyui_env import comfyui_or_skip
-
 PACK = os.path.dirname(os.path.abspath(loralab.__file__))
 WORKFLOWS = os.path.join(PACK, "workflows")
-STARTED = "To see the GUI go to"
-START_TIMEOUT, RUN_TIMEOUT = 180, 1200  # seconds; a busy CPU trains slowly
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """A ComfyUI server process and the few endpoints the check uses."""
-
-    def __init__(self, folder, python, base, log_path, cache):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = log_path
-        command = [python, "main.py", "--cpu", "--listen", "127.0.0.1",
-                   "--port", self.url.rsplit(":", 1)[1], "--base-directory", str(base),
-                   "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
-                   "--disable-auto-launch"]
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen(command, cwd=folder, stdout=log,
-                                            stderr=subprocess.STDOUT,
-                                            # one thread: tiny models on this shared 2-core
-                                            # runner ran ~2.5x faster than on two
-                                            env={**os.environ, "LORALAB_CACHE": str(cache),
-                                                 "OMP_NUM_THREADS": "1"})
-
-    def log(self):
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            return log.read()
-
-    def wait_started(self):
-        deadline = time.monotonic() + START_TIMEOUT
-        while STARTED not in self.log():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ComfyUI did not start:\n" + self.log()[-4000:])
-            time.sleep(1)
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url + path, timeout=60) as reply:
-            return reply.read()
-
-    def get_json(self, path):
-        return json.loads(self.get(path))
-
-    def run_prompt(self, prompt):
-        """POST /prompt, then poll /history until the prompt is done; its history entry."""
-        body = json.dumps({"prompt": prompt, "client_id": "loralab-test"}).encode()
-        request = urllib.request.Request(self.url + "/prompt", body,
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as reply:
-                prompt_id = json.load(reply)["prompt_id"]
-        except urllib.error.HTTPError as refused:
-            pytest.fail(f"/prompt refused the workflow: {refused.read().decode()[:4000]}")
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while time.monotonic() < deadline:
-            history = self.get_json(f"/history/{prompt_id}")
-            if prompt_id in history:
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                pytest.fail("ComfyUI exited while running the prompt:\n" + self.log()[-4000:])
-            time.sleep(2)
-        pytest.fail(f"the prompt did not finish in {RUN_TIMEOUT} s:\n" + self.log()[-4000:])
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder, python = comfyui_or_skip()
-    base = tmp_path_factory.mktemp("comfyui-base")
-    (base / "custom_nodes").mkdir()
-    # the pack as a user installs it: its folder in custom_nodes, under a hyphenated name
-    os.symlink(PACK, base / "custom_nodes" / "comfyui-loralab")
-    started = time.monotonic()
-    # builtin:tiny-flux and builtin:demo are built where the other tests build them
-    cache = tmp_path_factory.getbasetemp() / "loralab-cache"
-    server = Server(folder, python, base, base / "comfyui.log", cache)
-    try:
-        server.wait_started()
-        print(f"\nComfyUI started in {time.monotonic() - started:.1f} s")
-        server.base = base
-        yield server
-    finally:
-        server.stop()
-        shutil.copy(base / "comfyui.log", tmp_path_factory.getbasetemp() / "comfyui-server.log")
+# `server`: conftest.py's, one real ComfyUI for the session (test_sd_workflows.py posts to it too)
 
 
 def training_workflow(name):

@@ -19,7 +19,6 @@ from loralab.core.runs import RunFolder
 from loralab.core.trainer import train
 
 from conftest import train_in_processes
-from test_sd_training import dataset, sd_models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 32  # pixels: the smallest training resolution, for speed

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from loralab.core.families.unet import keys
 
 from comfyui_env import comfyui_python_or_skip, comfyui_source
-from test_sd_files import FAMILIES, peft_lora, tiny_sd  # noqa: F401 (fixtures)
+from test_sd_files import FAMILIES, peft_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

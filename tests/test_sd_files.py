@@ -19,19 +19,7 @@ PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeli
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    """{family: (folder, single file, v-prediction single file)}."""
-    if not os.path.isdir(os.path.join(COMFYUI_SOURCE, "comfy", "sd1_tokenizer")):
-        pytest.skip(f"no ComfyUI source at {COMFYUI_SOURCE}: its CLIP tokenizer loads single files")
-    base = tmp_path_factory.mktemp("sd")
-    made = {}
-    for family in FAMILIES:
-        folder = tiny.build_tiny(family, str(base / family), comfyui=COMFYUI_SOURCE)
-        made[family] = (folder, tiny.write_single_file(folder, str(base / "checkpoints" / f"{family}.safetensors")),
-                        tiny.write_single_file(folder, str(base / "checkpoints" / f"{family}-v.safetensors"),
-                                               v_prediction=True))
-    return made
+# tiny_sd (conftest.py): {family: (folder, single file, v-prediction single file)}
 
 
 def _pipeline_class(family):

@@ -22,7 +22,7 @@ from loralab.core.trainer import train
 from loralab.core.trainer.checkpoints import write_lora
 
 from comfyui_env import comfyui_python_or_skip, comfyui_source
-from test_sd_training import PIPELINES, dataset, sd_models  # noqa: F401 (fixtures)
+from test_sd_training import PIPELINES
 
 PROMPTS = ["a photo of sks", "sks on a table", ""]
 SAMPLE = {"seed": 7, "sample_steps": 2, "guidance_scale": 5.0, "width": 64, "height": 64}

@@ -10,7 +10,6 @@ from safetensors import safe_open
 
 from loralab.core.config import resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
-from loralab.core.dataset.demo import make_demo_dataset
 from loralab.core.trainer import train, write_lora
 
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
@@ -19,17 +18,7 @@ PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def sd_models(tmp_path_factory):
-    from loralab.core.families.unet.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("sd-models")
-    return {family: build_tiny(family, str(root / family)) for family in PIPELINES}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("sd-learn") / "data"), count=3)
+# sd_models and dataset: conftest.py's (session fixtures: other modules train on them too)
 
 
 def run(folder, dataset, output, family, steps=50, network=None, **model):

@@ -19,8 +19,7 @@ from loralab.workflow_runner.node_types import declared_inputs
 
 from comfyui_env import comfyui_or_skip
 from conftest import COMFYUI_SOURCE, FAST, merge, run_cli
-from test_comfyui_server import WORKFLOWS, pack_trouble, server  # noqa: F401 (fixture)
-from test_sd_files import tiny_sd  # noqa: F401 (fixtures)
+from test_comfyui_server import WORKFLOWS, pack_trouble
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,9 +96,9 @@ def comfyui_like(tiny_sd, tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_processes():
-    """The CLI and ComfyUI (autouse: set before the server starts) run these small models on one
-    thread: on shared cores more threads only wait for each other (the ComfyUI tests took 80 s
-    on two threads, 30 s on one)."""
+    """The CLI runs these small models on one thread (the server sets OMP_NUM_THREADS itself): on
+    shared cores more threads only wait for each other (the ComfyUI tests took 80 s on two
+    threads, 30 s on one)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
