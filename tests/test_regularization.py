@@ -39,6 +39,8 @@ def test_each_epoch_holds_as_many_regularization_entries_as_training_entries_and
         assert len([i for i in images if i in others]) == 6
     # 18 entries over 7 pictures: each is used twice or three times, none forgotten
     assert sorted(seen.count(i) for i in others) == [2, 2, 2, 3, 3, 3, 3]
+    quarter = BatchPlan(training, 2, 1, seed=5, regularization=others, ratio=0.25)
+    assert [len([e for b in quarter.epoch(n) for e in b if e.image in others]) for n in range(3)] == [2, 2, 2]
     assert BatchPlan(training, 2, 1, seed=5).epoch(0) != plan.epoch(0)
     assert sum(len(batch) for batch in BatchPlan(training, 2, 1, seed=5).epoch(0)) == 6
 

@@ -43,7 +43,9 @@ def resolve_model_path(path):
     if preset == "shapes":  # the pretrained one, unpacked from the file the package ships
         from .flux.shapes import build_shapes_flux
 
-        return _build_once(f"{folder}-{_shipped_stamp()}", "model_index.json", build_shapes_flux)
+        from .flux.shapes.packed import TEXT_LENGTH
+
+        return _build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
     if family == "flux":
         from .flux.tiny import build_tiny_flux
 

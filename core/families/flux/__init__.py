@@ -38,8 +38,11 @@ def size_multiple(pipeline):
 
 
 def text_length(pipeline):
-    # FLUX.1-dev (guidance-distilled) reads 512 T5 tokens; schnell was trained with 256.
-    return 512 if pipeline.transformer.config.guidance_embeds else 256
+    # FLUX.1-dev (guidance-distilled) reads 512 T5 tokens; schnell was trained with 256. A model
+    # whose T5 tokenizer says fewer (the shipped shapes model: 64) reads that many.
+    longest = 512 if pipeline.transformer.config.guidance_embeds else 256
+    tokenizer = getattr(pipeline, "tokenizer_2", None)
+    return min(longest, getattr(tokenizer, "model_max_length", longest) or longest)
 
 
 def trainable_model(pipeline):

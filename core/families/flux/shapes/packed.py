@@ -7,6 +7,11 @@ import torch
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes-flux.safetensors")
 FILES_KEY = "loralab.files"
+# T5 tokens the unpacked model reads (its tokenizer's model_max_length). It was pretrained
+# reading 512, but its captions are under 16 tokens: measured, it draws the same scenes at 64
+# (colour 16/16, background 16/16, shape 10/16 at both, 4 prompts x 4 seeds), and 80 tokens in
+# place of 528 make each training step and sample about 4x cheaper.
+TEXT_LENGTH = 64
 
 
 def pack_folder(folder, path, extra_metadata=None):
@@ -30,7 +35,8 @@ def pack_folder(folder, path, extra_metadata=None):
 
 
 def build_shapes_flux(folder, path=SHIPPED):
-    """Rebuild the diffusers folder from the packed file (weights back in fp32); return it."""
+    """Rebuild the diffusers folder from the packed file (weights back in fp32, the T5 tokenizer
+    reading TEXT_LENGTH tokens); return it."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -40,6 +46,8 @@ def build_shapes_flux(folder, path=SHIPPED):
         for key in packed.keys():
             relative, name = key.split("::", 1)
             files.setdefault(relative, {})[name] = packed.get_tensor(key).float()
+    settings = json.loads(texts["tokenizer_2/tokenizer_config.json"])
+    texts["tokenizer_2/tokenizer_config.json"] = json.dumps({**settings, "model_max_length": TEXT_LENGTH}, indent=2)
     for relative, text in texts.items():
         target = os.path.join(folder, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
