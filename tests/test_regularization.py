@@ -1,10 +1,10 @@
-"""Regularization images (dataset.regularization_folder, dataset.regularization_weight): pictures
-of what the model must keep drawing, trained beside the dataset, captioned as written.
+"""Regularization images (dataset.regularization_folder, _ratio, _weight): pictures of what the
+model must keep drawing, trained beside the dataset, captioned as written.
 
-What a user sees: the LoRA trained with them leaves the base model's own subjects alone (the
-shapes model's loss on a scene the LoRA never saw, measured with diffusers' pipeline and the
-LoRA file loaded by diffusers), each epoch holds as many of them as training images, a changed
-regularization picture starts a new run folder, and a wrong folder is named by its key."""
+What a user sees: the LoRA trained with them moves the base model less on their scenes (the
+shapes model's loss, measured with diffusers' pipeline and the LoRA file loaded by diffusers),
+each epoch holds `ratio` of them per training image, a changed regularization picture starts a
+new run folder, and a wrong folder is named by its key."""
 import json
 import os
 
@@ -16,7 +16,8 @@ from diffusers import FluxPipeline
 
 from loralab.core.config import resolve
 from loralab.core.dataset import BatchPlan, DatasetError, scan_folder
-from loralab.core.dataset.demo import BLEED_CAPTION, make_shapes_dataset
+from loralab.core.coach.demo_score import BLEED_PROMPT
+from loralab.core.dataset.demo import make_shapes_dataset
 from loralab.core.families.builtin import resolve_dataset_folder, resolve_model_path
 from loralab.core.families.loss import weighted_mse
 from loralab.core.trainer import train
@@ -61,7 +62,7 @@ def test_the_loss_weighs_each_entry_as_torch_computes_it():
 def test_the_shapes_set_leaves_out_the_bleed_test_scene(tmp_path):
     folder = make_shapes_dataset(str(tmp_path / "shapes"), count=40)
     captions = [open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder)) if name.endswith(".txt")]
-    assert len(captions) == 40 and BLEED_CAPTION not in captions
+    assert len(captions) == 40 and BLEED_PROMPT not in captions
     assert len(set(captions)) > 30 and all("[trigger]" not in c and "sks" not in c for c in captions)
 
 

@@ -12,13 +12,15 @@ Written to the run folder's demo_scores.json; the run summary prints it."""
 import json
 import os
 
+from ..dataset.demo import BLEED_SCENE
+from ..families.flux.shapes.scenes import caption
 from ..families.flux.shapes.score import scene_score
 from ..sampling.strength_grid import strength_grid
 from .concept import blob_of
 
 DEMO_DATASET = "builtin:demo"
 CONCEPT_PROMPTS = ("a photo of [trigger]", "[trigger] on a blue background")
-BLEED_PROMPT, BLEED_SCENE = "a red circle on a white background", ("red", "circle", "white")
+BLEED_PROMPT = caption(*BLEED_SCENE)  # "a red circle on a white background"
 SEEDS = tuple(range(8))
 FILE = "demo_scores.json"
 

@@ -3,6 +3,7 @@ import json
 import os
 
 from ..config import epochs, steps_per_epoch
+from ..dataset.batches import regularization_entries
 from .advice import step_band_text
 from .demo_score import summary_lines as demo_lines
 
@@ -27,13 +28,13 @@ def _plan_line(run_folder):
         ratio = config["dataset"].get("regularization_ratio", 1.0) if others else 0
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    share = 1 + ratio  # each epoch also trains `ratio` regularization entries per image
+    entries = images * repeats
+    entries += regularization_entries(entries, ratio)  # as the trainer's BatchPlan counts them
     return (f"plan: {images} images x {repeats} repeats"
             + (f", and {ratio:g} per image of the {others} regularization images," if others else "")
-            + f" / batch {batch} = {steps_per_epoch(round(images * share), repeats, batch)} steps per "
-            f"epoch; {steps} steps = {epochs(steps, round(images * share), repeats, batch):.4g} epochs "
-            f"(the guide: {step_band_text(images)} steps for {images} images"
-            + (f", times {share:g} with the regularization images)" if others else ")"))
+            + f" / batch {batch} = {steps_per_epoch(entries, 1, batch)} steps per epoch; {steps} steps = "
+            f"{epochs(steps, entries, 1, batch):.4g} epochs (the guide: {step_band_text(images)} steps "
+            f"for {images} images" + (f", times {1 + ratio:g} with the regularization images)" if others else ")"))
 
 
 def run_summary(result, metrics):

@@ -21,6 +21,12 @@ def image_sizes(items, resolutions, multiple):
             for i, it in enumerate(items)}
 
 
+def regularization_entries(training_entries, ratio):
+    """How many regularization entries an epoch of `training_entries` holds: `ratio` per training
+    entry, at least one (0 when ratio is 0: no regularization images)."""
+    return max(1, round(training_entries * ratio)) if ratio else 0
+
+
 class BatchPlan:
     """`sizes` {image: bucket sizes} of the training images; `regularization` the same of the
     regularization images, of which each epoch takes `ratio` entries per training entry (1 is
@@ -47,7 +53,7 @@ class BatchPlan:
                 # epoch still shows each image `repeats` times, as the guide's formula counts.
                 entries.append(Entry(image, sizes[(number + repeat) % len(sizes)]))
         others = list(self.regularization)
-        count = max(1, round(len(entries) * self.ratio)) if others else 0
+        count = regularization_entries(len(entries), self.ratio) if others else 0
         for k in range(count):
             turn, place = divmod(number * count + k, len(others))  # turn: times through them so far
             sizes = self.regularization[others[place]]

@@ -9,7 +9,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from ..families.flux.shapes.scenes import PALETTE, random_scene
+from ..families.flux.shapes.scenes import PALETTE, caption as scene_caption, random_scene
 
 # The shapes model's own colours, so the backgrounds are words it knows; purple is left out (its
 # hue is too near magenta to tell the star apart) and red (the bleed test's circle).
@@ -62,9 +62,10 @@ def make_demo_dataset(folder, count=8, size=(128, 128), seed=0, caption_ext="txt
     return folder
 
 
-# The bleed test's scene (core/coach/demo_score.py) is left out of the regularization images, so
-# the test measures what they teach about shapes in general, not one memorised picture.
-BLEED_CAPTION = "a red circle on a white background"
+# The scene that must not change when the star is learned (core/coach/demo_score.py's bleed
+# test). It is left out of the regularization images, so the test measures what they teach about
+# shapes in general, not one memorised picture.
+BLEED_SCENE = ("red", "circle", "white")
 
 
 def make_shapes_dataset(folder, count=16, size=128, seed=1000):
@@ -76,7 +77,7 @@ def make_shapes_dataset(folder, count=16, size=128, seed=1000):
     while written < count:
         image, caption = random_scene(seed, size)
         seed += 1
-        if caption == BLEED_CAPTION:
+        if caption == scene_caption(*BLEED_SCENE):
             continue
         stem = os.path.join(folder, f"image_{written:03d}")
         image.save(stem + ".png")

@@ -41,9 +41,7 @@ def resolve_model_path(path):
     family, preset = BUILTIN_MODELS[path]
     folder = os.path.join(cache_root(), "models", f"{preset}-{family}")
     if preset == "shapes":  # the pretrained one, unpacked from the file the package ships
-        from .flux.shapes import build_shapes_flux
-
-        from .flux.shapes.packed import TEXT_LENGTH
+        from .flux.shapes.packed import TEXT_LENGTH, build_shapes_flux
 
         return _build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
     if family == "flux":

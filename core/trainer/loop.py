@@ -17,7 +17,7 @@ from ..coach.monitor import Monitor
 from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import (BatchPlan, Cache, add_regularization, hold_out, image_sizes, model_fingerprint,
-                       scan_folder)
+                       regularization_entries, scan_folder)
 from ..dataset.buckets import crop_top_left
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
@@ -124,7 +124,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     steps = train_cfg["steps"] or round(recommended_steps(len(training)) * (1 + ratio))
     batch_size = train_cfg["batch_size"]
     entries = len(training) * data_cfg["repeats"]
-    entries += max(1, round(entries * ratio)) if regularization else 0
+    entries += regularization_entries(entries, ratio)
     emit({"type": "plan", "images": len(training), "regularization_images": len(regularization),
           "steps": steps, "steps_per_epoch": steps_per_epoch(entries, 1, batch_size)})
 
