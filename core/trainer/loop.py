@@ -33,6 +33,7 @@ from .checkpoints import load_resume_state, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
+from ..cpu_threads import training_threads
 from .shared_model import given_back_unchanged
 from .validation import HeldOut
 
@@ -70,7 +71,8 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     already loaded base model; `on_event(dict)` receives progress; `should_stop()` is checked
     every step (a stop saves a checkpoint first, so running again resumes)."""
     try:
-        with given_back_unchanged(get_family(config["model"]["family"]), pipeline):  # error or not
+        with given_back_unchanged(get_family(config["model"]["family"]), pipeline), \
+                training_threads("cuda" if torch.cuda.is_available() else "cpu"):  # error or not
             with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
                 return _train(config, pipeline, on_event, should_stop, held)
     except torch.cuda.OutOfMemoryError as error:
