@@ -40,7 +40,7 @@ def disk_full_named(path):
         if not _disk_full(error):
             raise
         folder = os.path.dirname(os.path.abspath(path))
-        raise DiskFull(errno.ENOSPC, f"no space left on the disk of {folder} while writing "
+        raise DiskFull(f"no space left on the disk of {folder} while writing "
                        f"{os.path.basename(path)}: free space there or choose another output "
                        "folder (the files written before are intact)") from None
 

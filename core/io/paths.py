@@ -26,7 +26,7 @@ class UnreadableFile(UserError, ValueError):
     or not the JSON expected. The message names the file and why."""
 
 
-def _shown(text, limit=60):
+def _shown(text, limit=200):
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 

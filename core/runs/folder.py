@@ -219,7 +219,7 @@ class RunFolder:
             self.metrics_problem = f"damaged: {error}"
             return []
         if bad:
-            self.metrics_problem = (f"{self.metrics}: {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+            self.metrics_problem = (f"damaged: {self.metrics}: {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
                                     "could not be read (cut short when a run was killed?) and "
                                     "dropped; the other metrics lines are kept.")
         return lines

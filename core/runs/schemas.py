@@ -8,7 +8,7 @@ _NUMBER = {"type": "number"}
 # config.json: the resolved settings plus what the run adds; only what readers rely on is pinned
 RUN_CONFIG = {
     "type": "object",
-    "required": ["model", "train"],
+    "required": ["model"],
     "properties": {
         "name": {"type": "string"},
         "model": {"type": "object", "properties": {key: _PATH for key in (
