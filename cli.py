@@ -230,11 +230,10 @@ def cmd_plan(args):
 def cmd_runs_list(args):
     from .core.runs.history import find_runs, runs_table
 
-    runs = find_runs(args.output_dir)
-    if not runs:
-        print(f"no runs in {os.path.abspath(args.output_dir)}")
-        return 0
-    print(runs_table(runs))
+    skipped = []  # damaged run folders, each "damaged: <file>: <why>"
+    runs = find_runs(args.output_dir, skipped)
+    print(runs_table(runs) if runs else f"no runs in {os.path.abspath(args.output_dir)}")
+    print("\n".join(f"skipped {reason}" for reason in skipped), end="\n" if skipped else "")
     return 0
 
 
@@ -264,29 +263,32 @@ def cmd_runs_export(args):
     if step is not None and not step.isdigit():
         print(f"error: STEP must be a step number, not {step!r}", file=sys.stderr)
         return 2
+    skipped = []
     try:
         copied = export_run(locate_run(args.run, args.output_dir), None if step is None else int(step),
-                            destination)
+                            destination, skipped)
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {len(copied)} files to {os.path.abspath(destination)}: {os.path.basename(copied[0])}, "
           "config.json, metrics, loss plot and samples")
+    if skipped:
+        print(f"not copied (links or not regular files, never followed): {', '.join(skipped)}")
     return 0
 
 
 def cmd_runs_compare(args):
+    from .core.io import save_image
     from .core.runs.compare import compare_runs
     from .core.runs.history import locate_run
 
     comparison = compare_runs([locate_run(run, args.output_dir) for run in args.runs])
     out = args.out or os.path.join(args.output_dir, "comparisons", "_vs_".join(comparison.labels))
-    os.makedirs(out, exist_ok=True)
     print(comparison.text())
-    comparison.loss_image.save(os.path.join(out, "loss.png"))
+    save_image(comparison.loss_image, os.path.join(out, "loss.png"))  # a full disk: one line
     print(f"loss curves: {os.path.join(out, 'loss.png')}")
     if comparison.samples_image is not None:
-        comparison.samples_image.save(os.path.join(out, "samples.png"))
+        save_image(comparison.samples_image, os.path.join(out, "samples.png"))
         print(f"samples side by side: {os.path.join(out, 'samples.png')}")
     else:
         print("samples: not every run has sample images (sample.sample_every 0)")

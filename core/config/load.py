@@ -7,6 +7,7 @@ import os
 import jsonschema
 
 from .. import UserError
+from ..io import UnreadableFile, read_json
 from .schema import SCHEMA
 
 
@@ -64,6 +65,8 @@ def _describe(error):
         return f"{path}: needs at least {limit} item(s)"
     if rule == "pattern":
         return f"{path} = {shown}: must match {limit}"
+    if rule == "maxLength":
+        return f"{path}: {len(value)} characters long; must be at most {limit}"
     if rule == "minLength":
         return f"{path}: must not be empty"
     return f"{path} = {shown}: {error.message}"
@@ -154,14 +157,15 @@ def _family_problems(family, model, network):
     return problems
 
 
+MAX_CONFIG_BYTES = 2**20  # a config is a few KB; a FIFO, a device or a huge file is never read
+
+
 def load_config(path):
-    """Read a JSON config file and resolve it."""
+    """Read a JSON config file (a regular file, at most MAX_CONFIG_BYTES) and resolve it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_json(path, follow_links=True, max_bytes=MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError([f"file not found: {path}"], path) from None
-    except json.JSONDecodeError as error:
-        raise ConfigError([f"not valid JSON at line {error.lineno}, column {error.colno}: "
-                           f"{error.msg}"], path) from None
+    except (UnreadableFile, OSError) as error:
+        raise ConfigError([str(error).replace(f"{path} ", "the file ", 1)], path) from None
     return resolve(raw, source=path)

@@ -41,7 +41,11 @@ SCHEMA = {
     "additionalProperties": False,
     "required": ["model", "dataset"],
     "properties": {
-        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "default": "my_lora",
+        # \Z, not $: jsonschema matches with Python's re.search, where $ also matches before a
+        # final newline ("name\n" would pass). 200 leaves a file name's 255 bytes room for
+        # "-12" and "_000001200.state.safetensors".
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z", "maxLength": 200,
+                 "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
             "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL or SD1.5; auto reads it "
@@ -77,7 +81,7 @@ SCHEMA = {
         "dataset": _section({
             "folder": {"type": "string", "minLength": 1,
                        "description": "Folder of images with same-name caption files."},
-            "caption_ext": {"type": "string", "pattern": r"^\.?[A-Za-z0-9]+$", "default": "txt",
+            "caption_ext": {"type": "string", "pattern": r"^\.?[A-Za-z0-9]+\Z", "default": "txt",
                             "description": "Extension of the caption files."},
             "trigger_word": {"type": "string", "default": "", "description":
                              "Replaces [trigger] in captions; prepended where a caption lacks it."},
