@@ -5,6 +5,8 @@ import os
 import shlex
 import sys
 
+from .core.families import NAMES as FAMILY_NAMES  # the registry's list: nothing heavy loads
+
 
 class Progress:
     """Prints training events: tqdm's step bar (rate, ETA, loss) on a terminal, plain lines
@@ -92,27 +94,14 @@ def cmd_train(args):
 
 
 def cmd_make_tiny_model(args):
-    if args.family != "flux":  # SDXL / SD1.5: a diffusers folder, and a checkpoint if asked
-        from .core.families.unet.tiny import build_tiny, write_single_file
+    from .core.families import get_family
 
-        folder = build_tiny(args.family, args.folder)
-        if args.single_file:
-            print(write_single_file(folder, args.single_file) or args.single_file)
-        print(folder)
-        return 0
-    from .core.families.flux.tiny import build_tiny_flux
-
-    folder = build_tiny_flux(args.folder, preset=args.preset)
-    if args.single_file:
-        from .core.families.flux.tiny import write_single_file
-
-        write_single_file(folder, args.single_file)
-    if args.comfyui:
-        from .core.families.flux.tiny import write_comfyui_files
-
-        for path in write_comfyui_files(folder).values():
-            print(path)
-    print(folder)
+    family = get_family(args.family)
+    if args.preset not in family.tiny_presets:
+        print(f"--preset {args.preset}: {args.family} has {', '.join(family.tiny_presets)}", file=sys.stderr)
+        return 2
+    for path in family.make_tiny(args.folder, args.preset, args.single_file, args.comfyui):
+        print(path)
     return 0
 
 
@@ -227,7 +216,7 @@ def cmd_plan(args):
     # validated like a training config, so a bad value is named; no model is needed to plan
     model = {"path": "-", **config.get("model", {})}
     if model["path"] == "-" and not model.get("transformer_path") and not model.get("checkpoint_path"):
-        model.setdefault("family", "flux")  # no model named: the estimate is FLUX.1's
+        model.setdefault("family", FAMILY_NAMES[0])  # no model named: the estimate is the first family's
     config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
@@ -241,11 +230,10 @@ def cmd_plan(args):
 def cmd_runs_list(args):
     from .core.runs.history import find_runs, runs_table
 
-    runs = find_runs(args.output_dir)
-    if not runs:
-        print(f"no runs in {os.path.abspath(args.output_dir)}")
-        return 0
-    print(runs_table(runs))
+    skipped = []  # damaged run folders, each "damaged: <file>: <why>"
+    runs = find_runs(args.output_dir, skipped)
+    print(runs_table(runs) if runs else f"no runs in {os.path.abspath(args.output_dir)}")
+    print("\n".join(f"skipped {reason}" for reason in skipped), end="\n" if skipped else "")
     return 0
 
 
@@ -275,29 +263,32 @@ def cmd_runs_export(args):
     if step is not None and not step.isdigit():
         print(f"error: STEP must be a step number, not {step!r}", file=sys.stderr)
         return 2
+    skipped = []
     try:
         copied = export_run(locate_run(args.run, args.output_dir), None if step is None else int(step),
-                            destination)
+                            destination, skipped)
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {len(copied)} files to {os.path.abspath(destination)}: {os.path.basename(copied[0])}, "
           "config.json, metrics, loss plot and samples")
+    if skipped:
+        print(f"not copied (links or not regular files, never followed): {', '.join(skipped)}")
     return 0
 
 
 def cmd_runs_compare(args):
+    from .core.io import save_image
     from .core.runs.compare import compare_runs
     from .core.runs.history import locate_run
 
     comparison = compare_runs([locate_run(run, args.output_dir) for run in args.runs])
     out = args.out or os.path.join(args.output_dir, "comparisons", "_vs_".join(comparison.labels))
-    os.makedirs(out, exist_ok=True)
     print(comparison.text())
-    comparison.loss_image.save(os.path.join(out, "loss.png"))
+    save_image(comparison.loss_image, os.path.join(out, "loss.png"))  # a full disk: one line
     print(f"loss curves: {os.path.join(out, 'loss.png')}")
     if comparison.samples_image is not None:
-        comparison.samples_image.save(os.path.join(out, "samples.png"))
+        save_image(comparison.samples_image, os.path.join(out, "samples.png"))
         print(f"samples side by side: {os.path.join(out, 'samples.png')}")
     else:
         print("samples: not every run has sample images (sample.sample_every 0)")
@@ -322,9 +313,9 @@ def build_parser():
     train.add_argument("config")
     train.set_defaults(handler=cmd_train)
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model folder, built locally")
-    tiny.add_argument("family", choices=["flux", "sdxl", "sd15"])
+    tiny.add_argument("family", choices=FAMILY_NAMES)
     tiny.add_argument("folder")
-    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="flux only")
+    tiny.add_argument("--preset", default="tiny", help="tiny, or another size the family offers (flux: small)")
     tiny.add_argument("--single-file", help="also write one .safetensors: FLUX's transformer in BFL "
                                             "keys; SDXL/SD1.5's whole checkpoint in original keys")
     tiny.add_argument("--comfyui", action="store_true",

@@ -72,9 +72,9 @@ def model_choices():
 
 
 def model_choice_path(choice):
-    """The full path of a model_choices() entry, or None."""
+    """The full path of a model_choices() entry, or None (for anything not in that list)."""
     folder_paths = _comfy("folder_paths")
-    if choice == NO_MODEL or not folder_paths or "/" not in choice:
+    if choice == NO_MODEL or not folder_paths or choice not in model_choices():
         return None
     kind, name = choice.split("/", 1)
     for base in folder_paths.get_folder_paths(kind):
@@ -113,14 +113,15 @@ def file_choices(kind):
 
 
 def file_choice_path(kind, choice):
-    """The full path of a file_choices() entry (or of a path given as is), or None."""
-    if not choice or choice == NO_MODEL:
+    """The full path of a file_choices() entry, or None for anything else: a path given as is,
+    `..` or a name outside the kind's folders gets the same None as a missing file, so the
+    answer never tells whether a file exists outside them."""
+    if not isinstance(choice, str) or choice == NO_MODEL or choice not in file_choices(kind):
         return None
     for base in file_folders(kind):
         if os.path.isfile(os.path.join(base, choice)):
             return os.path.join(base, choice)
-    path = os.path.expanduser(choice)
-    return path if os.path.isabs(path) and os.path.isfile(path) else None
+    return None
 
 
 # -- progress and interrupt ---------------------------------------------------------------------

@@ -18,12 +18,12 @@ class NodeError(RuntimeError):
 
 
 def _advice(error):
-    """Our own errors (ValueError subclasses: config, dataset, model, precision, resume, memory
-    fit) already say what to change; anything else is unexpected."""
-    from ..core.runs import RunLocked
+    """Our own errors (UserError and ValueError subclasses: config, dataset, model, precision,
+    resume, memory fit, a full disk) already say what to change; anything else is unexpected."""
+    from ..core import UserError  # a full disk (DiskFull), a locked run folder, a damaged file
     from ..core.trainer import OutOfMemory
 
-    if isinstance(error, (ValueError, OutOfMemory, RunLocked)):
+    if isinstance(error, (ValueError, OutOfMemory, UserError)):
         return ""
     return (" This was not expected: the traceback is in the ComfyUI log. Try train.dtype fp32 "
             "to rule out precision, and report it with the log if it persists.")

@@ -22,7 +22,7 @@ PROMPTS = ["a photo of [trigger]", "a red car on a street"]
 
 @pytest.fixture(scope="module")
 def runs(tiny_flux, demo_dataset, tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("runs"))
+    output = str(tmp_path_factory.mktemp("runs") / "output")  # as CompareRuns finds it headless: ./output
     pipeline = get_family("flux").load({"path": tiny_flux, "dtype": "fp32"}, "none")
     results = {}
     for name, lr in (("healthy", 1e-3), ("lr0", 0.0), ("lr_high", 1.0)):
@@ -128,14 +128,14 @@ def test_runs_compare_names_a_missing_run(runs):
     assert result.returncode == 2 and "no run folder 'nope'" in result.stderr
 
 
-def test_compare_node(runs):
+def test_compare_node(runs, monkeypatch):
     from loralab.nodes.compare import LoRALabCompareRuns
 
     output = runs[0]
+    monkeypatch.chdir(os.path.dirname(output))
     node = LoRALabCompareRuns()
-    loss, samples, text = node.compare(runs="", output_dir=output, names="healthy, lr_high")
+    loss, samples, text = node.compare(runs="", output_dir="", names="healthy, lr_high")
     assert loss.shape == (1, 360, 640, 3) and 0.0 <= float(loss.min()) and float(loss.max()) <= 1.0
     assert samples.shape[0] == 1 and samples.shape[3] == 3
     assert "train.lr: healthy: 0.001; lr_high: 1.0" in text
-    folders = "\n".join(os.path.join(output, name) for name in ("healthy", "lr0"))
-    assert "lr0: 0.0" in node.compare(runs=folders, output_dir="", names="")[2]
+    assert "lr0: 0.0" in node.compare(runs="healthy\nlr0", output_dir="", names="")[2]

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from loralab import cli
 from loralab.core.runs import RunFolder, RunLocked, atomic_path, choose_run_folder, write_json
-from loralab.core.runs.atomic import TEMPORARY
+from loralab.core.io.atomic import TEMPORARY
 from loralab.core.runs.history import export_run, find_runs, read_run, runs_table
 from loralab.core.trainer.checkpoints import (StateError, load_checkpoint_state, load_resume_state,
                                               save_checkpoint, write_lora)
@@ -276,7 +276,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_leftover_temporaries_are_removed_at_start(tmp_path):
-    run = RunFolder(str(tmp_path), "r")
+    run = start(tmp_path, CONFIG)[0]  # the run folder, started once (a folder with no run is not taken)
     os.makedirs(run.file("samples", "000000002"))
     os.makedirs(run.file("cache"))
     left = [run.file(".tmp-0123456789ab-r_000000002.state.safetensors"),

@@ -102,19 +102,21 @@ def test_same_names_in_different_output_folders_get_distinct_labels(tmp_path):
     assert compare_runs([a, b]).labels == ["r (1)", "r (2)"]
 
 
-def test_compare_node_needs_two_runs(tmp_path):
+def test_compare_node_needs_two_runs(tmp_path, monkeypatch):
     from loralab.nodes.compare import LoRALabCompareRuns
 
-    make_run(tmp_path, "a")
+    monkeypatch.chdir(tmp_path)  # headless, the node's output folder is ./output
+    make_run(tmp_path / "output", "a")
     with pytest.raises(ValueError, match="at least two runs"):
-        LoRALabCompareRuns().compare(runs="", output_dir=str(tmp_path), names="a")
+        LoRALabCompareRuns().compare(runs="", output_dir="", names="a")
 
 
-def test_compare_node_without_samples_returns_a_note_image(tmp_path):
+def test_compare_node_without_samples_returns_a_note_image(tmp_path, monkeypatch):
     from loralab.nodes.compare import LoRALabCompareRuns
 
-    make_run(tmp_path, "a", sample_steps=())
-    make_run(tmp_path, "b", sample_steps=())
-    loss, samples, text = LoRALabCompareRuns().compare(runs="", output_dir=str(tmp_path), names="a,b")
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "output" / "sweep", "a", sample_steps=())
+    make_run(tmp_path / "output" / "sweep", "b", sample_steps=())
+    loss, samples, text = LoRALabCompareRuns().compare(runs="", output_dir="sweep", names="a,b")
     assert samples.shape == (1, 48, 480, 3) and "settings: identical" in text
-    assert os.path.isdir(tmp_path / "a")
+    assert os.path.isdir(tmp_path / "output" / "sweep" / "a")

@@ -1,12 +1,14 @@
 """The one schema of every setting. Defaults come from the training guide (docs/training-guide.md); the
-nodes' widgets, the CLI and the config file all read them from here."""
+nodes' widgets, the CLI and the config file all read them from here. A family's own defaults
+(resolution, sampling) are its `config_defaults` (core/families/<name>/), applied by load.py."""
+from ..families import NAMES as FAMILY_NAMES
 
 DTYPES = ["bf16", "fp16", "fp32"]
 SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
-FAMILIES = ["auto", "flux", "sdxl", "sd15"]
+FAMILIES = ["auto", *FAMILY_NAMES]
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
@@ -39,7 +41,11 @@ SCHEMA = {
     "additionalProperties": False,
     "required": ["model", "dataset"],
     "properties": {
-        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "default": "my_lora",
+        # \Z, not $: jsonschema matches with Python's re.search, where $ also matches before a
+        # final newline ("name\n" would pass). 200 leaves a file name's 255 bytes room for
+        # "-12" and "_000001200.state.safetensors".
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z", "maxLength": 200,
+                 "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
             "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL or SD1.5; auto reads it "
@@ -75,7 +81,7 @@ SCHEMA = {
         "dataset": _section({
             "folder": {"type": "string", "minLength": 1,
                        "description": "Folder of images with same-name caption files."},
-            "caption_ext": {"type": "string", "pattern": r"^\.?[A-Za-z0-9]+$", "default": "txt",
+            "caption_ext": {"type": "string", "pattern": r"^\.?[A-Za-z0-9]+\Z", "default": "txt",
                             "description": "Extension of the caption files."},
             "trigger_word": {"type": "string", "default": "", "description":
                              "Replaces [trigger] in captions; prepended where a caption lacks it."},
@@ -193,15 +199,6 @@ SCHEMA = {
                                           "Steps between metrics lines (loss, time, memory). Guide: 10."),
         }),
     },
-}
-
-
-# Where a family's common practice differs from the schema's (FLUX.1) defaults; applied to the
-# settings a config leaves out (core.config.resolve).
-FAMILY_DEFAULTS = {
-    "sdxl": {"dataset.resolution": [1024], "sample.guidance_scale": 6.0, "sample.sample_steps": 25},
-    "sd15": {"dataset.resolution": [512], "sample.guidance_scale": 7.0, "sample.sample_steps": 25,
-             "sample.width": 512, "sample.height": 512},
 }
 
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..runs.atomic import atomic_path
+from ..io import atomic_path
 from .buckets import load_for_bucket
 
 

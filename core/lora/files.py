@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..dtypes import torch_dtype
-from ..runs.atomic import atomic_path
+from ..io import atomic_path
 from .inject import text_encoder_of
 
 

@@ -1,5 +1,5 @@
 """The run folder: resolved config, metrics, checkpoints, samples, plots."""
-from .atomic import atomic_path, write_json
+from ..io import atomic_path, write_json
 from .folder import RunFolder, RunLocked
 from .identity import choose_run_folder, run_identity
 

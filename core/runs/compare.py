@@ -108,6 +108,7 @@ class Comparison:
                          f"{format_loss(run.final_loss)}, best {format_loss(run.best_loss)}, "
                          f"{len(run.warnings)} warning(s)")
             lines += [f"  - {warning}" for warning in run.warnings]
+            lines += [f"  {problem}" for problem in run.problems]
         return "\n".join(lines)
 
 

@@ -9,8 +9,13 @@ import json
 import os
 import re
 
+from safetensors import SafetensorError, safe_open
+
 from .. import UserError
-from .atomic import TEMPORARY, append_line, atomic_path, write_json
+from ..io import UnreadableFile, append_line, atomic_path, open_fd, open_regular, read_checked_json, write_json
+from ..io.atomic import TEMPORARY
+from ..io.paths import schema_problem
+from .schemas import METRICS_LINE, PINNED_STEP, PINS, RUN_CONFIG, WARNINGS
 
 LOCK_FILE = ".lock"
 
@@ -30,6 +35,8 @@ class RunFolder:
         self._step_file = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
         self._state_file = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.state\.(safetensors|json)$")
         self.metrics_problem = None  # why read_metrics dropped lines (a torn last line), or None
+        self.pins_problem = None     # why pinned() dropped entries of pins.json, or None
+        self.problems = []           # "damaged: ..." lines of config.json or warnings.json read
         self.identity = None         # set by identity.choose_run_folder; write_config stores them
         self.started_because = None
         self._lock_handle = None
@@ -64,6 +71,17 @@ class RunFolder:
         """Resume state of earlier versions: a pickle, never loaded (it could run any code)."""
         return self.file(f"{self.name}_{step:09d}.state.pt")
 
+    def has_final_lora(self):
+        """Whether the final LoRA is there and reads as a safetensors file with tensors: a 0-byte,
+        torn or linked one does not make the run finished."""
+        if os.path.islink(self.final_lora) or not os.path.isfile(self.final_lora):
+            return False
+        try:
+            with safe_open(self.final_lora, framework="numpy") as f:
+                return bool(list(f.keys()))
+        except (SafetensorError, OSError, ValueError):
+            return False
+
     def samples(self, step):
         return self.file("samples", f"{step:09d}")
 
@@ -92,14 +110,18 @@ class RunFolder:
         return self.file("pins.json")
 
     def pinned(self):
-        """Steps pinned with `loralab runs pin`, ascending."""
-        if not os.path.isfile(self.pins_path):
+        """Steps pinned with `loralab runs pin`, ascending. An entry that is no step number is
+        dropped and named in `pins_problem`; pins.json that cannot be read at all raises
+        UnreadableFile (then no one knows what is pinned, so rotate() deletes nothing)."""
+        self.pins_problem = None
+        if not os.path.lexists(self.pins_path):
             return []
-        try:
-            with open(self.pins_path, encoding="utf-8") as f:
-                return sorted({int(step) for step in json.load(f).get("steps", [])})
-        except (ValueError, TypeError, AttributeError, OSError):
-            return []
+        entries = read_checked_json(self.pins_path, PINS)["steps"]
+        bad = [entry for entry in entries if schema_problem(entry, PINNED_STEP)]
+        if bad:
+            self.pins_problem = (f"{self.pins_path}: entries {', '.join(json.dumps(b)[:40] for b in bad)} "
+                                 "are not step numbers and were dropped; the other pins are kept")
+        return sorted({entry for entry in entries if entry not in bad})
 
     def pin(self, step, pinned=True):
         """Keeps (or, pinned=False, releases) the step checkpoint `step` out of rotation."""
@@ -114,7 +136,11 @@ class RunFolder:
     def rotate(self, keep):
         """Deletes all but the newest `keep` unpinned step checkpoints (with their resume state);
         pinned steps are never deleted and do not count towards `keep`."""
-        pinned = set(self.pinned())
+        try:
+            pinned = set(self.pinned())
+        except UnreadableFile as error:
+            self.pins_problem = f"{error}; no checkpoint is rotated away until it is fixed"
+            return []
         unpinned = [step for step in self.checkpoints() if step not in pinned]
         removed = []
         for step in unpinned[:-keep] if keep > 0 else unpinned:
@@ -138,51 +164,70 @@ class RunFolder:
         if self.started_because is not None:
             extra["started_because"] = self.started_because
         elif os.path.isfile(self.config_path):  # a resumed run keeps the reason it was started for
-            reason = (self.read_config() or {}).get("started_because")
+            reason = (self.read_config() or {}).get("started_because")  # None when damaged
             if reason:
                 extra["started_because"] = reason
         write_json(self.config_path, {**resolved, **extra})
 
     def read_config(self):
-        """config.json as a dict, or None when missing or unreadable."""
+        """config.json as a dict, or None when missing, a link, or not the shape we write (the
+        reason is added to `problems`)."""
+        return self._read_checked(self.config_path, RUN_CONFIG, None)
+
+    def read_warnings(self):
+        """warnings.json's warnings, or [] when missing or damaged (named in `problems`)."""
+        return self._read_checked(self.file("warnings.json"), WARNINGS, [])
+
+    def _read_checked(self, path, schema, missing):
+        if not os.path.lexists(path):
+            return missing
         try:
-            with open(self.config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return config if isinstance(config, dict) else None
+            return read_checked_json(path, schema)
+        except (UnreadableFile, OSError) as error:
+            reason = str(error) if str(error).startswith("damaged") else f"damaged: {error}"
+            if reason not in self.problems:
+                self.problems.append(reason)
+            return missing
 
     # -- metrics --------------------------------------------------------------------------------
 
     def read_metrics(self):
         """The metrics lines. A line that does not parse (a kill or power cut mid-append tears the
-        last one) is dropped, and `metrics_problem` says which, for the trainer to warn about."""
+        last one) or lacks a step number or has a non-number value is dropped, and
+        `metrics_problem` says which, for the trainer to warn about."""
         self.metrics_problem = None
-        if not os.path.isfile(self.metrics):
+        if not os.path.lexists(self.metrics):
             return []
         lines, bad = [], []
-        with open(self.metrics, encoding="utf-8", errors="replace") as f:
-            for number, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    line = json.loads(text)
-                except ValueError:
-                    line = None
-                if isinstance(line, dict):
-                    lines.append(line)
-                else:
-                    bad.append(number)
+        try:
+            with open_regular(self.metrics) as f:
+                for number, raw in enumerate(f, 1):
+                    text = raw.decode("utf-8", errors="replace")
+                    if not text.strip():
+                        continue
+                    try:
+                        line = json.loads(text)
+                    except (ValueError, RecursionError):
+                        bad.append(f"line {number} (not JSON)")
+                        continue
+                    problem = schema_problem(line, METRICS_LINE)
+                    if problem:
+                        bad.append(f"line {number} ({problem})")
+                    else:
+                        lines.append(line)
+        except (UnreadableFile, OSError) as error:
+            self.metrics_problem = f"damaged: {error}"
+            return []
         if bad:
-            which = f"line {bad[0]}" if len(bad) == 1 else f"lines {', '.join(map(str, bad))}"
-            self.metrics_problem = (f"{self.metrics}: {which} could not be read (cut short when a run "
-                                    "was killed?) and dropped; the other metrics lines are kept.")
+            self.metrics_problem = (f"damaged: {self.metrics}: {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+                                    "could not be read (cut short when a run was killed?) and "
+                                    "dropped; the other metrics lines are kept.")
         return lines
 
     def append_metrics(self, line):
         os.makedirs(self.path, exist_ok=True)
         if os.path.isfile(self.metrics) and os.path.getsize(self.metrics):
-            with open(self.metrics, "rb") as f:
+            with open_regular(self.metrics) as f:
                 f.seek(-1, os.SEEK_END)
                 torn = f.read(1) != b"\n"
             if torn:  # keep a torn line from swallowing this one
@@ -192,7 +237,7 @@ class RunFolder:
     def truncate_metrics(self, after_step):
         """A resumed run rewrites the steps after its checkpoint; drop their old lines (and any
         torn line). Returns the warning about dropped lines, or None."""
-        kept = [m for m in self.read_metrics() if m.get("step", 0) <= after_step]
+        kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         os.makedirs(self.path, exist_ok=True)
         with atomic_path(self.metrics) as temporary:
             with open(temporary, "w", encoding="utf-8") as f:
@@ -202,13 +247,14 @@ class RunFolder:
     # -- temporaries and the lock ---------------------------------------------------------------------
 
     def clean_temporaries(self):
-        """Removes temporaries that a killed atomic write left in the folder (any depth); call it
-        while holding lock(), so no live write loses its file. Returns the removed paths."""
+        """Removes the temporaries of our own writes that a kill left at the run's top level and in
+        the folders the run writes into (cache/, samples/<step>/), never through a link; call
+        it while holding lock(), so no live write loses its file. Returns the removed paths."""
         removed = []
-        for folder, _, names in os.walk(self.path):
-            for name in names:
-                if TEMPORARY.match(name) or LIBRARY_TEMPORARY.match(name):
-                    removed.append(os.path.join(folder, name))
+        for folder in [self.path, self.file("cache"),
+                       *(entry.path for entry in _entries(self.file("samples")) if entry.name.isdigit())]:
+            removed += [entry.path for entry in _entries(folder) if entry.is_file(follow_symlinks=False)
+                        and (TEMPORARY.match(entry.name) or LIBRARY_TEMPORARY.match(entry.name))]
         # resume state of a save killed before its LoRA file (which marks a checkpoint complete),
         # or of a rotation killed after deleting it: never resumable, so never rotated either
         listed = set(self.checkpoints())
@@ -224,9 +270,9 @@ class RunFolder:
     def locked_by(self):
         """The pid recorded in the lock file, or None."""
         try:
-            with open(self.file(LOCK_FILE), encoding="utf-8") as f:
+            with open_regular(self.file(LOCK_FILE), max_bytes=64) as f:
                 return int(f.read().strip() or 0) or None
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # UnreadableFile is a ValueError
             return None
 
     @contextlib.contextmanager
@@ -235,7 +281,12 @@ class RunFolder:
         one) gets RunLocked naming the folder and the holder's pid. The operating system drops
         the lock when its holder exits, killed or not, so a crash never leaves it stuck."""
         os.makedirs(self.path, exist_ok=True)
-        handle = open(self.file(LOCK_FILE), "a+", encoding="utf-8")
+        try:  # never through a link: a .lock link would have its target truncated
+            fd = open_fd(self.file(LOCK_FILE), os.O_RDWR | os.O_CREAT, mode=0o644)
+        except UnreadableFile as error:
+            raise RunLocked(f"the run folder's lock cannot be taken: {error}. Remove it if no "
+                            "training uses the folder.") from None
+        handle = os.fdopen(fd, "r+", encoding="utf-8")
         try:
             if not _try_lock(handle):
                 pid = self.locked_by()
@@ -258,6 +309,14 @@ class RunFolder:
                     handle.flush()
                 _unlock(handle)
             handle.close()
+
+
+def _entries(folder):
+    """os.scandir(folder) as a list, [] when it is missing, not a folder, or a link."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as entries:
+        return list(entries)
 
 
 if os.name == "nt":  # pragma: no cover - Windows

@@ -29,7 +29,8 @@ import json
 import os
 import re
 
-from .folder import RunFolder
+from ..io.atomic import TEMPORARY
+from .folder import LIBRARY_TEMPORARY, LOCK_FILE, RunFolder
 
 IDENTITY_KEY = "identity"
 MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "vae_path", "dtype", "quantize")
@@ -89,31 +90,51 @@ def trained_steps(run):
     """How far a run folder has trained: its newest step checkpoint, or its config's train.steps
     when its final LoRA is there."""
     trained = max(run.checkpoints() or [0])
-    if os.path.isfile(run.final_lora):
+    if run.has_final_lora():
         steps = ((run.read_config() or {}).get("train") or {}).get("steps")
         trained = max(trained, steps if isinstance(steps, int) else 0)
     return trained
 
 
 def _existing(output_dir, name):
-    """Run folders <name> and <name>-N that hold a training's files, by number (gaps allowed: a
-    deleted <name>-2 does not hide <name>-3)."""
+    """(run folders <name> and <name>-N that hold a training's files, by number (gaps allowed: a
+    deleted <name>-2 does not hide <name>-3); {name: what} of those taken by something else)."""
     pattern = re.compile(rf"^{re.escape(name)}(?:-([2-9]|[1-9]\d+))?$")
     folder = os.path.abspath(os.path.expanduser(output_dir))
-    found = []
+    found, foreign = [], {}
     for entry in (os.listdir(folder) if os.path.isdir(folder) else []):
         match = pattern.match(entry)
-        if match and os.path.isdir(os.path.join(folder, entry)):
-            run = RunFolder(output_dir, entry)
-            if _holds_a_run(run):
-                found.append((int(match.group(1) or 1), run))
-    return [run for _, run in sorted(found, key=lambda pair: pair[0])]
+        if not match:
+            continue
+        run = RunFolder(output_dir, entry)
+        others = _foreign_entries(run.path)
+        if others is None and _holds_a_run(run):
+            found.append((int(match.group(1) or 1), run))
+        elif others:
+            foreign[entry] = others
+    return [run for _, run in sorted(found, key=lambda pair: pair[0])], foreign
 
 
 def _holds_a_run(run):
     """Whether a folder holds a training's files. One with none of them can be used for a new
     run: a run that stopped before writing its config, or one that only cached latents."""
     return os.path.isfile(run.config_path) or os.path.isfile(run.final_lora) or bool(run.checkpoints())
+
+
+# what a run writes before its config.json: a folder holding only these (or nothing) is reused
+BEFORE_CONFIG = (LOCK_FILE, "cache")
+
+
+def _foreign_entries(path):
+    """Why the folder at `path` is not LoRA Lab's to write into, or None: it is a link or no
+    folder, or it holds no run but files of its own (their names, a few)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return "it is a link" if os.path.islink(path) else "it is not a folder"
+    if _holds_a_run(RunFolder(*os.path.split(path))):
+        return None
+    others = sorted(name for name in os.listdir(path) if name not in BEFORE_CONFIG
+                    and not TEMPORARY.match(name) and not LIBRARY_TEMPORARY.match(name))
+    return f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" if others else None
 
 
 def choose_run_folder(output_dir, name, config, resume=None):
@@ -133,7 +154,7 @@ def choose_run_folder(output_dir, name, config, resume=None):
     if resume is None:
         resume = (config.get("train") or {}).get("resume", True)
     identity = run_identity(config)
-    existing = _existing(output_dir, name)
+    existing, foreign = _existing(output_dir, name)
     identities = [(run, stored_identity(run)) for run in existing]
     steps = (config.get("train") or {}).get("steps")
     past = None  # (run, how far it trained) of a same-settings run that went past `steps`
@@ -145,14 +166,16 @@ def choose_run_folder(output_dir, name, config, resume=None):
                     run.identity = identity
                     return run, None
                 past = past or (run, trained)
-    taken = {run.name for run in existing}
+    taken = {run.name for run in existing} | set(foreign)
     number = 1
     while (name if number == 1 else f"{name}-{number}") in taken:
         number += 1
     run = RunFolder(output_dir, name if number == 1 else f"{name}-{number}")
     readable = [(other, theirs) for other, theirs in identities if theirs is not None]
     if not existing:
-        reason = None
+        reason = None if name not in foreign else (
+            f"{os.path.join(os.path.abspath(os.path.expanduser(output_dir)), name)} is not a LoRA Lab "
+            f"run folder ({foreign[name]}): it is left as it is")
     elif not resume:
         reason = (f"train.resume is false: a fresh run in {run.name}; "
                   f"{', '.join(other.name for other in existing)} keep their earlier runs")

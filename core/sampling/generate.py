@@ -4,7 +4,7 @@ import os
 
 from ..dataset.scan import apply_trigger
 from ..lora import lora_strength
-from ..runs.atomic import save_image
+from ..io import save_image
 from .grid import make_grid
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..families import get_family
 from ..lora import file_metadata, file_tensors, save_lora_file
-from ..runs.atomic import atomic_path
+from ..io import atomic_path
 
 STATE_FORMAT = "loralab-resume-state/1"
 

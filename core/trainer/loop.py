@@ -25,7 +25,7 @@ from ..families.builtin import resolve_dataset_folder
 from ..families.preservation import base_encoding, class_caption, preservation_batch
 from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, lora_weights
 from ..runs import choose_run_folder, write_json
-from ..runs.atomic import save_image
+from ..io import save_image
 from ..runs.fingerprint import dataset_fingerprint
 from ..runs.plot import loss_plot
 from ..sampling import encoded_now, prompts_with_trigger, sample_images, save_samples
@@ -150,7 +150,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     start_step = found[0] if found else 0
     result = TrainResult("finished", run.path, run.final_lora, start_step, steps, config=config,
                          warnings=notes, memory=memory_notes)
-    if start_step >= steps and os.path.isfile(run.final_lora):  # no model loads; no file changes
+    if start_step >= steps and run.has_final_lora():  # no model loads; no file changes
         result.status, result.weights = "already finished", found[1]["lora"]
         emit({"type": "done", "status": result.status, "step": start_step, "path": run.final_lora})
         return result
