@@ -1,12 +1,12 @@
-"""docs/config.md, the config reference, written from the schema (schema.py) so that it cannot
-drift from what the CLI, the nodes and config files accept; tests/test_docs.py fails when the
-committed file is stale.
+"""docs/config.md, the config reference, written from the schema (schema.py) and the families'
+config defaults, so that it cannot drift from what the CLI, the nodes and config files accept;
+tests/test_docs.py fails when the committed file is stale.
 
     python -m loralab.core.config.reference > docs/config.md
 """
 import json
 
-from .schema import FAMILY_DEFAULTS, SCHEMA
+from .schema import SCHEMA
 
 HEADER = """# Config reference
 
@@ -85,8 +85,11 @@ def markdown():
               "Where a family's common practice differs from the defaults above (FLUX.1's), its own "
               "apply to the settings a config leaves out:", "",
               "| family | setting | default |", "|---|---|---|"]
-    for family, changes in FAMILY_DEFAULTS.items():
-        lines += [f"| {family} | `{key}` | {shown(value)} |" for key, value in changes.items()]
+    from ..families import families  # each family's own defaults (core/families/<name>/)
+
+    for family in families():
+        lines += [f"| {family.title or family.name} | `{key}` | {shown(value)} |"
+                  for key, value in family.config_defaults.items()]
     return "\n".join(lines) + "\n\n" + NOTES
 
 
