@@ -98,6 +98,7 @@ def main():
         return child(int(args.child[0]), args.child[1])
     policies = args.policies.split(",")
     results = {(p, b): [] for p in policies for b in (False, True)}
+    load_before = os.getloadavg()[0]
     for round_ in range(args.rounds):
         for policy in policies:
             for busy in (False, True):
@@ -106,15 +107,17 @@ def main():
                 print(f"round {round_ + 1}: {policy:6} {'busy ' if busy else 'alone'} {threads} threads: "
                       f"median {median:.3f} s/step, slowest {worst:.3f}", flush=True)
     print(f"\n{os.cpu_count()} CPUs, {args.steps} steps x {args.rounds} rounds, quickstart settings; "
-          "busy = one `while True: pass` at nice 19")
-    print(f"{'policy':8} {'alone s/step':>13} {'busy s/step':>12} {'busy/alone':>11} {'slowest busy step':>18}")
-    alone_old = None
+          f"busy = one `while True: pass` at nice 19; load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after (other work on the machine counts as 'alone' too)")
+    print(f"{'policy':8} {'alone s/step':>13} {'busy s/step':>12} {'busy/alone':>11} {'slowest busy step':>18}"
+          f" {'busy vs old busy':>17}")
+    busy_old = None
     for policy in policies:
         alone = statistics.median(m for m, _ in results[policy, False])
         busy = statistics.median(m for m, _ in results[policy, True])
         worst = max(w for _, w in results[policy, True])
-        alone_old = alone_old or alone
-        print(f"{policy:8} {alone:13.3f} {busy:12.3f} {busy / alone:11.2f} {worst:18.3f}")
+        busy_old = busy_old or busy
+        print(f"{policy:8} {alone:13.3f} {busy:12.3f} {busy / alone:11.2f} {worst:18.3f} {busy / busy_old:17.2f}")
 
 
 if __name__ == "__main__":
