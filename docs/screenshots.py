@@ -9,7 +9,7 @@ Writes into docs/images/:
     python docs/screenshots.py --comfyui ../shared/comfyui --python PATH/TO/COMFYUI/VENV/bin/python \
         [--chromium /usr/bin/chromium] [--no-run]
 
-Needs Playwright's Python package in the running Python (pip install playwright) and a Chromium
+Needs Playwright and Pillow in the running Python (pip install playwright pillow) and a Chromium
 (Debian: apt-get install chromium); the quickstart takes minutes on a CPU.
 """
 import argparse
@@ -91,6 +91,16 @@ def queue_and_wait(page, base, timeout=3600):
     raise SystemExit(f"no grid in {output} after {timeout} s")
 
 
+def small_png(path, colors=64):
+    """Rewrites `path` with a palette of `colors` (the editor's flat colours survive; 195 KB -> 63 KB),
+    to keep the repository small."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        palette = image.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    palette.save(path, optimize=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", default=os.path.join(REPOSITORY, "..", "shared", "comfyui"))
@@ -116,7 +126,9 @@ def main():
                 if not args.no_run:
                     grid = queue_and_wait(page, base)
                     shutil.copy(grid, os.path.join(IMAGES, "quickstart-grid.png"))
+                    small_png(os.path.join(IMAGES, "quickstart-grid.png"), colors=128)
                 page.screenshot(path=os.path.join(IMAGES, "quickstart-graph.png"))
+                small_png(os.path.join(IMAGES, "quickstart-graph.png"))
                 browser.close()
         finally:
             process.terminate()
