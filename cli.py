@@ -47,9 +47,9 @@ class Progress:
                       f"{event['seconds_per_step']:.3f} s/step, peak RAM {event['cpu_peak_mb']:.0f} MiB"
                       + (f", GPU {event['gpu_peak_mb']:.0f} MiB" if event.get("gpu_peak_mb") else ""))
         elif kind == "plan":
-            others = event.get("regularization_images")
-            self.line(f"{event['images']} images" + (f" and {others} regularization images" if others else "")
-                      + f", {event['steps_per_epoch']} steps per epoch, {event['steps']} steps")
+            from .core.coach.run_plan import arithmetic
+
+            self.line(f"plan: {arithmetic(event)}")
         elif kind == "checkpoint":
             self.line(f"saved {event['path']}")
         elif kind == "warning":
@@ -221,7 +221,7 @@ def cmd_plan(args):
     print(plan_report(args.dataset, config))
     if args.vram is not None:
         from .core.coach.fit import fit_report
-        from .core.coach.plan import with_defaults
+        from .core.config import with_defaults
 
         print(fit_report(with_defaults(config), int(args.vram * 2**30)))
     return 0

@@ -92,7 +92,7 @@ def train_steps(model, shape, resolution, steps, device, dtype):
 def predicted(shape, mode, resolution, device):
     from loralab.core.coach.fit import peak_breakdown
     from loralab.core.coach.memory import _shape_of
-    from loralab.core.coach.plan import with_defaults
+    from loralab.core.config import with_defaults
 
     config = with_defaults({"model": {"path": None}, "network": {"linear": 16},
                             "train": {"optimizer": "adamw8bit"}})

@@ -1,7 +1,8 @@
 """The nodes that prepare a training run: dataset, base model, LoRA settings."""
 import os
 
-from ..core.families.builtin import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_dataset_folder
+from ..core.demo import BUILTIN_DATASETS
+from ..core.families.builtin import BUILTIN_MODELS
 from . import comfy_adapter
 from .output_files import path_problem
 from ..core.config import field, resolve
@@ -59,12 +60,10 @@ class LoRALabLoadDataset:
 
     def load(self, **values):
         from ..core.coach.plan import plan_report
-        from ..core.dataset import scan_folder
 
         section = checked(config_from({**self.SETTINGS, **self.OPTIONAL_SETTINGS}, values))["dataset"]
-        scan = scan_folder(resolve_dataset_folder(section["folder"]), section["caption_ext"],
-                           section["trigger_word"])
-        return DatasetSettings(section), plan_report(scan, {"dataset": section}) + self.fit(section)
+        # the run plan with what this node knows: held-out and regularization images included
+        return DatasetSettings(section), plan_report(section["folder"], {"dataset": section}) + self.fit(section)
 
     @staticmethod
     def fit(section):

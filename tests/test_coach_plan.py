@@ -9,7 +9,8 @@ from PIL import Image
 from conftest import run_cli
 from loralab.core.coach.advice import advise
 from loralab.core.coach.memory import FLUX_DEV, estimate_memory, lora_parameters, model_shape, state_bytes
-from loralab.core.coach.plan import plan_dataset, plan_report, with_defaults
+from loralab.core.coach.plan import plan_dataset, plan_report
+from loralab.core.config import with_defaults
 from loralab.core.config import resolve
 from loralab.core.dataset import scan_folder
 
@@ -45,16 +46,16 @@ def thirty(tmp_path_factory):
 
 
 def test_guides_worked_example(thirty):
-    plan = plan_dataset(thirty, {"train": {"steps": 1800}})
-    assert (plan.images, plan.steps_per_epoch, plan.epochs) == (30, 30, 60)
+    numbers = plan_dataset(thirty, {"train": {"steps": 1800}}).run.numbers()
+    assert (numbers["images"], numbers["steps_per_epoch"], numbers["epochs"]) == (30, 30, 60)
     plan = plan_dataset(thirty, {"train": {"steps": 1800}, "dataset": {"repeats": 2}})
-    assert (plan.steps_per_epoch, plan.epochs) == (60, 30)
+    assert (plan.run.numbers()["steps_per_epoch"], plan.run.numbers()["epochs"]) == (60, 30)
     assert "steps per epoch = 30 images x 2 repeats / batch 1 = 60; epochs = 1800 / 60 = 30" in plan_report(plan)
 
 
 def test_recommended_steps_when_none_given(good):
     plan = plan_dataset(good, {})
-    assert not plan.steps_given and plan.band == (1000, 1500) and 1000 <= plan.steps <= 1500
+    assert not plan.run.steps_given and plan.band == (1000, 1500) and 1000 <= plan.run.steps <= 1500
     assert "recommended for this dataset size" in plan_report(plan)
 
 

@@ -10,7 +10,7 @@ import pytest
 from loralab.core.coach.fit import (DoesNotFit, activation_bytes, estimate_peak, fit_report, fits,
                                     resolve_memory_settings)
 from loralab.core.coach.memory import FLUX_DEV, block_linear_parameters
-from loralab.core.coach.plan import with_defaults
+from loralab.core.config import with_defaults
 
 GIB = 2**30
 

@@ -2,6 +2,7 @@
 nodes' widgets, the CLI and the config file all read them from here. A family's own defaults
 (resolution, sampling) are its `config_defaults` (core/families/<name>/), applied by load.py."""
 from ..families import NAMES as FAMILY_NAMES
+from .guide import LR, LR_RANGE, RANK, RANK_RECOMMENDED, RANK_SHORT_MEMORY, RESOLUTION_BAND, band, exponent
 
 DTYPES = ["bf16", "fp16", "fp32"]
 SAVE_DTYPES = ["float16", "bfloat16", "float32"]
@@ -27,6 +28,11 @@ def _number(default, minimum, maximum, help=""):
 
 def _choice(options, default, help=""):
     return {"type": "string", "enum": options, "default": default, "description": help}
+
+
+def _guide(spec, note=""):
+    """The setting's default is the guide's: the description says so, from the one number."""
+    return {**spec, "description": f"{spec['description']} Guide: {spec['default']}{note}."}
 
 
 def _section(properties, required=()):
@@ -85,12 +91,12 @@ SCHEMA = {
                             "description": "Extension of the caption files."},
             "trigger_word": {"type": "string", "default": "", "description":
                              "Replaces [trigger] in captions; prepended where a caption lacks it."},
-            "repeats": _int(1, 1, 1000, "Times each image repeats per epoch. Guide: 1 in most cases."),
+            "repeats": _guide(_int(1, 1, 1000, "Times each image repeats per epoch."), " in most cases"),
             "resolution": {"type": "array", "minItems": 1, "default": [512, 768, 1024],
                            "items": {"type": "integer", "minimum": 32, "maximum": 4096},
-                           "description": "Training resolutions (bucket areas). Guide: 512-1024."},
-            "caption_dropout_rate": _number(0.05, 0.0, 1.0,
-                                            "Share of steps trained with an empty caption. Guide: 0.05."),
+                           "description": f"Training resolutions (bucket areas). Guide: {band(RESOLUTION_BAND)}."},
+            "caption_dropout_rate": _guide(_number(0.05, 0.0, 1.0,
+                                                   "Share of steps trained with an empty caption.")),
             "cache": _choice(["memory", "disk"], "memory",
                              "Where VAE latents and text embeddings are cached."),
             "validation_images": _int(0, 0, 100000, "Images held out of training to measure a "
@@ -110,7 +116,8 @@ SCHEMA = {
                                              "prior_loss_weight)."),
         }, required=["folder"]),
         "network": _section({
-            "linear": _int(16, 1, 1024, "LoRA rank. Guide: 16-32 for most cases, 4-8 when memory is short."),
+            "linear": _int(RANK, 1, 1024, f"LoRA rank. Guide: {band(RANK_RECOMMENDED)} for most cases, "
+                           f"{band(RANK_SHORT_MEMORY)} when memory is short."),
             "linear_alpha": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
                              "description": "LoRA alpha; empty means equal to linear (scale 1)."},
             "feed_forward": {"type": "boolean", "default": False, "description":
@@ -128,14 +135,14 @@ SCHEMA = {
         "train": _section({
             "steps": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000, "default": None,
                       "description": "Total steps; empty picks them from the dataset size (guide's table)."},
-            "batch_size": _int(1, 1, 64, "Images per step. Guide: 1, unequivocally."),
+            "batch_size": _guide(_int(1, 1, 64, "Images per step."), ", unequivocally"),
             "gradient_accumulation_steps": _int(1, 1, 1024, "Steps whose gradients add up before an update."),
-            "lr": _number(1e-4, 0.0, 1.0, "Learning rate. Guide: 1e-4; optimal range 1e-4 to 8e-4."),
+            "lr": _number(LR, 0.0, 1.0, f"Learning rate. Guide: {exponent(LR)}; optimal range {LR_RANGE}."),
             "text_encoder_lr": {"type": ["number", "null"], "default": None, "minimum": 0.0,
                                 "maximum": 1.0, "description":
                                 "Learning rate of the text-encoder LoRA (network.text_encoder); empty "
                                 "means train.lr. Commonly lower than the UNet's, e.g. 5e-5 (kohya)."},
-            "optimizer": _choice(OPTIMIZERS, "adamw8bit", "Guide: adamw8bit (memory saving)."),
+            "optimizer": _guide(_choice(OPTIMIZERS, "adamw8bit", "Optimizer."), " (memory saving)"),
             "lr_scheduler": _choice(SCHEDULERS, "constant", "Learning-rate schedule, as diffusers' "
                                     "get_scheduler means it: constant (no warm-up), constant_with_warmup, "
                                     "or linear / cosine (warm-up, then down to 0 at the last step)."),
@@ -174,12 +181,12 @@ SCHEMA = {
                        "description": "Continue from the newest kept checkpoint of the run."},
         }),
         "save": _section({
-            "dtype": _choice(SAVE_DTYPES, "float16", "Precision of saved LoRA files. Guide: float16."),
+            "dtype": _guide(_choice(SAVE_DTYPES, "float16", "Precision of saved LoRA files.")),
             "format": {"type": ["string", "null"], "enum": ["diffusers", "kohya", None],
                        "default": None, "description":
                        "Key names of the LoRA file; empty: diffusers for FLUX, kohya for SDXL/SD1.5."},
-            "save_every": _int(250, 1, 1000000, "Steps between checkpoints. Guide: 250."),
-            "max_step_saves_to_keep": _int(4, 1, 1000, "Newest step checkpoints kept. Guide: 4."),
+            "save_every": _guide(_int(250, 1, 1000000, "Steps between checkpoints.")),
+            "max_step_saves_to_keep": _guide(_int(4, 1, 1000, "Newest step checkpoints kept.")),
             "output_dir": {"type": "string", "minLength": 1, "default": "output",
                            "description": "Folder that holds the run folders."},
         }),
@@ -195,8 +202,8 @@ SCHEMA = {
             "height": _int(1024, 16, 4096, "Sample height in pixels."),
         }),
         "logging": _section({
-            "performance_log_every": _int(10, 1, 1000000,
-                                          "Steps between metrics lines (loss, time, memory). Guide: 10."),
+            "performance_log_every": _guide(_int(10, 1, 1000000,
+                                                 "Steps between metrics lines (loss, time, memory).")),
         }),
     },
 }
