@@ -23,13 +23,13 @@ from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
 from ..families.preservation import base_encoding, class_caption, preservation_batch
-from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, lora_weights
+from ..lora import add_lora, add_text_encoder_lora, lora_weights
 from ..runs import choose_run_folder, write_json
 from ..runs.atomic import save_image
 from ..runs.fingerprint import dataset_fingerprint
 from ..runs.plot import loss_plot
 from ..sampling import encoded_now, prompts_with_trigger, sample_images, save_samples
-from .checkpoints import load_resume_state, save_checkpoint, write_lora
+from .checkpoints import load_resume_state, resume, save_checkpoint, write_lora
 from .metrics import peak_memory_mb, versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
@@ -37,10 +37,6 @@ from .shared_model import given_back_unchanged
 from .validation import HeldOut
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-
-
-class ResumeError(UserError, ValueError):
-    """The run folder's checkpoints do not fit this config."""
 
 
 @dataclass
@@ -172,11 +168,14 @@ def _train(config, pipeline, on_event, should_stop, held):
         captions += [class_caption(c, data_cfg["trigger_word"], class_word) or c for c in captions]
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{quantize}")
     cache = Cache(os.path.join(run.path, "cache") if data_cfg["cache"] == "disk" else None, digests)
-    cache.fill(scan.items, sizes, captions,
-               encode_image=lambda image: family.encode_image(pipeline, image, device),
-               encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
-               model_key=model_key,
-               on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+    rebuilt = cache.fill(scan.items, sizes, captions,  # cache files read back are checked
+                         encode_image=lambda image: family.encode_image(pipeline, image, device),
+                         encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
+                         model_key=model_key,
+                         on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+    for message in rebuilt:
+        notes.append(message)
+        emit({"type": "warning", "message": message})
 
     # -- text: (text [B, seq, dim], pooled [B, dim]) of captions, and the sample prompts' pairs --
     if train_text:  # the text encoders stay, with a LoRA at their own rate, and encode every step
@@ -213,19 +212,15 @@ def _train(config, pipeline, on_event, should_stop, held):
     vars(unwrapped).pop("forward", None)  # unwrap rebinds the original; the class method is it
 
     # -- resume from the newest complete checkpoint -------------------------------------------
-    if found is not None:
-        resumable, state = found
-        try:
-            load_lora_weights(accelerator.unwrap_model(model), state["lora"], text_encoders)
-        except (RuntimeError, ValueError):
-            ranks = {v.shape[0] for k, v in state["lora"].items() if ".lora_A." in k}
-            raise ResumeError(f"{run.checkpoint(resumable)} was trained with other network settings "
-                              f"(rank {sorted(ranks)}, this config network.linear = {net_cfg['linear']}). "
-                              "Give this run another name, or set train.resume to false to start "
-                              "a new run folder beside it.") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        emit({"type": "resume", "step": start_step})
+    if found is not None:  # checked against this model and optimizer first: a misfit is skipped
+        start_step, refused = resume(run, found, accelerator.unwrap_model(model), text_encoders,
+                                     optimizer, scheduler, train_cfg["optimizer"])
+        for message in refused:
+            notes.append(message)
+            emit({"type": "warning", "message": message})
+        result.step = start_step
+        if start_step:
+            emit({"type": "resume", "step": start_step})
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         metrics_problem = run.truncate_metrics(start_step)  # also drops a torn last line
