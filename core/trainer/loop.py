@@ -23,7 +23,6 @@ from ..sampling import sample_images, save_samples
 from . import setup
 from .checkpoints import save_checkpoint, write_lora
 from .metrics import peak_memory_mb
-from .setup import ResumeError  # noqa: F401  (core.trainer's name for it)
 from .shared_model import given_back_unchanged
 from .validation import HeldOut
 
@@ -72,6 +71,7 @@ def _train(config, pipeline, on_event, should_stop, held):
     torch.manual_seed(session.config["train"]["seed"])
     model = setup.model_and_caches(session, planned, folder, pipeline)
     trainable = setup.lora_and_optimizer(session, planned, folder, model)
+    result.step = folder.start_step  # a resume state that did not fit the model is skipped
     watch = Watch(session, folder.run, model, trainable, result,
                   Monitor(folder.run, [planned.scan.items[i].path for i in planned.training]))
     step_loop(session, planned, folder.run, model, trainable, watch, should_stop)

@@ -8,28 +8,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from .. import UserError
 from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.run_plan import plan_run
 from ..dataset import Cache, image_sizes, model_fingerprint
 from ..dataset.cache import file_digest
 from ..families import get_family, load_model, model_files
 from ..families.preservation import class_caption
-from ..lora import add_lora, add_text_encoder_lora, load_lora_weights
+from ..lora import add_lora, add_text_encoder_lora
 from ..runs import choose_run_folder
 from ..runs.fingerprint import dataset_fingerprint
 from ..sampling import prompts_with_trigger
-from .checkpoints import load_resume_state
+from .checkpoints import load_resume_state, resume as fit_and_load
 from .metrics import versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
 from .text import CachedText, TrainedText
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-
-
-class ResumeError(UserError, ValueError):
-    """The run folder's checkpoints do not fit this config."""
 
 
 @dataclass
@@ -148,11 +143,13 @@ def model_and_caches(session, planned, folder, pipeline):
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{model_cfg['quantize']}")
     cache = Cache(os.path.join(folder.run.path, "cache") if data_cfg["cache"] == "disk" else None,
                   folder.digests)
-    cache.fill(items, sizes, captions,
-               encode_image=lambda image: family.encode_image(pipeline, image, device),
-               encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
-               model_key=model_key,
-               on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+    rebuilt = cache.fill(items, sizes, captions,  # what is read back from a disk cache is checked
+                         encode_image=lambda image: family.encode_image(pipeline, image, device),
+                         encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
+                         model_key=model_key,
+                         on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+    for message in rebuilt:
+        session.warn(message)
     return Model(pipeline, sizes, cache, sample_prompts, class_word)
 
 
@@ -210,19 +207,16 @@ def lora_and_optimizer(session, planned, folder, model):
 
 
 def resume(session, folder, model, text_encoders, optimizer, scheduler):
-    """Loads the newest complete checkpoint's LoRA and optimizer and schedule states."""
-    step, state = folder.resume
-    try:
-        load_lora_weights(model, state["lora"], text_encoders)
-    except (RuntimeError, ValueError):
-        ranks = {v.shape[0] for k, v in state["lora"].items() if ".lora_A." in k}
-        raise ResumeError(f"{folder.run.checkpoint(step)} was trained with other network settings "
-                          f"(rank {sorted(ranks)}, this config network.linear = "
-                          f"{session.config['network']['linear']}). Give this run another name, or "
-                          "set train.resume to false to start a new run folder beside it.") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    session.emit({"type": "resume", "step": step})
+    """Loads the newest complete checkpoint that fits this model and optimizer (checked first,
+    core/trainer/checkpoints.py; a misfit is skipped by name for the one before it), and sets
+    folder.resume to what was loaded (None: training starts at step 0)."""
+    step, refused = fit_and_load(folder.run, folder.resume, model, text_encoders, optimizer,
+                                 scheduler, session.config["train"]["optimizer"])
+    for message in refused:
+        session.warn(message)
+    folder.resume = (step, None) if step else None
+    if step:
+        session.emit({"type": "resume", "step": step})
 
 
 def write_run_config(session, planned, folder, sizes):
