@@ -53,7 +53,7 @@ def apply_trigger(caption, trigger_word):
     return f"{trigger_word}, {caption}" if caption else trigger_word
 
 
-def not_a_plain_file(path, folder):
+def _not_a_plain_file(path, folder):
     """Why `path` (an entry of `folder`) is not read, or None: only regular files are, and links
     only to regular files inside the folder (a FIFO would hang a read, a device never ends)."""
     try:
@@ -92,7 +92,7 @@ def _read_caption(image_path, caption_ext, folder):
     caption_path = os.path.splitext(image_path)[0] + "." + caption_ext.lstrip(".")
     if not os.path.lexists(caption_path):
         return "", False, []
-    why = not_a_plain_file(caption_path, folder)
+    why = _not_a_plain_file(caption_path, folder)
     if why:
         return "", False, [why]
     with open(caption_path, "rb") as f:
@@ -129,7 +129,7 @@ def scan_folder(folder, caption_ext="txt", trigger_word="", key="dataset.folder"
             continue
         if extension not in IMAGE_EXTENSIONS:
             continue
-        why = not_a_plain_file(path, folder)
+        why = _not_a_plain_file(path, folder)
         if why:
             scan.skipped.append((name, why))
             continue
