@@ -55,6 +55,12 @@ def skipped_images(scan, config):
             f"{name}: {reason}" for name, reason in scan.skipped[:5]) + ". Replace or remove them.")
 
 
+def caption_files(scan, config):
+    if scan.notes:
+        return Advice("caption_files", f"{len(scan.notes)} caption file(s) read with a change: " + "; ".join(
+            f"{name}: {note}" for name, note in scan.notes[:5]) + ".")
+
+
 def _side(item):
     return math.sqrt(item.width * item.height)
 
@@ -161,7 +167,7 @@ def steps_band(scan, config):
                       "to use the recommended number.")
 
 
-RULES = (skipped_images, few_images, missing_captions, inconsistent_resolutions, below_resolution,
+RULES = (skipped_images, caption_files, few_images, missing_captions, inconsistent_resolutions, below_resolution,
          resolution_band, near_duplicate_images, lr_band, rank_band, batch_size_above_one,
          repeats_above_one, steps_band)
 

@@ -9,7 +9,7 @@ import statistics
 from PIL import Image
 
 from ..config.guide import LR, LR_RANGE, exponent
-from ..dataset.images import decode_upright
+from ..dataset.images import decode_upright, rgb
 from . import loss_signs, sample_signs
 
 MAX_TRAINING_IMAGES = 200   # enough to catch a copied image; bounded memory on huge datasets
@@ -214,7 +214,7 @@ class Monitor:
             stride = max(1, len(self.training_images) // MAX_TRAINING_IMAGES)
             for path in self.training_images[::stride][:MAX_TRAINING_IMAGES]:
                 try:  # upright as trained (EXIF orientation applied), or a phone photo compares sideways
-                    signature = sample_signs.training_signature(decode_upright(path))
+                    signature = sample_signs.training_signature(rgb(decode_upright(path)))
                 except (OSError, ValueError):
                     continue
                 self._training.append(signature)

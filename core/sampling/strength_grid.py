@@ -2,6 +2,7 @@
 strengths, 0 is the base model. Every cell starts from the same seed, so cells compare like for
 like."""
 from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, text_encoder_names
+from ..strengths import check_strengths
 from .generate import encoded_now, grid_of, prompts_with_trigger, sample_images
 
 
@@ -15,6 +16,7 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
     width, height. The pipeline is left as it was found: no LoRA on it, text encoders freed
     (loaded again for the next prompts) unless a text-encoder LoRA needed them.
     """
+    check_strengths(strengths)
     prompts = prompts_with_trigger(prompts, trigger_word)
     weights = lora["weights"] if lora else {}
     family.remove_lora(pipeline)  # nothing else may add to the strengths asked for

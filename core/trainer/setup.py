@@ -73,6 +73,8 @@ def plan(session):
     session.config = planned.config
     for name, reason in planned.scan.skipped:
         session.warn(f"skipped {name}: {reason}")
+    for name, note in planned.scan.notes:
+        session.warn(f"caption file {name}: {note}")
     if session.device.type == "cpu" and session.config["train"]["optimizer"] == "adamw8bit":
         session.warn("train.optimizer adamw8bit runs on this CPU but slowly (bitsandbytes' 8-bit "
                      "states are a GPU feature); without a GPU, adamw is much faster.")
