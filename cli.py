@@ -248,6 +248,8 @@ def cmd_runs_pin(args):
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if run.pins_problem:
+        print(f"warning: {run.pins_problem}", file=sys.stderr)
     print(f"{'unpinned' if args.unpin else 'pinned'} step {args.step} of {run.path}; "
           f"pinned steps (never rotated away): {', '.join(map(str, pinned)) or 'none'}")
     return 0

@@ -282,8 +282,11 @@ def transformer_config(tensors, metadata):
         out_channels = shape("proj_out.weight")[0]
     axes = None
     if metadata and metadata.get(AXES_METADATA_KEY):
-        axes = tuple(int(a) for a in json.loads(metadata[AXES_METADATA_KEY]))
-        if sum(axes) != head_dim:
+        try:
+            axes = tuple(int(a) for a in json.loads(metadata[AXES_METADATA_KEY]))
+        except (ValueError, TypeError, RecursionError):  # damaged metadata: ignored, as a wrong sum is
+            axes = None
+        if axes and sum(axes) != head_dim:
             axes = None
     config = {
         "patch_size": 1,
