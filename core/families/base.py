@@ -49,10 +49,6 @@ class MemoryModel:
         """Frozen parameters on the device during a step besides the trainable model (the VAE)."""
         return 0
 
-    def text_encoder_note(self, dtype):
-        """One line on the text encoders' memory while captions are encoded ("" for none)."""
-        return ""
-
 
 class ModelFamily:
     # -- what the family is, as data -------------------------------------------------------------
