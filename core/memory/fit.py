@@ -113,9 +113,10 @@ def _rule_of_thumb(config, device_total_bytes, device_type, checkpointing):
     if checkpointing is not None:
         return "none", checkpointing, []
     limit = memory.checkpointing_below_gb
-    switch = device_type == "cuda" and (device_total_bytes is None or device_total_bytes < limit * 2**30)
+    switch = device_type == "cuda" and (None in (limit, device_total_bytes) or device_total_bytes < limit * 2**30)
+    rule = f"on for GPUs under {limit} GB" if limit else "on for every GPU: no estimate for it yet"
     return "none", switch, [f"auto: {family} unquantized, gradient checkpointing "
-                            f"{'on' if switch else 'off'} (on for GPUs under {limit} GB)."]
+                            f"{'on' if switch else 'off'} ({rule})."]
 
 
 def does_not_fit_message(config, device_bytes, quantize, checkpointing, shape=None):
