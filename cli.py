@@ -220,8 +220,8 @@ def cmd_plan(args):
     config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
-        from .core.coach.fit import fit_report
         from .core.config import with_defaults
+        from .core.memory import fit_report
 
         print(fit_report(with_defaults(config), int(args.vram * 2**30)))
     return 0

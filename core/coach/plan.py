@@ -34,7 +34,7 @@ class DatasetPlan:
 
 def plan_dataset(scan_or_folder, config=None):
     """DatasetPlan of a Scan (or a folder, scanned with the config's caption settings)."""
-    from .memory import estimate_memory
+    from ..memory import estimate_memory
 
     scan = None if isinstance(scan_or_folder, str) else scan_or_folder
     if scan is None:

@@ -41,13 +41,9 @@ def resolve_model_path(path):
         from .flux.shapes.packed import TEXT_LENGTH, build_shapes_flux
 
         return build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
-    if family == "flux":
-        from .flux.tiny import build_tiny_flux
+    from . import get_family
 
-        return build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
-    from .unet.tiny import build_tiny
-
-    return build_once(folder, "model_index.json", lambda target: build_tiny(family, target))
+    return build_once(folder, "model_index.json", lambda target: get_family(family).make_tiny(target, preset))
 
 
 @functools.cache

@@ -11,13 +11,13 @@ import torch
 
 from .. import UserError
 from ..coach.monitor import Monitor
-from ..coach.out_of_memory import out_of_memory_advice
 from ..dataset.buckets import crop_top_left
 from ..families import get_family
 from ..families.preservation import preservation_batch
-from ..lora import lora_weights
-from ..runs import write_json
 from ..io import save_image
+from ..lora import lora_weights
+from ..memory import out_of_memory_advice
+from ..runs import write_json
 from ..runs.plot import loss_plot
 from ..sampling import sample_images, save_samples
 from . import setup

@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from ..coach.fit import device_memory, resolve_memory_settings
+from ..memory import device_memory, resolve_memory_settings
 from ..coach.run_plan import plan_run
 from ..dataset import Cache, image_sizes, model_fingerprint
 from ..dataset.cache import file_digest
