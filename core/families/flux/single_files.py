@@ -195,10 +195,10 @@ def _empty(factory):
         return factory()
 
 
-def _bfl_plan(prefix, config, shapes):
+def _bfl_plan(prefix, config, shapes, names):
     plan = []
     for bfl_key, diffusers_key, swap in keys._one_to_one(config["num_layers"], config["num_single_layers"]):
-        plan.append((prefix + bfl_key, [(diffusers_key, None)], swap))
+        plan.append((keys.stored_key(prefix + bfl_key, names), [(diffusers_key, None)], swap))
     for bfl_name, parts in keys.block_modules(config["num_layers"], config["num_single_layers"]):
         for suffix in ("weight", "bias"):
             targets = [(f"{p}.{suffix}", shapes[f"{p}.{suffix}"][0]) for p in parts
@@ -225,9 +225,9 @@ def load_transformer(paths, dtype, quantize="none", setting="model.transformer_p
     for header in headers:
         with header as source:
             if keys.is_bfl(tensors):
-                plan = _bfl_plan(prefix, config, shapes)
-            else:
-                plan = _identity_plan(source, model)
+                plan = _bfl_plan(prefix, config, shapes, tensors)
+            else:  # diffusers keys, behind a prefix where ComfyUI saved them
+                plan = _identity_plan(source, model, lambda k: k[len(prefix):] if k.startswith(prefix) else k)
             _fill(model, source, plan, dtype, setting, fp8_names)
     _check_complete(model, setting, paths[0])
     if quantize in ("nf4", "int8"):
