@@ -92,6 +92,14 @@ def cmd_train(args):
 
 
 def cmd_make_tiny_model(args):
+    if args.family == "qwen_image":  # TODO(contract): each family's own tiny builder
+        from .core.families.qwen_image import tiny
+
+        folder = tiny.build_tiny_qwen_image(args.folder)
+        for path in (tiny.write_comfyui_files(folder).values() if args.comfyui else ()):
+            print(path)
+        print(folder)
+        return 0
     if args.family != "flux":  # SDXL / SD1.5: a diffusers folder, and a checkpoint if asked
         from .core.families.unet.tiny import build_tiny, write_single_file
 
@@ -322,7 +330,7 @@ def build_parser():
     train.add_argument("config")
     train.set_defaults(handler=cmd_train)
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model folder, built locally")
-    tiny.add_argument("family", choices=["flux", "sdxl", "sd15"])
+    tiny.add_argument("family", choices=["flux", "sdxl", "sd15", "qwen_image"])
     tiny.add_argument("folder")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="flux only")
     tiny.add_argument("--single-file", help="also write one .safetensors: FLUX's transformer in BFL "

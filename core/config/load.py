@@ -114,12 +114,14 @@ def resolve(config, source=None):
     if resolved["network"]["conv_alpha"] is None:
         resolved["network"]["conv_alpha"] = resolved["network"]["conv"] or None
     if resolved["save"]["format"] is None:
-        resolved["save"]["format"] = "diffusers" if family == "flux" else "kohya"
+        # TODO(contract): the family's default format
+        resolved["save"]["format"] = "diffusers" if family in ("flux", "qwen_image") else "kohya"
     return resolved
 
 
 PATH_SETTINGS = (("model", "path"), ("model", "transformer_path"), ("model", "clip_l_path"),
                  ("model", "t5_path"), ("model", "vae_path"), ("model", "checkpoint_path"),
+                 ("model", "text_encoder_path"),
                  ("dataset", "folder"), ("save", "output_dir"))
 
 
@@ -129,8 +131,8 @@ def _family_problems(model, network):
     from ..families import REQUIRED_FILES, folder_family
 
     family, problems = model["family"], []
-    if family == "flux" and network["text_encoder"]:
-        problems.append("network.text_encoder = true: FLUX.1 does not offer a text-encoder LoRA; "
+    if family in ("flux", "qwen_image") and network["text_encoder"]:  # TODO(contract)
+        problems.append(f"network.text_encoder = true: {family} does not offer a text-encoder LoRA; "
                         "set it to false")
     found = folder_family(model["path"]) if model["path"] else None
     if found and found != family:
@@ -145,8 +147,9 @@ def _family_problems(model, network):
                         "model the file belongs to")
     if not model["path"] and not all(model[key] for key in required):
         missing = ", ".join(f"model.{key}" for key in required if not model[key])
-        what = ("all four single files (transformer, CLIP-L, T5, VAE) as ComfyUI keeps them"
-                if family == "flux" else "a single-file checkpoint as ComfyUI keeps it in models/checkpoints")
+        what = {"flux": "all four single files (transformer, CLIP-L, T5, VAE) as ComfyUI keeps them",
+                "qwen_image": "the three files (transformer, text encoder, VAE) as ComfyUI keeps them",
+                }.get(family, "a single-file checkpoint as ComfyUI keeps it in models/checkpoints")  # TODO(contract)
         problems.append(f"model.path is empty and {missing} not given: give a local diffusers folder "
                         f"in model.path, or {what}")
     return problems

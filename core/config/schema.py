@@ -6,7 +6,7 @@ SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
-FAMILIES = ["auto", "flux", "sdxl", "sd15"]
+FAMILIES = ["auto", "flux", "sdxl", "sd15", "qwen_image"]
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
@@ -42,7 +42,7 @@ SCHEMA = {
         "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
-            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL or SD1.5; auto reads it "
+            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5 or Qwen-Image; auto reads it "
                               "from the model's files."),
             "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
                      "Local diffusers folder of the base model. Not needed when the single files "
@@ -57,6 +57,9 @@ SCHEMA = {
                             "CLIP-L text encoder file (ComfyUI's models/text_encoders/clip_l.safetensors)."},
             "t5_path": {"type": ["string", "null"], "default": None, "description":
                         "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
+            "text_encoder_path": {"type": ["string", "null"], "default": None, "description":
+                                  "Qwen-Image: the Qwen2.5-VL 7B text encoder file (ComfyUI's models/"
+                                  "text_encoders/qwen_2.5_vl_7b.safetensors or _fp8_scaled)."},
             "vae_path": {"type": ["string", "null"], "default": None, "description":
                          "VAE file from ComfyUI's models/vae (FLUX.1: ae.safetensors; SDXL/SD1.5: "
                          "replaces the checkpoint's VAE)."},
@@ -202,6 +205,10 @@ FAMILY_DEFAULTS = {
     "sdxl": {"dataset.resolution": [1024], "sample.guidance_scale": 6.0, "sample.sample_steps": 25},
     "sd15": {"dataset.resolution": [512], "sample.guidance_scale": 7.0, "sample.sample_steps": 25,
              "sample.width": 512, "sample.height": 512},
+    # Qwen-Image: musubi-tuner's shift sampling (at 2.2, core/families/qwen_image), true CFG 4 as
+    # QwenImagePipeline's default, 25 steps as ai-toolkit samples; resolution, lr 1e-4 and rank 16
+    # are the schema's, as ai-toolkit's train_lora_qwen_image_24gb.yaml has them
+    "qwen_image": {"train.timestep_type": "shift", "sample.guidance_scale": 4.0, "sample.sample_steps": 25},
 }
 
 

@@ -4,15 +4,17 @@ import importlib
 import json
 import os
 
-SUPPORTED = ("flux", "sdxl", "sd15")
+SUPPORTED = ("flux", "sdxl", "sd15", "qwen_image")
 
 # The single files each family can load instead of (or over parts of) a diffusers folder; with
 # all of `REQUIRED_FILES` given, no folder is needed.
-SINGLE_FILES = ("transformer_path", "clip_l_path", "t5_path", "vae_path", "checkpoint_path")
+SINGLE_FILES = ("transformer_path", "clip_l_path", "t5_path", "vae_path", "checkpoint_path",
+                "text_encoder_path")
 REQUIRED_FILES = {"flux": ("transformer_path", "clip_l_path", "t5_path", "vae_path"),
-                  "sdxl": ("checkpoint_path",), "sd15": ("checkpoint_path",)}
+                  "sdxl": ("checkpoint_path",), "sd15": ("checkpoint_path",),
+                  "qwen_image": ("transformer_path", "text_encoder_path", "vae_path")}
 PIPELINE_CLASSES = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl",
-                    "StableDiffusionPipeline": "sd15"}
+                    "StableDiffusionPipeline": "sd15", "QwenImagePipeline": "qwen_image"}
 
 
 def get_family(name):
@@ -29,6 +31,10 @@ def detect_family(model_cfg):
         from .unet.files import detect
 
         return detect(checkpoint)["family"]
+    from .qwen_image.files import names_qwen_image  # TODO(contract): each family reads its files
+
+    if names_qwen_image(model_cfg):
+        return "qwen_image"
     if any(model_cfg.get(key) for key in ("transformer_path", "clip_l_path", "t5_path")):
         return "flux"
     found = folder_family(path) if path else None

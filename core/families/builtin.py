@@ -10,7 +10,8 @@ import os
 
 BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux": ("flux", "tiny"),
                   "builtin:small-flux": ("flux", "small"),
-                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
+                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
+                  "builtin:tiny-qwen-image": ("qwen_image", "tiny")}
 # name: (folder in the cache, image count, the function in core/dataset/demo.py that draws it); a
 # new drawing gets a new folder, never an old one's
 BUILTIN_DATASETS = {"builtin:demo": ("demo-star", 8, "make_demo_dataset"),
@@ -48,6 +49,10 @@ def resolve_model_path(path):
         from .flux.tiny import build_tiny_flux
 
         return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
+    if family == "qwen_image":  # TODO(contract): each family's own tiny builder
+        from .qwen_image.tiny import build_tiny_qwen_image
+
+        return _build_once(folder, "model_index.json", build_tiny_qwen_image)
     from .unet.tiny import build_tiny
 
     return _build_once(folder, "model_index.json", lambda target: build_tiny(family, target))
