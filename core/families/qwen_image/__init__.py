@@ -202,16 +202,17 @@ def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height
     sampling: true classifier-free guidance at `guidance_scale` against the empty caption (the
     pipeline's true_cfg_scale; none at 1 or below)."""
     dtype = pipeline.transformer.dtype
+
+    def embeds(prefix, text, mask):  # cut to the prompt's length; the mask given, as encode_prompt makes it
+        length = max(1, int(mask.sum().item()))
+        return {f"{prefix}prompt_embeds": text[None, :length].to(device, dtype),
+                f"{prefix}prompt_embeds_mask": mask[None, :length].to(device).long()}
+
     images = []
     for text, mask in prompt_embeds:
-        embeds, keep = trimmed(text[None], mask[None])
-        options = dict(prompt_embeds=embeds.to(device, dtype),
-                       prompt_embeds_mask=None if keep is None else keep.to(device).long())
+        options = embeds("", text, mask)
         if negative_embeds is not None and guidance_scale > 1:
-            negative, negative_keep = trimmed(negative_embeds[0][None], negative_embeds[1][None])
-            options.update(negative_prompt_embeds=negative.to(device, dtype),
-                           negative_prompt_embeds_mask=None if negative_keep is None
-                           else negative_keep.to(device).long())
+            options.update(embeds("negative_", *negative_embeds))
         generator = torch.Generator("cpu").manual_seed(seed)
         result = pipeline(**options, true_cfg_scale=guidance_scale, num_inference_steps=steps,
                           width=width, height=height, generator=generator, output_type="pil")

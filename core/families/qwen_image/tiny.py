@@ -19,21 +19,25 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
                  time_shift_type="exponential", use_dynamic_shifting=True)
 
 
+def mrope_section(head_dim):
+    """Qwen2.5-VL's rope sections (time, height, width) of half a head: 7B's [16, 24, 24] at 128,
+    in the same proportions for narrower heads."""
+    half = head_dim // 2
+    side = half * 3 // 8
+    return [half - 2 * side, side, side]
+
+
 def text_encoder_config(hidden, layers, heads, vocab):
     """A Qwen2.5-VL config of the given text width; its vision tower as small as it goes (Qwen-Image
-    reads text only, the edit models images too). mrope's sections split the half head as 7B's
-    [16, 24, 24] splits 64."""
+    reads text only, the edit models images too)."""
     from transformers import Qwen2_5_VLConfig
 
-    head_dim = hidden // heads
-    half = head_dim // 2
-    side = (half * 3 // 8)
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
                          max_position_embeddings=4096, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                          "mrope_section": [half - 2 * side, side, side]}),
+                                          "mrope_section": mrope_section(hidden // heads)}),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                            out_hidden_size=hidden, fullatt_block_indexes=[0]),
         tie_word_embeddings=True)
@@ -62,3 +66,60 @@ def build_tiny_qwen_image(folder, comfyui=None, seed=0):
     os.makedirs(folder, exist_ok=True)
     pipeline.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The same tiny model as ComfyUI's files (models/diffusion_models, text_encoders, vae)
+
+
+def write_comfyui_files(folder):
+    """The folder's model as ComfyUI's files in FOLDER/comfyui/: {"transformer" (bf16),
+    "transformer_fp8" (fp8_e4m3fn block weights), "transformer_scaled_fp8" (ComfyUI's scaled
+    fp8), "text_encoder" (Qwen2.5-VL's original names, no lm_head), "vae" (Wan 2.1's layout)}."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ..flux import files as flux_files, fp8
+    from . import files
+
+    out = os.path.join(folder, "comfyui")
+    paths = {"transformer": "diffusion_models/qwen_image_tiny_bf16.safetensors",
+             "transformer_fp8": "diffusion_models/qwen_image_tiny_fp8_e4m3fn.safetensors",
+             "transformer_scaled_fp8": "diffusion_models/qwen_image_tiny_fp8_scaled.safetensors",
+             "text_encoder": "text_encoders/qwen_2.5_vl_tiny.safetensors",
+             "vae": "vae/qwen_image_vae_tiny.safetensors"}
+    paths = {k: os.path.join(out, v) for k, v in paths.items()}
+    for path in paths.values():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    transformer = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in transformer.state_dict().items()}
+    save_file(weights, paths["transformer"])
+    plain, scaled = {}, {flux_files.SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
+    for key, value in weights.items():
+        if fp8.is_block_linear(key) and key.endswith(".weight") and value.dim() == 2:
+            plain[key] = value.to(fp8.FP8)
+            scaled[key], scale = fp8.to_fp8(value)
+            scaled[key[:-len(".weight")] + ".scale_weight"] = scale.reshape(())
+        else:
+            plain[key] = scaled[key] = value
+    save_file(plain, paths["transformer_fp8"])
+    save_file(scaled, paths["transformer_scaled_fp8"])
+
+    encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(folder, "text_encoder"))
+    original = {}
+    for key, value in encoder.state_dict().items():
+        if key.startswith("model.language_model."):
+            original["model." + key[len("model.language_model."):]] = value.contiguous()
+        elif key.startswith("model.visual."):
+            original[key[len("model."):]] = value.contiguous()
+    config = encoder.config
+    save_file(original, paths["text_encoder"], metadata={
+        files.HEAD_DIM_KEY: str(config.text_config.hidden_size // config.text_config.num_attention_heads),
+        files.VISION_HEADS_KEY: str(config.vision_config.num_heads)})
+
+    vae = AutoencoderKLQwenImage.from_pretrained(os.path.join(folder, "vae"))
+    state = vae.state_dict()
+    save_file({wan: state[ours].contiguous() for ours, wan in files.wan_names(state).items()},
+              paths["vae"])
+    return paths
