@@ -12,16 +12,16 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 
-from loralab.core.families import detect_family, load_model, qwen_image
+from loralab.core.families import ModelError, detect_family, get_family, load_model
 from loralab.core.families.flux.fp8 import Float8Linear
 from loralab.core.families.qwen_image import files
 from loralab.core.families.qwen_image.tiny import build_tiny_qwen_image, write_comfyui_files
-from loralab.core.families.flux.model import ModelError
 
 from conftest import COMFYUI_SOURCE, run_cli
 from comfyui_env import comfyui_python_or_skip, comfyui_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+FAMILY = get_family("qwen_image")
 F32 = torch.float32
 
 
@@ -67,11 +67,11 @@ def test_pipeline_from_the_three_files(comfy_files, reference, monkeypatch):
              "text_encoder_path": comfy_files["text_encoder"], "vae_path": comfy_files["vae"]}
     assert detect_family(model) == "qwen_image"
     pipeline = load_model({**model, "family": "qwen_image"}, "none")
-    ours = qwen_image.encode_prompts(pipeline, ["a photo of sks"], "cpu")["a photo of sks"]
+    ours = FAMILY.encode_prompts(pipeline, ["a photo of sks"], "cpu")["a photo of sks"]
     embeds, _ = reference.encode_prompt("a photo of sks", device="cpu")
     length = embeds.shape[1]
     assert ours[1].sum() == length and torch.allclose(ours[0][:length], embeds[0], atol=1e-5)
-    image, = qwen_image.generate(pipeline, [ours], 0, 2, 4.0, 64, 64, "cpu", ours)
+    image, = FAMILY.generate(pipeline, [ours], 0, 2, 4.0, 64, 64, "cpu", ours)
     assert image.size == (64, 64)
 
 
@@ -82,7 +82,7 @@ def test_a_wrong_file_is_refused_by_its_setting(comfy_files, slot, wrong):
              "text_encoder_path": comfy_files["text_encoder"], "vae_path": comfy_files["vae"],
              slot: comfy_files[wrong]}
     with pytest.raises(ModelError) as error:
-        qwen_image.load(model)
+        FAMILY.load(model)
     message = str(error.value)
     assert f"model.{slot}" in message and comfy_files[wrong] in message and "looks like" in message
 

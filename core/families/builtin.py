@@ -2,7 +2,8 @@
 makes locally on first use, so the quickstart runs on a fresh machine with no download.
 
 `builtin:tiny-flux` is the pretrained shapes model (core/families/flux/shapes), which draws
-what it is asked; `builtin:random-flux`, `small-flux`, `tiny-sdxl` and `tiny-sd15` are random
+what it is asked; `builtin:random-flux`, `small-flux`, `tiny-sdxl`, `tiny-sd15` and
+`tiny-qwen-image` are random
 weights of the same kind, for tries and tests that need only speed."""
 import functools
 import hashlib
@@ -45,17 +46,9 @@ def resolve_model_path(path):
         from .flux.shapes.packed import TEXT_LENGTH, build_shapes_flux
 
         return _build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
-    if family == "flux":
-        from .flux.tiny import build_tiny_flux
+    from . import get_family  # every other built-in is its family's tiny model
 
-        return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
-    if family == "qwen_image":  # TODO(contract): each family's own tiny builder
-        from .qwen_image.tiny import build_tiny_qwen_image
-
-        return _build_once(folder, "model_index.json", build_tiny_qwen_image)
-    from .unet.tiny import build_tiny
-
-    return _build_once(folder, "model_index.json", lambda target: build_tiny(family, target))
+    return _build_once(folder, "model_index.json", lambda target: get_family(family).make_tiny(target, preset))
 
 
 @functools.cache

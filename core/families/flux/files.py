@@ -192,7 +192,7 @@ def _identify(tensors):
     names = set(tensors)
     prefix = strip_prefix(names)
     if prefix + "double_blocks.0.img_attn.qkv.weight" in names or \
-            prefix + "transformer_blocks.0.attn.add_q_proj.weight" in names:
+            prefix + "x_embedder.weight" in names and prefix + "transformer_blocks.0.attn.add_q_proj.weight" in names:
         return "flux_transformer"
     if any(k.startswith("conditioner.embedders.1.") for k in names) or \
             "model.diffusion_model.label_emb.0.0.weight" in names:

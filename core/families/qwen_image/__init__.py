@@ -1,5 +1,5 @@
 """Qwen-Image (and Qwen-Image 2512): what the trainer needs of a model family
-(core/families/contract.py), in one place. The math follows diffusers'
+(core/families/base.py), in one place. The math follows diffusers'
 examples/dreambooth/train_dreambooth_lora_qwen_image.py: latents normalised by the VAE's
 latents_mean / latents_std, packed 2x2, the straight-line flow-matching target noise - x0, the
 timestep given as the noise level s in [0, 1], no guidance embedding."""
@@ -10,11 +10,11 @@ import torch
 
 from ..flux import flow
 from ..loss import weighted_mse
+from ..base import ModelFamily
 from ..preservation import predict_preserving
-from .load import ModelError, load_pipeline
+from .load import load_pipeline
+from .memory import QwenImageMemory
 from .text import TEXT_LENGTH, padded, trimmed
-
-name = "qwen_image"
 
 # LoRA on the attention and MLP linears of every block, as for FLUX.1 (ai-toolkit and
 # musubi-tuner's lora_qwen_image train these); the modulations (img_mod, txt_mod) stay frozen
@@ -33,123 +33,6 @@ SHIFT = 2.2
 DYNAMIC_SHIFT = dict(base_tokens=256, max_tokens=8192, base_shift=0.5, max_shift=0.9)
 
 
-def load(model, quantize="none", comfyui=None):
-    """The Qwen-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's files."""
-    return load_pipeline(model, quantize, comfyui)
-
-
-def lora_targets(network):
-    return {"target_modules": LORA_TARGETS}
-
-
-def size_multiple(pipeline):
-    """Image sides must be a multiple of the VAE's downscale (8) times the 2x2 packing."""
-    return pipeline.vae_scale_factor * 2
-
-
-def trainable_model(pipeline):
-    return pipeline.transformer
-
-
-def compute_dtype(pipeline):
-    return pipeline.transformer.dtype
-
-
-def uses_guidance(pipeline):
-    return False  # Qwen-Image has no guidance embedding; sampling uses true CFG
-
-
-def encoders_to_device(pipeline, device):
-    for part in (pipeline.vae, pipeline.text_encoder):
-        if part is not None:
-            part.to(device)
-
-
-def to_device(pipeline, device):
-    pipeline.vae.to(device)
-    pipeline.transformer.to(device)
-
-
-def free_text_encoders(pipeline):
-    """Qwen2.5-VL 7B (about 16 GB in bf16) is dropped after encoding; encode_prompts loads it again."""
-    pipeline.register_modules(text_encoder=None)
-
-
-def remove_lora(pipeline):
-    if getattr(pipeline.transformer, "peft_config", None):
-        pipeline.transformer.unload_lora()
-
-
-def lora_to_diffusers(weights):
-    """diffusers' own names, `transformer.` + peft's: both diffusers' QwenImage loader and
-    ComfyUI's (comfy/lora.py maps `transformer.<module>` for QwenImage) take them whole."""
-    from ...lora.files import prefixed
-
-    return prefixed(weights, DIFFUSERS_PREFIX)
-
-
-def lora_to_kohya(model):
-    """musubi-tuner's names: lora_unet_ + the module with `_`, `.alpha` = rank (the scale is
-    already in the weights); ComfyUI maps them through its diffusers names."""
-    def convert(weights):
-        kohya = {}
-        for key, value in weights.items():
-            module, _, part = key.rpartition(".lora_")
-            stem = "lora_unet_" + module.replace(".", "_")
-            kohya[f"{stem}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
-            if part.startswith("A"):
-                kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
-        return kohya
-    return convert
-
-
-@torch.no_grad()
-def encode_prompts(pipeline, prompts, device):
-    """{prompt: (embeddings [TEXT_LENGTH, dim], mask [TEXT_LENGTH])} on the CPU. Qwen-Image has no
-    pooled embedding: the second part is the mask of the padded text. diffusers' encode_prompt
-    applies the prompt template and drops its first 34 tokens (drop_idx), reading the last
-    hidden state of Qwen2.5-VL, as QwenImagePipeline does."""
-    _text_encoder_on(pipeline, device)
-    encoded = {}
-    for prompt in dict.fromkeys(prompts):
-        embeds, mask = pipeline.encode_prompt(prompt, device=device, max_sequence_length=TEXT_LENGTH)
-        text, keep = padded(embeds, mask)
-        encoded[prompt] = (text.cpu(), keep)
-    return encoded
-
-
-def _text_encoder_on(pipeline, device):
-    if pipeline.text_encoder is None:
-        pipeline.register_modules(text_encoder=pipeline.text_encoder_source.load())
-    pipeline.text_encoder.to(device)
-
-
-NO_TEXT_ENCODER_LORA = "network.text_encoder: Qwen-Image does not offer a text-encoder LoRA; set it to false"
-
-
-def text_encoders(pipeline):
-    raise ValueError(NO_TEXT_ENCODER_LORA)
-
-
-def text_encoder_lora_targets(network):
-    raise ValueError(NO_TEXT_ENCODER_LORA)
-
-
-def encode_batch(pipeline, captions, device):
-    raise ValueError(NO_TEXT_ENCODER_LORA)
-
-
-@torch.no_grad()
-def encode_image(pipeline, image, device):
-    """Normalised latent [16, h, w] of one PIL image: the VAE is a video VAE (one frame here), and
-    its latents are normalised per channel, (z - latents_mean) / latents_std, as diffusers'
-    training script and pipeline do."""
-    pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 127.5 - 1.0)
-    pixels = pixels.permute(2, 0, 1)[None, :, None].to(device, pipeline.vae.dtype)
-    latent = pipeline.vae.encode(pixels).latent_dist.sample()[:, :, 0]
-    return normalize_latents(latent, pipeline.vae.config)[0].float().cpu()
-
-
 def normalize_latents(latents, vae_config):
     mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
     std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
@@ -166,25 +49,6 @@ def sample_sigmas(batch_size, timestep_type, num_tokens, generator):
     return k * sigmas / (1 + (k - 1) * sigmas)
 
 
-def training_loss(model, batch, generator, train_config, guidance_embeds):
-    """Flow-matching MSE of one batch (latents [B,16,h,w], text [B,TEXT_LENGTH,dim] and its mask in
-    `pooled`), plus preservation's loss where the batch carries it."""
-    latents = batch["latents"]
-    batch_size, _, height, width = latents.shape
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    sigmas = sample_sigmas(batch_size, train_config["timestep_type"], height * width // 4, generator)
-    noisy, target = flow.noisy_latents(latents, noise, sigmas.to(latents.device))
-
-    def velocity(module, packed, sigmas, text, pooled):  # pooled: the text's mask
-        return predict(module, packed, sigmas, text, pooled, height, width)
-
-    prediction, preservation = predict_preserving(
-        model, velocity, flow.pack(noisy),
-        {"sigmas": sigmas.to(latents.device), "text": batch["text"], "pooled": batch["pooled"]},
-        batch, train_config.get("preservation_weight", 0.0))
-    return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight")) + preservation
-
-
 def predict(transformer, packed_noisy, sigmas, text, mask, height, width):
     """The transformer's velocity for packed noisy latents at noise level sigmas (the pipeline
     passes timestep / 1000, the same s in [0, 1])."""
@@ -195,33 +59,155 @@ def predict(transformer, packed_noisy, sigmas, text, mask, height, width):
                        return_dict=False)[0]
 
 
-@torch.no_grad()
-def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
-             negative_embeds=None):
-    """One image (PIL) per cached prompt, each from the same seed, with QwenImagePipeline's own
-    sampling: true classifier-free guidance at `guidance_scale` against the empty caption (the
-    pipeline's true_cfg_scale; none at 1 or below)."""
-    dtype = pipeline.transformer.dtype
+class QwenImage(ModelFamily):
+    name = "qwen_image"
+    title = "Qwen-Image"
+    pipeline_classes = ("QwenImagePipeline",)
+    single_files = ("transformer_path", "text_encoder_path", "vae_path")
+    required_files = single_files
+    single_files_text = "the three files (transformer, Qwen2.5-VL text encoder, VAE) as ComfyUI keeps them"
+    LORA_TARGETS = LORA_TARGETS
+    KOHYA_METADATA = KOHYA_METADATA
+    SIZE_MULTIPLE = 16  # the VAE's 8 x the 2x2 packing
+    # musubi-tuner's shift sampling (at SHIFT), true CFG 4 as QwenImagePipeline's default, 25
+    # steps as ai-toolkit samples; resolution [512, 768, 1024], lr 1e-4 and rank 16 are the
+    # schema's, as ai-toolkit's train_lora_qwen_image_24gb.yaml has them
+    config_defaults = {"train.timestep_type": "shift", "sample.guidance_scale": 4.0, "sample.sample_steps": 25}
+    memory = QwenImageMemory()
 
-    def embeds(prefix, text, mask):  # cut to the prompt's length; the mask given, as encode_prompt makes it
-        length = max(1, int(mask.sum().item()))
-        return {f"{prefix}prompt_embeds": text[None, :length].to(device, dtype),
-                f"{prefix}prompt_embeds_mask": mask[None, :length].to(device).long()}
+    def claims_files(self, model):
+        from .files import names_qwen_image
 
-    images = []
-    for text, mask in prompt_embeds:
-        options = embeds("", text, mask)
-        if negative_embeds is not None and guidance_scale > 1:
-            options.update(embeds("negative_", *negative_embeds))
-        generator = torch.Generator("cpu").manual_seed(seed)
-        result = pipeline(**options, true_cfg_scale=guidance_scale, num_inference_steps=steps,
-                          width=width, height=height, generator=generator, output_type="pil")
-        images.append(result.images[0])
-    return images
+        return names_qwen_image(model)
+
+    def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
+        from . import tiny
+
+        folder = tiny.build_tiny_qwen_image(folder)
+        return (list(tiny.write_comfyui_files(folder).values()) if comfyui else []) + [folder]
+
+    def text_length(self, pipeline):
+        return TEXT_LENGTH
+
+    def trainable_model(self, pipeline):
+        return pipeline.transformer
+
+    def load(self, model, quantize="none", comfyui=None):
+        """The Qwen-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's files."""
+        return load_pipeline(model, quantize, comfyui)
+
+    def size_multiple(self, pipeline):
+        """Image sides must be a multiple of the VAE's downscale (8) times the 2x2 packing."""
+        return pipeline.vae_scale_factor * 2
+
+    def encoders_to_device(self, pipeline, device):
+        for part in (pipeline.vae, pipeline.text_encoder):
+            if part is not None:
+                part.to(device)
+
+    def to_device(self, pipeline, device):
+        pipeline.vae.to(device)
+        pipeline.transformer.to(device)
+
+    def free_text_encoders(self, pipeline):
+        """Qwen2.5-VL 7B (about 16 GB in bf16) is dropped after encoding; encode_prompts loads it again."""
+        pipeline.register_modules(text_encoder=None)
+
+    def remove_lora(self, pipeline):
+        if getattr(pipeline.transformer, "peft_config", None):
+            pipeline.transformer.unload_lora()
+
+    def lora_to_diffusers(self, weights):
+        """diffusers' own names, `transformer.` + peft's: both diffusers' QwenImage loader and
+        ComfyUI's (comfy/lora.py maps `transformer.<module>` for QwenImage) take them whole."""
+        from ...lora.files import prefixed
+
+        return prefixed(weights, DIFFUSERS_PREFIX)
+
+    def lora_to_kohya(self, model):
+        """musubi-tuner's names: lora_unet_ + the module with `_`, `.alpha` = rank (the scale is
+        already in the weights); ComfyUI maps them through its diffusers names."""
+        def convert(weights):
+            kohya = {}
+            for key, value in weights.items():
+                module, _, part = key.rpartition(".lora_")
+                stem = "lora_unet_" + module.replace(".", "_")
+                kohya[f"{stem}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+                if part.startswith("A"):
+                    kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
+            return kohya
+        return convert
+
+    @torch.no_grad()
+    def encode_prompts(self, pipeline, prompts, device):
+        """{prompt: (embeddings [TEXT_LENGTH, dim], mask [TEXT_LENGTH])} on the CPU. Qwen-Image has no
+        pooled embedding: the second part is the mask of the padded text. diffusers' encode_prompt
+        applies the prompt template and drops its first 34 tokens (drop_idx), reading the last
+        hidden state of Qwen2.5-VL, as QwenImagePipeline does."""
+        self._text_encoder_on(pipeline, device)
+        encoded = {}
+        for prompt in dict.fromkeys(prompts):
+            embeds, mask = pipeline.encode_prompt(prompt, device=device, max_sequence_length=TEXT_LENGTH)
+            text, keep = padded(embeds, mask)
+            encoded[prompt] = (text.cpu(), keep)
+        return encoded
+
+    def _text_encoder_on(self, pipeline, device):
+        if pipeline.text_encoder is None:
+            pipeline.register_modules(text_encoder=pipeline.text_encoder_source.load())
+        pipeline.text_encoder.to(device)
+
+    @torch.no_grad()
+    def encode_image(self, pipeline, image, device):
+        """Normalised latent [16, h, w] of one PIL image: the VAE is a video VAE (one frame here), and
+        its latents are normalised per channel, (z - latents_mean) / latents_std, as diffusers'
+        training script and pipeline do."""
+        pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 127.5 - 1.0)
+        pixels = pixels.permute(2, 0, 1)[None, :, None].to(device, pipeline.vae.dtype)
+        latent = pipeline.vae.encode(pixels).latent_dist.sample()[:, :, 0]
+        return normalize_latents(latent, pipeline.vae.config)[0].float().cpu()
+
+    def training_loss(self, model, batch, generator, train_config, guidance_embeds):
+        """Flow-matching MSE of one batch (latents [B,16,h,w], text [B,TEXT_LENGTH,dim] and its mask in
+        `pooled`), plus preservation's loss where the batch carries it."""
+        latents = batch["latents"]
+        batch_size, _, height, width = latents.shape
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        sigmas = sample_sigmas(batch_size, train_config["timestep_type"], height * width // 4, generator)
+        noisy, target = flow.noisy_latents(latents, noise, sigmas.to(latents.device))
+
+        def velocity(module, packed, sigmas, text, pooled):  # pooled: the text's mask
+            return predict(module, packed, sigmas, text, pooled, height, width)
+
+        prediction, preservation = predict_preserving(
+            model, velocity, flow.pack(noisy),
+            {"sigmas": sigmas.to(latents.device), "text": batch["text"], "pooled": batch["pooled"]},
+            batch, train_config.get("preservation_weight", 0.0))
+        return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight")) + preservation
+
+    @torch.no_grad()
+    def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
+                 negative_embeds=None):
+        """One image (PIL) per cached prompt, each from the same seed, with QwenImagePipeline's own
+        sampling: true classifier-free guidance at `guidance_scale` against the empty caption (the
+        pipeline's true_cfg_scale; none at 1 or below)."""
+        dtype = pipeline.transformer.dtype
+
+        def embeds(prefix, text, mask):  # cut to the prompt's length; the mask given, as encode_prompt makes it
+            length = max(1, int(mask.sum().item()))
+            return {f"{prefix}prompt_embeds": text[None, :length].to(device, dtype),
+                    f"{prefix}prompt_embeds_mask": mask[None, :length].to(device).long()}
+
+        images = []
+        for text, mask in prompt_embeds:
+            options = embeds("", text, mask)
+            if negative_embeds is not None and guidance_scale > 1:
+                options.update(embeds("negative_", *negative_embeds))
+            generator = torch.Generator("cpu").manual_seed(seed)
+            result = pipeline(**options, true_cfg_scale=guidance_scale, num_inference_steps=steps,
+                              width=width, height=height, generator=generator, output_type="pil")
+            images.append(result.images[0])
+        return images
 
 
-__all__ = ["DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
-           "encode_batch", "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders",
-           "generate", "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya", "normalize_latents",
-           "predict", "remove_lora", "sample_sigmas", "size_multiple", "text_encoder_lora_targets",
-           "text_encoders", "to_device", "trainable_model", "training_loss", "uses_guidance"]
+FAMILY = QwenImage()

@@ -13,7 +13,7 @@ import re
 
 from ..flux import fp8 as fp8_ops
 from ..flux.files import SafetensorsFile, default_axes, describe, is_scale_key, read_header
-from ..flux.model import ModelError
+from ..base import ModelError
 from ..flux.single_files import (_check_complete, _count_layers, _empty, _fill, _frozen, _identity_plan,
                                  folder_transformer_files)
 

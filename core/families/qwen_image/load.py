@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
-from ..flux.model import ModelError, check_model_folder, quiet_loading
+from ..base import ModelError
+from ..flux.model import check_model_folder, quiet_loading
 
 PARTS = ("transformer_path", "text_encoder_path", "vae_path")
 

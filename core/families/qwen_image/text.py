@@ -5,7 +5,7 @@ import os
 import torch
 
 from ..flux.single_files import comfyui_candidates
-from ..flux.model import ModelError
+from ..base import ModelError
 
 TOKENIZER = os.path.join("comfy", "text_encoders", "qwen25_tokenizer")
 # QwenImagePipeline.__call__'s max_sequence_length: captions are cut there, and padded to it so
