@@ -230,3 +230,33 @@ def test_comfyui_uses_every_key_with_peft_deltas(trained, tiny_qwen, tmp_path):
     assert sorted(deltas) == sorted(expected)
     for key, delta in expected.items():
         torch.testing.assert_close(deltas[key], delta, rtol=1e-3, atol=1e-6, msg=key)
+
+
+def test_defaults_apply_only_where_the_config_is_silent(tmp_path):
+    from loralab.core.config import resolve
+
+    base = {"model": {"family": "qwen_image", "path": str(tmp_path)}, "dataset": {"folder": str(tmp_path)}}
+    config = resolve(base)
+    assert (config["train"]["timestep_type"], config["sample"]["guidance_scale"],
+            config["sample"]["sample_steps"], config["save"]["format"]) == ("shift", 4.0, 25, "diffusers")
+    given = resolve({**base, "train": {"timestep_type": "sigmoid"}, "sample": {"guidance_scale": 1.0}})
+    assert (given["train"]["timestep_type"], given["sample"]["guidance_scale"]) == ("sigmoid", 1.0)
+
+
+def test_noise_levels_shift_towards_noise():
+    from loralab.core.families.qwen_image import sample_sigmas
+
+    draws = {kind: sample_sigmas(20000, kind, 4096, torch.Generator().manual_seed(0)).mean().item()
+             for kind in ("sigmoid", "shift", "flux_shift")}
+    # shift 2.2 and the scheduler's own shift at 4096 tokens (mu 0.69: k = 2.0) move the mean up
+    assert 0.49 < draws["sigmoid"] < 0.51 and draws["shift"] > 0.6 and draws["flux_shift"] > 0.58, draws
+
+
+def test_builtin_tiny_qwen_image_loads(tmp_path, monkeypatch):
+    from loralab.core.families import folder_family, load_model
+
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("LORALAB_COMFYUI", COMFYUI_SOURCE)
+    assert folder_family("builtin:tiny-qwen-image") == "qwen_image"
+    pipeline = load_model({"family": "qwen_image", "path": "builtin:tiny-qwen-image", "dtype": "fp32"}, "none")
+    assert type(pipeline).__name__ == "QwenImagePipeline" and pipeline.transformer.config.num_layers == 2

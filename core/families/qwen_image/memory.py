@@ -2,7 +2,8 @@
 blocks are the same double-stream MMDiT block (attention over image + text tokens, an MLP of 4x
 the width and a 6-way modulation per stream), so FLUX.1's calibrated bytes per token and hidden
 unit (flux/memory.py) apply per block; Qwen-Image has 60 such blocks of width 3072 and no single
-blocks. Text tokens: the batch is cut to its longest caption (text.py), counted here as 256.
+blocks. Text tokens: the batch is cut to its longest caption (text.py), counted as 256 (FLUX.1's
+memory model gives a model without guidance, schnell, 256: `guidance` False in the shape).
 
 Against musubi-tuner's published figures (docs/qwen_image.md, 1024 px, batch 1, bf16, gradient
 checkpointing): 42 GB unquantized, 30 GB with fp8 (docs/qwen-image.md compares ours)."""
@@ -13,9 +14,8 @@ import os
 import re
 
 from ...dtypes import bytes_per_value
-from ..flux.memory import BLOCK_SAVED, WORKING, FluxMemory, block_linear_parameters, image_tokens
+from ..flux.memory import FluxMemory, block_linear_parameters
 
-TEXT_TOKENS = 256
 QWEN25_VL_7B_PARAMETERS = 8_292_166_656  # Qwen2.5-VL-7B-Instruct (language model and vision tower)
 
 
@@ -91,17 +91,6 @@ class QwenImageMemory(FluxMemory):
 
     def lora_parameters(self, shape, network):
         return network["linear"] * shape["num_layers"] * sum(i + o for i, o in _lora_linears(shape["hidden"]))
-
-    def activation_bytes(self, shape, resolution, batch_size, checkpointing, train_dtype="bf16",
-                         model_dtype="bf16"):
-        mode = "fp32" if train_dtype == "fp32" else "mixed"
-        tokens = batch_size * (image_tokens(resolution) + TEXT_TOKENS)
-        blocks = shape["num_layers"]
-        if checkpointing:
-            per_token = blocks * bytes_per_value(model_dtype) + BLOCK_SAVED[mode] + WORKING[mode]
-        else:
-            per_token = blocks * BLOCK_SAVED[mode] + WORKING[mode]
-        return tokens * shape["hidden"] * per_token
 
     def transient_bytes(self, shape, quantize):
         """One block linear's bf16 copy at a time; the widest is the MLP's (d x 4d)."""
