@@ -231,6 +231,17 @@ def test_comfyui_uses_every_key_with_peft_deltas(trained, tiny_qwen, tmp_path):
     for key, delta in expected.items():
         torch.testing.assert_close(deltas[key], delta, rtol=1e-3, atol=1e-6, msg=key)
 
+    # save.format kohya (musubi-tuner's lora_unet_ names, .alpha = rank): the same in ComfyUI
+    from loralab.core.families import get_family
+
+    peft = {k[len("transformer."):]: v for k, v in load_file(result["lora"]).items()}
+    kohya_path = str(tmp_path / "kohya.safetensors")
+    save_file(get_family("qwen_image").lora_to_kohya(None)(peft), kohya_path)
+    report, deltas = _comfyui_deltas(kohya_path, transformer_path, dict(transformer.config), tmp_path)
+    assert report["not_loaded"] == [] and report["patched"] == modules, report
+    for key, delta in expected.items():
+        torch.testing.assert_close(deltas[key], delta, rtol=1e-3, atol=1e-6, msg=key)
+
 
 def test_defaults_apply_only_where_the_config_is_silent(tmp_path):
     from loralab.core.config import resolve
