@@ -123,3 +123,45 @@ def write_comfyui_files(folder):
     save_file({wan: state[ours].contiguous() for ours, wan in files.wan_names(state).items()},
               paths["vae"])
     return paths
+
+
+def write_real_width_files(folder, seed=0):
+    """Qwen-Image-width files in ComfyUI's layout for benchmarks/load_memory.py, random, written
+    tensor by tensor: a transformer of width 3072 (24 heads of 128) with one block, a Qwen2.5-VL
+    7B text encoder with one language layer and one vision block, and the real Qwen-Image VAE."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from ..flux.files import write_streaming
+    from ..flux.tiny import _random
+    from . import files
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = {"transformer": os.path.join(folder, "qwen_image_1_block_bf16.safetensors"),
+             "text_encoder": os.path.join(folder, "qwen_2.5_vl_7b_1_layer.safetensors"),
+             "vae": os.path.join(folder, "qwen_image_vae.safetensors")}
+    with init_empty_weights():
+        transformer = QwenImageTransformer2DModel(num_layers=1)
+        vae = AutoencoderKLQwenImage()
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=1,
+                             num_attention_heads=28, num_key_value_heads=4,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+            vision_config=dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)))
+    bf16 = torch.bfloat16
+    shapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+    write_streaming(paths["transformer"], [(k, s, bf16, _random(s, k)) for k, s in shapes.items()])
+    shapes = {}
+    for key, value in encoder.state_dict().items():
+        if key.startswith("model.language_model."):
+            shapes["model." + key[len("model.language_model."):]] = tuple(value.shape)
+        elif key.startswith("model.visual."):
+            shapes[key[len("model."):]] = tuple(value.shape)
+    write_streaming(paths["text_encoder"], [(k, s, bf16, _random(s, k)) for k, s in shapes.items()])
+    vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    write_streaming(paths["vae"], [(wan, vae_shapes[ours], bf16, _random(vae_shapes[ours], wan))
+                                   for ours, wan in files.wan_names(vae_shapes).items()])
+    return paths
