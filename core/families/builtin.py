@@ -46,7 +46,7 @@ def resolve_model_path(path):
         from .flux.shapes.packed import TEXT_LENGTH, build_shapes_flux
 
         return _build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
-    from . import get_family  # every other built-in is its family's tiny model
+    from . import get_family
 
     return _build_once(folder, "model_index.json", lambda target: get_family(family).make_tiny(target, preset))
 
