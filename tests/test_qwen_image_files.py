@@ -2,7 +2,8 @@
 part loads streaming into the same weights as the diffusers folder's, fp8 kept where asked,
 the family is read from the files, a wrong file is refused by its setting; ComfyUI's own code
 takes the files (its detection names the transformer qwen_image; its modules at the tiny widths
-take every key; its VAE loader decodes our VAE file as diffusers does); `loralab train` runs
+take every key; its VAE loader decodes our VAE file as diffusers does; at Qwen-Image's real
+widths its own load_diffusion_model and VAE loader take our layout whole); `loralab train` runs
 from the three files."""
 import json
 import os
@@ -161,6 +162,19 @@ if bad: problems.append(f"VAE: {bad[:3]}")
 latents = torch.load(paths["latents"])
 images = vae.decode(latents)
 torch.save(images.float(), paths["latents"] + ".decoded")
+
+# the real-width files (Qwen-Image's widths, one block) through comfy.sd's own loaders
+if "real_transformer" in paths:
+    records.clear()
+    model = comfy.sd.load_diffusion_model(paths["real_transformer"])
+    if type(model.model).__name__ != "QwenImage": problems.append(f"real transformer: {type(model.model).__name__}")
+    bad = [r for r in records if "missing" in r.lower() or "unexpected" in r.lower() or "left over" in r.lower()]
+    if bad: problems.append(f"load_diffusion_model: {bad[:3]}")
+    del model
+    records.clear()
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(paths["real_vae"]))
+    bad = [r for r in records if "missing" in r.lower() or "leftover" in r.lower()]
+    if bad: problems.append(f"real VAE: {bad[:3]}")
 print(json.dumps(problems))
 '''
 
@@ -185,6 +199,11 @@ def test_comfyui_takes_the_files(folder, comfy_files, reference, tmp_path):
             "rope_dims": text.text_config.rope_parameters["mrope_section"]}
     latents = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     paths = {**comfy_files, "latents": str(tmp_path / "latents.pt")}
+    if os.environ.get("LORALAB_COMFYUI_REAL_WIDTH", "1") == "1":  # as test_comfyui_files.py
+        from loralab.core.families.qwen_image.tiny import write_real_width_files
+
+        real = write_real_width_files(str(tmp_path / "real"), parts=("transformer", "vae"))
+        paths.update({f"real_{k}": v for k, v in real.items()})
     torch.save(latents, paths["latents"])
     (tmp_path / "job.json").write_text(json.dumps([paths, tiny]))
     done = subprocess.run([python, "-c", COMFYUI_SCRIPT, str(tmp_path / "job.json")], cwd=comfyui,

@@ -125,7 +125,7 @@ def write_comfyui_files(folder):
     return paths
 
 
-def write_real_width_files(folder, seed=0):
+def write_real_width_files(folder, seed=0, parts=("transformer", "text_encoder", "vae")):
     """Qwen-Image-width files in ComfyUI's layout for benchmarks/load_memory.py, random, written
     tensor by tensor: a transformer of width 3072 (24 heads of 128) with one block, a Qwen2.5-VL
     7B text encoder with one language layer and one vision block, and the real Qwen-Image VAE."""
@@ -152,16 +152,27 @@ def write_real_width_files(folder, seed=0):
                              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
             vision_config=dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)))
     bf16 = torch.bfloat16
-    shapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
-    write_streaming(paths["transformer"], [(k, s, bf16, _random(s, k)) for k, s in shapes.items()])
+    paths = {k: v for k, v in paths.items() if k in parts}
+    if "transformer" in paths:
+        shapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+        write_streaming(paths["transformer"], [(k, s, bf16, _random(s, k)) for k, s in shapes.items()])
+    if "text_encoder" in paths:
+        _write_text_encoder(paths["text_encoder"], encoder)
+    if "vae" in paths:
+        vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+        write_streaming(paths["vae"], [(wan, vae_shapes[ours], bf16, _random(vae_shapes[ours], wan))
+                                       for ours, wan in files.wan_names(vae_shapes).items()])
+    return paths
+
+
+def _write_text_encoder(path, encoder):
+    from ..flux.files import write_streaming
+    from ..flux.tiny import _random
+
     shapes = {}
     for key, value in encoder.state_dict().items():
         if key.startswith("model.language_model."):
             shapes["model." + key[len("model.language_model."):]] = tuple(value.shape)
         elif key.startswith("model.visual."):
             shapes[key[len("model."):]] = tuple(value.shape)
-    write_streaming(paths["text_encoder"], [(k, s, bf16, _random(s, k)) for k, s in shapes.items()])
-    vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    write_streaming(paths["vae"], [(wan, vae_shapes[ours], bf16, _random(vae_shapes[ours], wan))
-                                   for ours, wan in files.wan_names(vae_shapes).items()])
-    return paths
+    write_streaming(path, [(k, s, torch.bfloat16, _random(s, k)) for k, s in shapes.items()])
