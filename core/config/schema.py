@@ -60,8 +60,9 @@ SCHEMA = {
             "t5_path": {"type": ["string", "null"], "default": None, "description":
                         "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
             "text_encoder_path": {"type": ["string", "null"], "default": None, "description":
-                                  "Qwen-Image: the Qwen2.5-VL 7B text encoder file (ComfyUI's models/"
-                                  "text_encoders/qwen_2.5_vl_7b.safetensors or _fp8_scaled)."},
+                                  "The text encoder file, as ComfyUI keeps it in models/text_encoders: "
+                                  "Z-Image's Qwen3-4B (qwen_3_4b.safetensors), Qwen-Image's Qwen2.5-VL 7B "
+                                  "(qwen_2.5_vl_7b.safetensors or _fp8_scaled)."},
             "vae_path": {"type": ["string", "null"], "default": None, "description":
                          "VAE file from ComfyUI's models/vae (FLUX.1: ae.safetensors; SDXL/SD1.5: "
                          "replaces the checkpoint's VAE)."},
