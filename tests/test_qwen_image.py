@@ -157,7 +157,7 @@ def test_lora_learns_and_loads_whole_in_diffusers(trained, tiny_qwen):
 
 COMFYUI_SCRIPT = r'''
 import json, logging, sys
-lora_path, config = json.load(open(sys.argv[-1]))
+lora_paths, config = json.load(open(sys.argv[-1]))
 sys.argv = ["check", "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
@@ -179,31 +179,37 @@ unet_config.update(config)
 model = comfy.supported_models.QwenImage(unet_config).get_model({})
 missing, unexpected = model.diffusion_model.load_state_dict(transformer, strict=False)
 key_map = comfy.lora.model_lora_keys_unet(model, {})
-patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(load_file(lora_path)), key_map)
 weights = model.diffusion_model.state_dict()
-deltas = {}
-for target, patch in patches.items():
-    name = target[len("diffusion_model."):]
-    base = weights[name].float()
-    deltas[name] = (comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), target) - base).contiguous()
-save_file(deltas, lora_path + ".comfyui-deltas.safetensors")
-print(json.dumps({"not_loaded": [w for w in warnings if "not loaded" in w], "patched": len(patches),
-                  "missing": list(missing), "unexpected": list(unexpected)}))
+reports = []
+for lora_path in lora_paths:
+    warnings.clear()
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(load_file(lora_path)), key_map)
+    deltas = {}
+    for target, patch in patches.items():
+        name = target[len("diffusion_model."):]
+        base = weights[name].float()
+        deltas[name] = (comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), target) - base).contiguous()
+    save_file(deltas, lora_path + ".comfyui-deltas.safetensors")
+    reports.append({"not_loaded": [w for w in warnings if "not loaded" in w], "patched": len(patches),
+                    "missing": list(missing), "unexpected": list(unexpected)})
+print(json.dumps(reports))
 '''
 
 
-def _comfyui_deltas(lora_path, transformer_path, transformer_config, tmp_path):
+def _comfyui_deltas(lora_paths, transformer_path, transformer_config, tmp_path):
+    """[(report, deltas)] of each LoRA file in ComfyUI's own loader, one ComfyUI process for all."""
     python, comfyui = comfyui_python_or_skip(), comfyui_source()
     config = {"transformer": transformer_path, "num_attention_heads": transformer_config["num_attention_heads"],
               "attention_head_dim": transformer_config["attention_head_dim"],
               "joint_attention_dim": transformer_config["joint_attention_dim"],
               "axes_dims_rope": list(transformer_config["axes_dims_rope"])}
-    (tmp_path / "job.json").write_text(json.dumps([lora_path, config]))
+    (tmp_path / "job.json").write_text(json.dumps([lora_paths, config]))
     done = subprocess.run([python, "-c", COMFYUI_SCRIPT, str(tmp_path / "job.json")], cwd=comfyui,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), load_file(lora_path + ".comfyui-deltas.safetensors")
+    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    return [(report, load_file(path + ".comfyui-deltas.safetensors")) for report, path in zip(reports, lora_paths)]
 
 
 def test_comfyui_uses_every_key_with_peft_deltas(trained, tiny_qwen, tmp_path):
@@ -211,14 +217,17 @@ def test_comfyui_uses_every_key_with_peft_deltas(trained, tiny_qwen, tmp_path):
     key of the file lands, and each weight moves by exactly what peft's layer adds in diffusers."""
     from diffusers import QwenImageTransformer2DModel
 
+    from loralab.core.families import get_family
+
     result, _ = trained
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_qwen, subfolder="transformer")
     transformer_path = str(tmp_path / "transformer.safetensors")
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, transformer_path)
-    report, deltas = _comfyui_deltas(result["lora"], transformer_path, dict(transformer.config), tmp_path)
-    assert report["missing"] == [] and report["unexpected"] == [], report
-    modules = sum(k.endswith(".lora_A.weight") for k in load_file(result["lora"]))
-    assert report["not_loaded"] == [] and report["patched"] == modules, report
+    # save.format kohya (musubi-tuner's lora_unet_ names, .alpha = rank) beside the default file
+    peft = {k[len("transformer."):]: v for k, v in load_file(result["lora"]).items()}
+    kohya_path = str(tmp_path / "kohya.safetensors")
+    save_file(get_family("qwen_image").lora_to_kohya(None)(peft), kohya_path)
+    loaded = _comfyui_deltas([result["lora"], kohya_path], transformer_path, dict(transformer.config), tmp_path)
 
     from diffusers import QwenImagePipeline
 
@@ -227,20 +236,13 @@ def test_comfyui_uses_every_key_with_peft_deltas(trained, tiny_qwen, tmp_path):
     expected = {name + ".weight": module.get_delta_weight("trained").float()
                 for name, module in pipeline.transformer.named_modules()
                 if hasattr(module, "lora_A") and "trained" in module.lora_A}
-    assert sorted(deltas) == sorted(expected)
-    for key, delta in expected.items():
-        torch.testing.assert_close(deltas[key], delta, rtol=1e-3, atol=1e-6, msg=key)
-
-    # save.format kohya (musubi-tuner's lora_unet_ names, .alpha = rank): the same in ComfyUI
-    from loralab.core.families import get_family
-
-    peft = {k[len("transformer."):]: v for k, v in load_file(result["lora"]).items()}
-    kohya_path = str(tmp_path / "kohya.safetensors")
-    save_file(get_family("qwen_image").lora_to_kohya(None)(peft), kohya_path)
-    report, deltas = _comfyui_deltas(kohya_path, transformer_path, dict(transformer.config), tmp_path)
-    assert report["not_loaded"] == [] and report["patched"] == modules, report
-    for key, delta in expected.items():
-        torch.testing.assert_close(deltas[key], delta, rtol=1e-3, atol=1e-6, msg=key)
+    modules = sum(k.endswith(".lora_A.weight") for k in load_file(result["lora"]))
+    for report, deltas in loaded:
+        assert report["missing"] == [] and report["unexpected"] == [], report
+        assert report["not_loaded"] == [] and report["patched"] == modules, report
+        assert sorted(deltas) == sorted(expected)
+        for key, delta in expected.items():
+            torch.testing.assert_close(deltas[key], delta, rtol=1e-3, atol=1e-6, msg=key)
 
 
 def test_defaults_apply_only_where_the_config_is_silent(tmp_path):
