@@ -287,3 +287,14 @@ def test_memory_estimate_near_musubi_tuners_figures():
     none = peak_breakdown(config, "none", True, 1024).total / 2**30
     fp8 = peak_breakdown(config, "fp8", True, 1024).total / 2**30
     assert 38 < none < 46 and 20 < fp8 < 28 and none - fp8 > 17, (none, fp8)
+
+
+def test_the_shipped_config_takes_comfyuis_three_files():
+    """configs/qwen-image.json: the three ComfyUI files, Qwen-Image's defaults for what it leaves out."""
+    from loralab.core.config import resolve
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    with open(os.path.join(folder, "qwen-image.json")) as f:
+        config = resolve(json.load(f))
+    assert config["model"]["text_encoder_path"].endswith("qwen_2.5_vl_7b_fp8_scaled.safetensors")
+    assert (config["train"]["timestep_type"], config["sample"]["guidance_scale"]) == ("shift", 4.0)
