@@ -208,7 +208,7 @@ def cmd_plan(args):
              ("train", "batch_size"): args.batch_size, ("network", "linear"): args.linear,
              ("train", "lr"): args.lr, ("train", "optimizer"): args.optimizer,
              ("dataset", "resolution"): args.resolution, ("model", "path"): args.model,
-             ("model", "transformer_path"): args.transformer}
+             ("model", "transformer_path"): args.transformer, ("model", "family"): args.family}
     for (section, key), value in given.items():
         if value is not None:
             config.setdefault(section, {})[key] = value
@@ -335,6 +335,8 @@ def build_parser():
     plan.add_argument("--optimizer")
     plan.add_argument("--resolution", type=lambda text: [int(r) for r in text.split(",")],
                       help="comma-separated training resolutions, e.g. 512,768,1024")
+    plan.add_argument("--family", choices=FAMILY_NAMES, help="the model family to estimate when no model file is "
+                                                         "given (its reference model's shapes)")
     plan.add_argument("--model", help="local base model folder, for exact memory figures (default: FLUX.1-dev shapes)")
     plan.add_argument("--transformer", help="a single-file FLUX.1 transformer (ComfyUI's "
                       "diffusion_models) whose shapes the memory estimate reads")

@@ -54,7 +54,7 @@ SCHEMA = {
                  "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
-            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL or SD1.5; auto reads it "
+            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5 or Qwen-Image; auto reads it "
                               "from the model's files."),
             "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
                      "Local diffusers folder of the base model. Not needed when the single files "
@@ -69,6 +69,10 @@ SCHEMA = {
                             "CLIP-L text encoder file (ComfyUI's models/text_encoders/clip_l.safetensors)."},
             "t5_path": {"type": ["string", "null"], "default": None, "description":
                         "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
+            "text_encoder_path": {"type": ["string", "null"], "default": None, "description":
+                                  "The text encoder file, as ComfyUI keeps it in models/text_encoders: "
+                                  "Z-Image's Qwen3-4B (qwen_3_4b.safetensors), Qwen-Image's Qwen2.5-VL 7B "
+                                  "(qwen_2.5_vl_7b.safetensors or _fp8_scaled)."},
             "vae_path": {"type": ["string", "null"], "default": None, "description":
                          "VAE file from ComfyUI's models/vae (FLUX.1: ae.safetensors; SDXL/SD1.5: "
                          "replaces the checkpoint's VAE)."},

@@ -2,7 +2,8 @@
 the quickstart runs on a fresh machine with no download (the built-in datasets: core/demo).
 
 `builtin:tiny-flux` is the pretrained shapes model (core/families/flux/shapes), which draws
-what it is asked; `builtin:random-flux`, `small-flux`, `tiny-sdxl` and `tiny-sd15` are random
+what it is asked; `builtin:random-flux`, `small-flux`, `tiny-sdxl`, `tiny-sd15` and
+`tiny-qwen-image` are random
 weights of the same kind, for tries and tests that need only speed."""
 import functools
 import hashlib
@@ -10,7 +11,8 @@ import os
 
 BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux": ("flux", "tiny"),
                   "builtin:small-flux": ("flux", "small"),
-                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
+                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
+                  "builtin:tiny-qwen-image": ("qwen_image", "tiny")}
 
 
 def cache_root():

@@ -114,6 +114,15 @@ def lora_to_kohya(weights, num_double, num_single):
     return kohya
 
 
+def stored_key(key, names):
+    """The name a file keeps BFL's `key` under. ComfyUI loads (and so saves) the q/k norms'
+    `..._norm.scale` as `..._norm.weight` (comfy/supported_models.py, Flux.process_unet_state_dict);
+    its loader takes either, so ours does too."""
+    if key.endswith("_norm.scale") and key not in names:
+        return key[:-len("scale")] + "weight"
+    return key
+
+
 def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
     """BFL keys -> diffusers keys; fused weights are split by the shapes of the diffusers model
     (`reference_shapes`: name -> shape), so any FLUX-shaped model converts, not only 3072-wide."""
@@ -124,6 +133,7 @@ def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
             break
     diffusers = {}
     for bfl_key, diffusers_key, swap in _one_to_one(num_double, num_single):
+        bfl_key = stored_key(bfl_key, bfl)
         if bfl_key in bfl:
             diffusers[diffusers_key] = _swap_halves(bfl[bfl_key]) if swap else bfl[bfl_key]
     for bfl_name, parts in block_modules(num_double, num_single):
