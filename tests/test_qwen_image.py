@@ -56,7 +56,7 @@ def tiny_qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_qwen, tmp_path_factory):
     """`loralab train` (a subprocess) on three demo images at 64 px: (run output, dataset folder)."""
-    from loralab.core.dataset.demo import make_demo_dataset
+    from loralab.core.demo.dataset import make_demo_dataset
 
     root = tmp_path_factory.mktemp("qwen-train")
     folder = make_demo_dataset(str(root / "data"), count=3)
@@ -278,7 +278,7 @@ def test_builtin_tiny_qwen_image_loads(tmp_path, monkeypatch):
 def test_memory_estimate_near_musubi_tuners_figures():
     """musubi-tuner (docs/qwen_image.md, 1024 px, batch 1, bf16, gradient checkpointing): 42 GB
     unquantized, 30 GB with fp8, which keeps the modulation linears (6.8 B weights) in bf16."""
-    from loralab.core.coach.plan import with_defaults
+    from loralab.core.config import with_defaults
     from loralab.core.memory.estimate import peak_breakdown
 
     config = with_defaults({"model": {"family": "qwen_image", "path": None, "dtype": "bf16"},

@@ -89,7 +89,7 @@ def test_a_wrong_file_is_refused_by_its_setting(comfy_files, slot, wrong):
 
 
 def test_loralab_trains_from_the_three_files(comfy_files, tmp_path):
-    from loralab.core.dataset.demo import make_demo_dataset
+    from loralab.core.demo.dataset import make_demo_dataset
 
     data = make_demo_dataset(str(tmp_path / "data"), count=2)
     config = {"name": "from-files", "model": {"transformer_path": comfy_files["transformer_scaled_fp8"],
