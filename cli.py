@@ -92,6 +92,11 @@ def cmd_train(args):
 
 
 def cmd_make_tiny_model(args):
+    if args.family == "zimage":  # TODO(contract): each family's build_tiny, no branch here
+        from .core.families.zimage.tiny import build_tiny
+
+        print(build_tiny(args.folder))
+        return 0
     if args.family != "flux":  # SDXL / SD1.5: a diffusers folder, and a checkpoint if asked
         from .core.families.unet.tiny import build_tiny, write_single_file
 
@@ -322,7 +327,7 @@ def build_parser():
     train.add_argument("config")
     train.set_defaults(handler=cmd_train)
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model folder, built locally")
-    tiny.add_argument("family", choices=["flux", "sdxl", "sd15"])
+    tiny.add_argument("family", choices=["flux", "sdxl", "sd15", "zimage"])
     tiny.add_argument("folder")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="flux only")
     tiny.add_argument("--single-file", help="also write one .safetensors: FLUX's transformer in BFL "

@@ -119,7 +119,8 @@ def resolve(config, source=None):
 
 
 PATH_SETTINGS = (("model", "path"), ("model", "transformer_path"), ("model", "clip_l_path"),
-                 ("model", "t5_path"), ("model", "vae_path"), ("model", "checkpoint_path"),
+                 ("model", "t5_path"), ("model", "text_encoder_path"), ("model", "vae_path"),
+                 ("model", "checkpoint_path"),
                  ("dataset", "folder"), ("save", "output_dir"))
 
 

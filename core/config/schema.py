@@ -6,7 +6,7 @@ SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
-FAMILIES = ["auto", "flux", "sdxl", "sd15"]
+FAMILIES = ["auto", "flux", "sdxl", "sd15", "zimage"]
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
@@ -57,6 +57,9 @@ SCHEMA = {
                             "CLIP-L text encoder file (ComfyUI's models/text_encoders/clip_l.safetensors)."},
             "t5_path": {"type": ["string", "null"], "default": None, "description":
                         "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
+            "text_encoder_path": {"type": ["string", "null"], "default": None, "description":
+                                  "Z-Image's Qwen3-4B text encoder file, as ComfyUI keeps it in "
+                                  "models/text_encoders (qwen_3_4b.safetensors)."},
             "vae_path": {"type": ["string", "null"], "default": None, "description":
                          "VAE file from ComfyUI's models/vae (FLUX.1: ae.safetensors; SDXL/SD1.5: "
                          "replaces the checkpoint's VAE)."},
@@ -202,6 +205,10 @@ FAMILY_DEFAULTS = {
     "sdxl": {"dataset.resolution": [1024], "sample.guidance_scale": 6.0, "sample.sample_steps": 25},
     "sd15": {"dataset.resolution": [512], "sample.guidance_scale": 7.0, "sample.sample_steps": 25,
              "sample.width": 512, "sample.height": 512},
+    # diffusers' train_dreambooth_lora_z_image.py README: 1024 px, lr 1e-4, its scheduler's static
+    # shift of 3; Z-Image Base samples with classifier-free guidance (4) over more steps
+    "zimage": {"dataset.resolution": [1024], "train.timestep_type": "shift", "sample.guidance_scale": 4.0,
+               "sample.sample_steps": 30, "save.format": "diffusers"},
 }
 
 

@@ -4,15 +4,16 @@ import importlib
 import json
 import os
 
-SUPPORTED = ("flux", "sdxl", "sd15")
+SUPPORTED = ("flux", "sdxl", "sd15", "zimage")
 
 # The single files each family can load instead of (or over parts of) a diffusers folder; with
 # all of `REQUIRED_FILES` given, no folder is needed.
-SINGLE_FILES = ("transformer_path", "clip_l_path", "t5_path", "vae_path", "checkpoint_path")
+SINGLE_FILES = ("transformer_path", "clip_l_path", "t5_path", "text_encoder_path", "vae_path", "checkpoint_path")
 REQUIRED_FILES = {"flux": ("transformer_path", "clip_l_path", "t5_path", "vae_path"),
-                  "sdxl": ("checkpoint_path",), "sd15": ("checkpoint_path",)}
+                  "sdxl": ("checkpoint_path",), "sd15": ("checkpoint_path",),
+                  "zimage": ("transformer_path", "text_encoder_path", "vae_path")}
 PIPELINE_CLASSES = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl",
-                    "StableDiffusionPipeline": "sd15"}
+                    "StableDiffusionPipeline": "sd15", "ZImagePipeline": "zimage"}
 
 
 def get_family(name):

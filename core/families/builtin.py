@@ -10,7 +10,8 @@ import os
 
 BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux": ("flux", "tiny"),
                   "builtin:small-flux": ("flux", "small"),
-                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny")}
+                  "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
+                  "builtin:tiny-zimage": ("zimage", "tiny")}
 # name: (folder in the cache, image count, the function in core/dataset/demo.py that draws it); a
 # new drawing gets a new folder, never an old one's
 BUILTIN_DATASETS = {"builtin:demo": ("demo-star", 8, "make_demo_dataset"),
@@ -48,6 +49,10 @@ def resolve_model_path(path):
         from .flux.tiny import build_tiny_flux
 
         return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
+    if family == "zimage":  # TODO(contract): each family's build_tiny, no branch here
+        from .zimage.tiny import build_tiny as build_tiny_zimage
+
+        return _build_once(folder, "model_index.json", lambda target: build_tiny_zimage(target, preset))
     from .unet.tiny import build_tiny
 
     return _build_once(folder, "model_index.json", lambda target: build_tiny(family, target))

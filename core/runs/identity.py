@@ -32,7 +32,8 @@ import re
 from .folder import RunFolder
 
 IDENTITY_KEY = "identity"
-MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "vae_path", "dtype", "quantize")
+MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "text_encoder_path", "vae_path",
+              "dtype", "quantize")
 DATASET_EXCLUDED = ("folder", "cache")
 TRAIN_EXCLUDED = ("resume", "steps", "gradient_checkpointing")
 STEP_DEPENDENT_SCHEDULES = ("linear", "cosine")
