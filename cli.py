@@ -93,9 +93,12 @@ def cmd_train(args):
 
 def cmd_make_tiny_model(args):
     if args.family == "zimage":  # TODO(contract): each family's build_tiny, no branch here
-        from .core.families.zimage.tiny import build_tiny
+        from .core.families.zimage.tiny import build_tiny, write_comfyui_files
 
-        print(build_tiny(args.folder))
+        folder = build_tiny(args.folder)
+        for path in (write_comfyui_files(folder).values() if args.comfyui else ()):
+            print(path)
+        print(folder)
         return 0
     if args.family != "flux":  # SDXL / SD1.5: a diffusers folder, and a checkpoint if asked
         from .core.families.unet.tiny import build_tiny, write_single_file

@@ -159,13 +159,13 @@ def test_file_loads_whole_in_diffusers(trained):
 
 COMFYUI_SCRIPT = r'''
 import json, logging, sys
-lora_path, out_path = sys.argv[-2:]
-config = json.loads(sys.argv[-3])
+job = json.load(open(sys.argv[-1]))
+config, lora_path, out_path = job["config"], job["lora"], job["deltas"]
 sys.argv = ["check", "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
 import torch
-import comfy.lora, comfy.lora_convert, comfy.supported_models, comfy.utils
+import comfy.lora, comfy.lora_convert, comfy.model_detection, comfy.sd, comfy.supported_models, comfy.utils
 from safetensors.torch import load_file, save_file
 
 warnings = []
@@ -195,22 +195,58 @@ for name, to in to_comfy.items():
     if key in deltas:
         named[name] = deltas[key] if piece is None else deltas[key].narrow(*piece)
 save_file({k: v.contiguous() for k, v in named.items()}, out_path)
-print(json.dumps({"warnings": warnings, "targets": len(patches),
-                  "comfy_keys": sorted(k for k in deltas)}))
+
+# ComfyUI's detection of our layout at the real width (shapes only)
+shapes = json.load(open(job["shapes"]))
+transformer = {k: torch.empty(s, device="meta") for k, s in shapes["transformer"].items()}
+detected = comfy.model_detection.detect_unet_config(transformer, "")
+found = comfy.model_detection.model_config_from_unet_config(detected, transformer)
+text_encoder = {k: torch.empty(s, device="meta") for k, s in shapes["text_encoder"].items()}
+print(json.dumps({"warnings": warnings, "targets": len(patches), "comfy_keys": sorted(k for k in deltas),
+                  "detected": {"model": type(found).__name__, "n_layers": detected.get("n_layers"),
+                               "text_encoder": comfy.sd.detect_te_model(text_encoder).name}}))
 '''
 
 
-def test_comfyui_uses_every_key_with_diffusers_deltas(trained, tmp_path):
+def real_width_shapes():
+    """Our layout of a real-width transformer (2 layers) and Qwen3-4B (1 layer), shapes only."""
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from loralab.core.families.zimage.tiny import to_comfyui_layout
+
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel(n_layers=2)
+        text_encoder = Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                                              num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+                                              head_dim=128))
+    return {"transformer": {k: list(v.shape) for k, v in to_comfyui_layout(transformer.state_dict()).items()},
+            "text_encoder": {"model." + k: list(v.shape) for k, v in text_encoder.state_dict().items()}}
+
+
+@pytest.fixture(scope="module")
+def comfyui_report(trained, tmp_path_factory):
+    """What ComfyUI's own code makes of the trained file and of our real-width layout: one
+    subprocess in ComfyUI's Python (importing ComfyUI takes most of its time)."""
     python, comfyui = comfyui_python_or_skip(), comfyui_source()
-    folder, _, lora = trained
-    out = tmp_path / "deltas.safetensors"
+    root = tmp_path_factory.mktemp("comfyui")
+    (root / "shapes.json").write_text(json.dumps(real_width_shapes()))
     config = {"dim": DIM, "n_layers": LAYERS, "n_heads": HEADS, "n_kv_heads": HEADS, "cap_feat_dim": TEXT_DIM,
               "axes_dims": AXES, "axes_lens": [512, 64, 64]}
-    result = subprocess.run([python, "-c", COMFYUI_SCRIPT, json.dumps(config), lora, str(out)], cwd=comfyui,
+    job = {"config": config, "lora": trained[2], "deltas": str(root / "deltas.safetensors"),
+           "shapes": str(root / "shapes.json")}
+    (root / "job.json").write_text(json.dumps(job))
+    result = subprocess.run([python, "-c", COMFYUI_SCRIPT, str(root / "job.json")], cwd=comfyui,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), load_file(job["deltas"])
+
+
+def test_comfyui_uses_every_key_with_diffusers_deltas(trained, comfyui_report):
+    folder, _, lora = trained
+    report, comfy = comfyui_report
     assert not [w for w in report["warnings"] if "not loaded" in w or "lora" in w.lower()], report["warnings"]
     file = load_file(lora)
     assert report["targets"] == len(file) // 2  # one patch per LoRA module
@@ -223,8 +259,77 @@ def test_comfyui_uses_every_key_with_diffusers_deltas(trained, tmp_path):
     pipeline.fuse_lora(lora_scale=1.0)
     after = {k.replace(".base_layer", ""): v for k, v in pipeline.transformer.state_dict().items()}
     expected = {k: after[k] - v for k, v in before.items() if not torch.equal(after[k], v)}
-    comfy = load_file(str(out))
     changed = {k for k, v in comfy.items() if v.abs().max() > 0}
     assert changed == set(expected), (sorted(changed ^ set(expected)))
     for key in expected:
         assert torch.allclose(comfy[key], expected[key], rtol=1e-4, atol=1e-6), key
+
+
+# -- ComfyUI's single files ------------------------------------------------------------------------
+
+def _files_model(paths, transformer="transformer"):
+    return {"path": None, "family": "zimage", "dtype": "fp32", "transformer_path": paths[transformer],
+            "text_encoder_path": paths["text_encoder"], "vae_path": paths["vae"]}
+
+
+@pytest.fixture(scope="module")
+def comfyui_files(trained):
+    from loralab.core.families.zimage.tiny import write_comfyui_files
+
+    return write_comfyui_files(trained[0])
+
+
+def test_comfyui_files_load_as_the_folder(trained, comfyui_files):
+    from loralab.core.families import detect_family, zimage
+
+    folder = _pipeline(trained[0])
+    assert detect_family({"path": None, "transformer_path": comfyui_files["transformer"]}) == "zimage"
+    for transformer, tolerance in (("transformer", 2 ** -8), ("transformer_fp8", 2 ** -3)):
+        loaded = zimage.load(_files_model(comfyui_files, transformer), "none", comfyui_source())
+        for part in ("transformer", "text_encoder", "vae"):
+            want, got = getattr(folder, part).state_dict(), getattr(loaded, part).state_dict()
+            assert set(want) == set(got), (part, sorted(set(want) ^ set(got))[:4])
+            for key, value in want.items():  # bf16 rounding (fp8: its 3 mantissa bits) of each tensor
+                scale = value.abs().max().clamp(min=1e-12)
+                assert (got[key].float() - value).abs().max() <= tolerance * scale, (transformer, part, key)
+    captions = ["a photo of sks", ""]
+    ours, theirs = zimage.encode_prompts(loaded, captions, "cpu"), zimage.encode_prompts(folder, captions, "cpu")
+    assert all(torch.equal(ours[c][1], theirs[c][1]) for c in captions)  # the same tokens
+
+
+def test_a_file_of_another_kind_is_refused_naming_the_setting(comfyui_files):
+    from loralab.core.families import zimage
+    from loralab.core.families.zimage import ModelError
+
+    swapped = {**_files_model(comfyui_files), "text_encoder_path": comfyui_files["vae"]}
+    with pytest.raises(ModelError, match=r"model\.text_encoder_path: .*ae\.safetensors looks like an autoencoder"):
+        zimage.load(swapped, "none", comfyui_source())
+    swapped = {**_files_model(comfyui_files), "transformer_path": comfyui_files["text_encoder"]}
+    with pytest.raises(ModelError, match=r"model\.transformer_path: .* looks like a Qwen3 text encoder"):
+        zimage.load(swapped, "none", comfyui_source())
+
+
+def test_train_from_comfyui_files(comfyui_files, trained, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    folder, data, from_folder = trained
+    config = {"name": "files", "model": {k: v for k, v in _files_model(comfyui_files, "transformer_fp8").items()
+                                         if k not in ("path", "family")},
+              "dataset": {"folder": data, "trigger_word": "sks", "resolution": [64]}, "network": {"linear": 4},
+              "train": {"steps": 4, "optimizer": "adamw", "dtype": "fp32"},
+              "save": {"output_dir": str(tmp_path), "save_every": 1000}, "sample": {"sample_every": 0}}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    result = run_cli("train", str(tmp_path / "config.json"), timeout=600,
+                     env={**os.environ, "LORALAB_COMFYUI": comfyui_source()})  # the tokenizer's source
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lora = json.loads(result.stdout.strip().splitlines()[-1])["lora"]
+    assert set(load_file(lora)) == set(load_file(from_folder))
+    pipeline = _pipeline(folder)
+    pipeline.load_lora_weights(lora, adapter_name="files")
+    assert len(get_peft_model_state_dict(pipeline.transformer, adapter_name="files")) == len(load_file(lora))
+
+
+def test_comfyui_names_our_real_width_layout_z_image(comfyui_report):
+    """ComfyUI's detection picks Z-Image only at the real width (dim 3840)."""
+    assert comfyui_report[0]["detected"] == {"model": "ZImage", "n_layers": 2, "text_encoder": "QWEN3_4B"}

@@ -146,8 +146,9 @@ def _family_problems(model, network):
                         "model the file belongs to")
     if not model["path"] and not all(model[key] for key in required):
         missing = ", ".join(f"model.{key}" for key in required if not model[key])
-        what = ("all four single files (transformer, CLIP-L, T5, VAE) as ComfyUI keeps them"
-                if family == "flux" else "a single-file checkpoint as ComfyUI keeps it in models/checkpoints")
+        what = {"flux": "all four single files (transformer, CLIP-L, T5, VAE) as ComfyUI keeps them",  # TODO(contract)
+                "zimage": "its three single files (transformer, Qwen3 text encoder, VAE) as ComfyUI keeps them"
+                }.get(family, "a single-file checkpoint as ComfyUI keeps it in models/checkpoints")
         problems.append(f"model.path is empty and {missing} not given: give a local diffusers folder "
                         f"in model.path, or {what}")
     return problems

@@ -30,6 +30,9 @@ def detect_family(model_cfg):
         from .unet.files import detect
 
         return detect(checkpoint)["family"]
+    transformer = model_cfg.get("transformer_path")
+    if model_cfg.get("text_encoder_path") or (transformer and _is_zimage(transformer)):  # TODO(contract)
+        return "zimage"
     if any(model_cfg.get(key) for key in ("transformer_path", "clip_l_path", "t5_path")):
         return "flux"
     found = folder_family(path) if path else None
@@ -41,6 +44,12 @@ def detect_family(model_cfg):
     raise ValueError(f"model.family is auto, and no readable model file tells the family (model.path "
                      f"= {path!r}): give a diffusers folder with model_index.json, a checkpoint, "
                      f"or set model.family to one of {', '.join(SUPPORTED)}.")
+
+
+def _is_zimage(path):
+    from .zimage.single_files import is_zimage_transformer
+
+    return os.path.isfile(os.path.expanduser(path)) and is_zimage_transformer(os.path.expanduser(path))
 
 
 def folder_family(path):

@@ -32,11 +32,12 @@ TEXT_LAYER = -2        # the second-to-last hidden state (diffusers and ComfyUI:
 
 
 def load(model, quantize="none", comfyui=None):
-    """The Z-Image pipeline from `model["path"]`, a diffusers folder."""
+    """The Z-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's single
+    files (model.transformer_path, text_encoder_path, vae_path)."""
     if quantize not in ("none", None):
         raise ModelError(f"model.quantize = {quantize!r}: Z-Image trains unquantized for now; set "
                          "model.quantize to \"none\".")
-    return load_pipeline(model)
+    return load_pipeline(model, comfyui)
 
 
 def lora_targets(network):

@@ -88,3 +88,60 @@ def build_tiny(folder, preset="tiny", seed=0):
                               tokenizer=tokenizer, transformer=transformer)
     pipeline.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The same tiny model as the single files ComfyUI users have (models/diffusion_models,
+# text_encoders, vae), in the key layouts ComfyUI's own loaders read.
+
+_TO_COMFY = (("attention.to_out.0.", "attention.out."), ("attention.norm_q.", "attention.q_norm."),
+             ("attention.norm_k.", "attention.k_norm."), ("all_final_layer.2-1.", "final_layer."),
+             ("all_x_embedder.2-1.", "x_embedder."))
+
+
+def to_comfyui_layout(weights):
+    """A ZImageTransformer2DModel state dict in ComfyUI's key layout (comfy/utils.py
+    z_image_to_diffusers, inverted): q, k and v fused into attention.qkv."""
+    out = {}
+    for key, value in weights.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            fused = [weights[key.replace(".to_q.", f".{p}.")] for p in ("to_q", "to_k", "to_v")]
+            out[key.replace(".attention.to_q.", ".attention.qkv.")] = torch.cat(fused)
+            continue
+        for old, new in _TO_COMFY:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def write_comfyui_files(folder):
+    """The folder's tiny model as ComfyUI's single files in FOLDER/comfyui/: paths {"transformer"
+    (bf16), "transformer_fp8" (ComfyUI's scaled fp8), "text_encoder" (qwen_3_4b's layout), "vae"}."""
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import Qwen3Model
+
+    from ..flux.tiny import scaled_fp8, write_bfl_vae
+    from .single_files import AXES_METADATA_KEY
+
+    out = os.path.join(folder, "comfyui")
+    paths = {"transformer": os.path.join(out, "diffusion_models", "tiny-zimage_bf16.safetensors"),
+             "transformer_fp8": os.path.join(out, "diffusion_models", "tiny-zimage_fp8_scaled.safetensors"),
+             "text_encoder": os.path.join(out, "text_encoders", "tiny-qwen_3_4b.safetensors"),
+             "vae": os.path.join(out, "vae", "ae.safetensors")}
+    for path in paths.values():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    comfy = {k: v.to(torch.bfloat16).contiguous() for k, v in to_comfyui_layout(transformer.state_dict()).items()}
+    meta = {AXES_METADATA_KEY: ",".join(str(a) for a in transformer.config.axes_dims)}
+    save_file(comfy, paths["transformer"], metadata=meta)
+    save_file(scaled_fp8(comfy, ("layers.", "noise_refiner.", "context_refiner.")), paths["transformer_fp8"],
+              metadata=meta)
+
+    text_encoder = Qwen3Model.from_pretrained(os.path.join(folder, "text_encoder"))
+    save_file({"model." + k: v.to(torch.bfloat16).contiguous() for k, v in text_encoder.state_dict().items()},
+              paths["text_encoder"])
+    write_bfl_vae(os.path.join(folder, "vae"), paths["vae"])
+    return paths
