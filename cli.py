@@ -5,6 +5,8 @@ import os
 import shlex
 import sys
 
+from .core.families import NAMES as FAMILY_NAMES  # the registry's list: nothing heavy loads
+
 
 class Progress:
     """Prints training events: tqdm's step bar (rate, ETA, loss) on a terminal, plain lines
@@ -92,35 +94,14 @@ def cmd_train(args):
 
 
 def cmd_make_tiny_model(args):
-    if args.family == "zimage":  # TODO(contract): each family's build_tiny, no branch here
-        from .core.families.zimage.tiny import build_tiny, write_comfyui_files
+    from .core.families import get_family
 
-        folder = build_tiny(args.folder)
-        for path in (write_comfyui_files(folder).values() if args.comfyui else ()):
-            print(path)
-        print(folder)
-        return 0
-    if args.family != "flux":  # SDXL / SD1.5: a diffusers folder, and a checkpoint if asked
-        from .core.families.unet.tiny import build_tiny, write_single_file
-
-        folder = build_tiny(args.family, args.folder)
-        if args.single_file:
-            print(write_single_file(folder, args.single_file) or args.single_file)
-        print(folder)
-        return 0
-    from .core.families.flux.tiny import build_tiny_flux
-
-    folder = build_tiny_flux(args.folder, preset=args.preset)
-    if args.single_file:
-        from .core.families.flux.tiny import write_single_file
-
-        write_single_file(folder, args.single_file)
-    if args.comfyui:
-        from .core.families.flux.tiny import write_comfyui_files
-
-        for path in write_comfyui_files(folder).values():
-            print(path)
-    print(folder)
+    family = get_family(args.family)
+    if args.preset not in family.tiny_presets:
+        print(f"--preset {args.preset}: {args.family} has {', '.join(family.tiny_presets)}", file=sys.stderr)
+        return 2
+    for path in family.make_tiny(args.folder, args.preset, args.single_file, args.comfyui):
+        print(path)
     return 0
 
 
@@ -235,7 +216,7 @@ def cmd_plan(args):
     # validated like a training config, so a bad value is named; no model is needed to plan
     model = {"path": "-", **config.get("model", {})}
     if model["path"] == "-" and not model.get("transformer_path") and not model.get("checkpoint_path"):
-        model.setdefault("family", "flux")  # no model named: the estimate is FLUX.1's
+        model.setdefault("family", FAMILY_NAMES[0])  # no model named: the estimate is the first family's
     config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
@@ -330,9 +311,9 @@ def build_parser():
     train.add_argument("config")
     train.set_defaults(handler=cmd_train)
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model folder, built locally")
-    tiny.add_argument("family", choices=["flux", "sdxl", "sd15", "zimage"])
+    tiny.add_argument("family", choices=FAMILY_NAMES)
     tiny.add_argument("folder")
-    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="flux only")
+    tiny.add_argument("--preset", default="tiny", help="tiny, or another size the family offers (flux: small)")
     tiny.add_argument("--single-file", help="also write one .safetensors: FLUX's transformer in BFL "
                                             "keys; SDXL/SD1.5's whole checkpoint in original keys")
     tiny.add_argument("--comfyui", action="store_true",

@@ -58,7 +58,7 @@ def _setup(config):
     import torch
 
     from loralab.core.dataset import load_for_bucket, scan_folder
-    from loralab.core.families import flux
+    from loralab.core.families.flux import FAMILY as flux
     from loralab.core.lora import add_lora
 
     pipeline = flux.load(config["model"]["path"], dtype="fp32")

@@ -4,13 +4,20 @@ values to the raw config dict that core.config.resolve() validates. A node lists
 from dataclasses import dataclass, field as dataclass_field
 
 from ..core.config import ConfigError, field, resolve
+from ..core.families import NAMES, families
 
-# Required keys of sections a node does not own, filled in only to validate the node's own part.
-PLACEHOLDERS = {"model": {"family": "flux", "path": "-"}, "dataset": {"folder": "-"}}
-# What checked() fills in: SD1.5 takes every setting (FLUX.1 refuses network.text_encoder), and a
-# trigger word lets train.preservation_class through, so a node's own values are checked alone;
-# the rules between sections apply when TrainLoRA resolves it all.
-CHECK_PLACEHOLDERS = {"model": {"family": "sd15", "path": "-"}, "dataset": {"folder": "-", "trigger_word": "-"}}
+# Required keys of sections a node does not own, filled in only to validate the node's own part
+# (the first family: the one the plan estimates when no model is named).
+PLACEHOLDERS = {"model": {"family": NAMES[0], "path": "-"}, "dataset": {"folder": "-"}}
+
+
+def _check_placeholders():
+    """What checked() fills in: a family that takes every setting (one with a text-encoder LoRA:
+    others refuse network.text_encoder), and a trigger word that lets train.preservation_class
+    through, so a node's own values are checked alone; the rules between sections apply when
+    TrainLoRA resolves it all."""
+    family = next(family.name for family in families() if family.text_encoder_lora)
+    return {"model": {"family": family, "path": "-"}, "dataset": {"folder": "-", "trigger_word": "-"}}
 
 
 @dataclass(frozen=True)
@@ -111,5 +118,5 @@ def config_from(settings, values):
 def checked(raw):
     """Validates a node's part of the config now, so a bad value fails at the node that holds
     it (the error names the key); returns `raw` unchanged."""
-    resolve({**CHECK_PLACEHOLDERS, **raw})
+    resolve({**_check_placeholders(), **raw})
     return raw

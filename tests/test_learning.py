@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 from loralab.core.config import resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
 from loralab.core.dataset.demo import make_demo_dataset
-from loralab.core.families import flux
+from loralab.core.families.flux import FAMILY as flux
 from loralab.core.families.flux import flow
 from loralab.core.trainer import train
 

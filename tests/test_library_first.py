@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_lora_file import transformer_output
 
 from loralab.core.config import resolve
-from loralab.core.families import flux
+from loralab.core.families.flux import FAMILY as flux
 from loralab.core.families.flux import keys
 from loralab.core.lora import add_lora, lora_weights, read_lora_file
 from loralab.core.runs import RunFolder

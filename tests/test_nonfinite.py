@@ -25,7 +25,7 @@ def nan_at(steps_with_nan, real_loss):
 
 
 def test_a_nan_step_is_skipped_and_counted_and_the_weights_stay_finite(resolved, monkeypatch):
-    from loralab.core.families import flux
+    from loralab.core.families.flux import FAMILY as flux
 
     monkeypatch.setattr(flux, "training_loss", nan_at({2, 3}, flux.training_loss))
     config = resolved(train={"steps": 6}, logging={"performance_log_every": 3})
@@ -38,7 +38,7 @@ def test_a_nan_step_is_skipped_and_counted_and_the_weights_stay_finite(resolved,
 
 
 def test_nan_steps_in_a_row_stop_the_run_keeping_the_last_finite_checkpoint(resolved, monkeypatch):
-    from loralab.core.families import flux
+    from loralab.core.families.flux import FAMILY as flux
 
     monkeypatch.setattr(flux, "training_loss", nan_at(set(range(3, 100)), flux.training_loss))
     config = resolved(train={"steps": 20, "max_nonfinite_steps": 4}, save={"save_every": 2})
@@ -53,7 +53,7 @@ def test_nan_steps_in_a_row_stop_the_run_keeping_the_last_finite_checkpoint(reso
 
 RANK_ONE_NAN = textwrap.dedent("""
     import os, sys
-    from loralab.core.families import flux
+    from loralab.core.families.flux import FAMILY as flux
     real = flux.training_loss
     calls = {"n": 0}
     def loss(*args, **kwargs):

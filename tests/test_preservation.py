@@ -11,7 +11,8 @@ from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionPipeline
 
 from loralab.core.config import ConfigError, resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
-from loralab.core.families import flux, get_family
+from loralab.core.families import get_family
+from loralab.core.families.flux import FAMILY as flux
 from loralab.core.families.flux import flow
 from loralab.core.families.preservation import class_caption
 from loralab.core.lora import add_lora

@@ -9,7 +9,8 @@ from peft import LoraConfig
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from loralab.core.families import sd15, sdxl
+from loralab.core.families.sd15 import FAMILY as sd15
+from loralab.core.families.sdxl import FAMILY as sdxl
 from loralab.core.families.flux.tiny import _write_clip_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 
-from loralab.core.families import sd15
+from loralab.core.families.sd15 import FAMILY as sd15
 from loralab.core.families.unet import conditioning, noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread

@@ -3,7 +3,7 @@ trained in bf16 with checkpointing, it then samples in fp32 exactly like a fresh
 import numpy
 import torch
 
-from loralab.core.families import flux
+from loralab.core.families.flux import FAMILY as flux
 from loralab.core.sampling import strength_grid
 from loralab.core.trainer import train
 

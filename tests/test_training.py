@@ -186,7 +186,7 @@ def test_another_rank_starts_a_new_run_folder_and_says_why(resolved):
 
 def test_out_of_memory_says_what_to_change_and_leaves_the_model_clean(resolved, monkeypatch):
     """A GPU cannot run out of memory here, so the family's loss raises what CUDA would raise."""
-    from loralab.core.families import flux
+    from loralab.core.families.flux import FAMILY as flux
     from loralab.core.trainer import OutOfMemory
 
     config = resolved(train={"steps": 3, "batch_size": 2}, dataset={"resolution": [1024]},

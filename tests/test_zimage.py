@@ -129,7 +129,7 @@ def test_training_lowers_diffusers_own_loss_on_the_training_images(trained):
 
 
 def test_prompts_are_encoded_as_the_pipeline_encodes_them(trained):
-    from loralab.core.families import zimage
+    from loralab.core.families.zimage import FAMILY as zimage
 
     folder, data, _ = trained
     pipeline = _pipeline(folder)
@@ -280,7 +280,8 @@ def comfyui_files(trained):
 
 
 def test_comfyui_files_load_as_the_folder(trained, comfyui_files):
-    from loralab.core.families import detect_family, zimage
+    from loralab.core.families import detect_family
+    from loralab.core.families.zimage import FAMILY as zimage
 
     folder = _pipeline(trained[0])
     assert detect_family({"path": None, "transformer_path": comfyui_files["transformer"]}) == "zimage"
@@ -298,7 +299,7 @@ def test_comfyui_files_load_as_the_folder(trained, comfyui_files):
 
 
 def test_a_file_of_another_kind_is_refused_naming_the_setting(comfyui_files):
-    from loralab.core.families import zimage
+    from loralab.core.families.zimage import FAMILY as zimage
     from loralab.core.families.zimage import ModelError
 
     swapped = {**_files_model(comfyui_files), "text_encoder_path": comfyui_files["vae"]}

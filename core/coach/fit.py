@@ -226,7 +226,7 @@ def resolve_memory_settings(config, device_total_bytes, device_type):
     quantize = _explicit(config["model"]["quantize"])
     checkpointing = _explicit(config["train"]["gradient_checkpointing"])
     notes = []
-    if config["model"]["family"] in UNET_CHECKPOINTING_BELOW_GB:
+    if not _memory_model(config).estimated:
         return unet_memory_settings(config, device_total_bytes, device_type, checkpointing)
     if device_type != "cuda":
         if quantize in CUDA_ONLY:
@@ -259,9 +259,10 @@ def resolve_memory_settings(config, device_total_bytes, device_type):
                                           modes[-1], switches[-1], shape))
 
 
-# SDXL and SD1.5 are not quantized; their estimate is a rule of thumb from common practice (kohya,
-# OneTrainer presets), not a measured model: gradient checkpointing below these GPU sizes.
-UNET_CHECKPOINTING_BELOW_GB = {"sdxl": 40, "sd15": 12}
+def _memory_model(config):
+    from ..families import family_or_default
+
+    return family_or_default(config["model"]["family"]).memory
 
 
 def unet_memory_settings(config, device_total_bytes, device_type, checkpointing):
@@ -273,7 +274,7 @@ def unet_memory_settings(config, device_total_bytes, device_type, checkpointing)
                          "trains unquantized: set model.quantize to auto or none.")
     if checkpointing is not None:
         return "none", checkpointing, []
-    limit = UNET_CHECKPOINTING_BELOW_GB[family]
+    limit = _memory_model(config).checkpointing_below_gb
     switch = device_type == "cuda" and (device_total_bytes is None or device_total_bytes < limit * 2**30)
     return "none", switch, [f"auto: {family} unquantized, gradient checkpointing "
                             f"{'on' if switch else 'off'} (on for GPUs under {limit} GB)."]
@@ -299,7 +300,7 @@ def fit_report(config, vram_bytes, resolutions=None):
     """Text: the estimated peak per quantize mode at each training resolution, with and without
     gradient checkpointing, which fit vram_bytes, and what auto would choose."""
     family = config["model"]["family"]
-    if family in UNET_CHECKPOINTING_BELOW_GB:  # no estimate model for the UNet families yet
+    if not _memory_model(config).estimated:  # no estimate model for the UNet families yet
         checkpointing = _explicit(config["train"]["gradient_checkpointing"])
         _, _, notes = unet_memory_settings(config, vram_bytes, "cuda", checkpointing)
         return (f"memory fit for {gigabytes(vram_bytes)}: {family} trains unquantized; "

@@ -9,8 +9,8 @@ from ..config import defaults, epochs, recommended_steps, step_band, steps_per_e
 from ..dataset import bucket_size, scan_folder
 from .advice import advise, step_band_text
 
-# Bucket sides are multiples of the VAE's downscale x the 2x2 packing: 8 x 2 for FLUX.1.
-SIZE_MULTIPLE = {"flux": 16}
+# Bucket sides before the family is known (model.family auto): a multiple of every family's.
+ANY_SIZE_MULTIPLE = 64
 
 
 def with_defaults(config):
@@ -63,7 +63,7 @@ def plan_dataset(scan_or_folder, config=None):
         scan = scan_folder(resolve_dataset_folder(scan_or_folder), data["caption_ext"], data["trigger_word"])
     count, repeats, batch = len(scan.items), data["repeats"], train["batch_size"]
     steps = train["steps"] or recommended_steps(count)
-    multiple = SIZE_MULTIPLE.get(config["model"]["family"], 64)
+    multiple = _size_multiple(config["model"]["family"])
     buckets = {r: collections.Counter(bucket_size(i.width, i.height, r, multiple) for i in scan.items)
                for r in data["resolution"]}
     try:
@@ -77,6 +77,13 @@ def plan_dataset(scan_or_folder, config=None):
         steps=steps, steps_given=train["steps"] is not None, band=step_band(count),
         repeats=repeats, batch_size=batch, steps_per_epoch=steps_per_epoch(count, repeats, batch),
         epochs=epochs(steps, count, repeats, batch), memory=memory, advice=advise(scan, config))
+
+
+def _size_multiple(family):
+    """The family's bucket multiple (its SIZE_MULTIPLE); ANY_SIZE_MULTIPLE while it is auto."""
+    from ..families import NAMES, get_family
+
+    return get_family(family).SIZE_MULTIPLE if family in NAMES else ANY_SIZE_MULTIPLE
 
 
 def _counts(counter):

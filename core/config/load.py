@@ -7,7 +7,7 @@ import os
 import jsonschema
 
 from .. import UserError
-from .schema import FAMILY_DEFAULTS, SCHEMA
+from .schema import SCHEMA
 
 
 class ConfigError(UserError, ValueError):
@@ -81,7 +81,7 @@ def resolve(config, source=None):
     resolved = _fill_defaults(config, SCHEMA)
     if source:  # relative paths in a config file are relative to the file, not to the shell
         base = os.path.dirname(os.path.abspath(source))
-        for section, key in PATH_SETTINGS:
+        for section, key in _path_settings():
             value = resolved[section].get(key)
             if value and not value.startswith("builtin:") and not os.path.isabs(os.path.expanduser(value)):
                 resolved[section][key] = os.path.normpath(os.path.join(base, value))
@@ -93,12 +93,14 @@ def resolve(config, source=None):
             model["family"] = detect_family(model)
         except (ValueError, OSError) as error:
             raise ConfigError([str(error)], source) from None
-    family = model["family"]
-    for dotted, value in FAMILY_DEFAULTS.get(family, {}).items():  # only where the config is silent
+    from ..families import get_family
+
+    family = get_family(model["family"])
+    for dotted, value in family.config_defaults.items():  # only where the config is silent
         section, key = dotted.split(".")
         if key not in (config.get(section) or {}):
             resolved[section][key] = copy.deepcopy(value)
-    problems = _family_problems(model, resolved["network"])
+    problems = _family_problems(family, model, resolved["network"])
     if resolved["train"]["timestep_min"] >= resolved["train"]["timestep_max"]:
         problems.append(f"train.timestep_min = {resolved['train']['timestep_min']} must be below "
                         f"train.timestep_max = {resolved['train']['timestep_max']}")
@@ -114,43 +116,41 @@ def resolve(config, source=None):
     if resolved["network"]["conv_alpha"] is None:
         resolved["network"]["conv_alpha"] = resolved["network"]["conv"] or None
     if resolved["save"]["format"] is None:
-        resolved["save"]["format"] = "diffusers" if family == "flux" else "kohya"
+        resolved["save"]["format"] = family.default_save_format
     return resolved
 
 
-PATH_SETTINGS = (("model", "path"), ("model", "transformer_path"), ("model", "clip_l_path"),
-                 ("model", "t5_path"), ("model", "text_encoder_path"), ("model", "vae_path"),
-                 ("model", "checkpoint_path"),
-                 ("dataset", "folder"), ("save", "output_dir"))
+def _path_settings():
+    """(section, key) of every setting that holds a path: the model folder, each family's
+    single files, the dataset folder and the output folder."""
+    from ..families import single_file_keys
+
+    return [("model", "path"), *(("model", key) for key in single_file_keys()),
+            ("dataset", "folder"), ("save", "output_dir")]
 
 
-def _family_problems(model, network):
+def _family_problems(family, model, network):
     """What the family needs of the model section: a folder or its single files, and none of
     another family's files; and what it offers of the network section."""
-    from ..families import REQUIRED_FILES, folder_family
+    from ..families import folder_family, single_file_keys
 
-    family, problems = model["family"], []
-    if family == "flux" and network["text_encoder"]:
-        problems.append("network.text_encoder = true: FLUX.1 does not offer a text-encoder LoRA; "
-                        "set it to false")
+    problems = []
+    if network["text_encoder"] and not family.text_encoder_lora:
+        problems.append(family.no_text_encoder_lora())
     found = folder_family(model["path"]) if model["path"] else None
-    if found and found != family:
-        problems.append(f"model.family = {family}, but model.path {model['path']!r} is a {found} "
-                        f"model: set model.family to {found} (or auto), or give a {family} model")
-    required = REQUIRED_FILES[family]
-    foreign = [key for other, keys in REQUIRED_FILES.items() if other != family
-               for key in keys if model.get(key) and key not in required]
+    if found and found != family.name:
+        problems.append(f"model.family = {family.name}, but model.path {model['path']!r} is a {found} "
+                        f"model: set model.family to {found} (or auto), or give a {family.name} model")
+    foreign = [key for key in single_file_keys() if model.get(key) and key not in family.single_files]
     if foreign:
         problems.append(f"{', '.join('model.' + k for k in foreign)} given, but model.family is "
-                        f"{family}, which does not use it: remove it, or set model.family to the "
+                        f"{family.name}, which does not use it: remove it, or set model.family to the "
                         "model the file belongs to")
-    if not model["path"] and not all(model[key] for key in required):
-        missing = ", ".join(f"model.{key}" for key in required if not model[key])
-        what = {"flux": "all four single files (transformer, CLIP-L, T5, VAE) as ComfyUI keeps them",  # TODO(contract)
-                "zimage": "its three single files (transformer, Qwen3 text encoder, VAE) as ComfyUI keeps them"
-                }.get(family, "a single-file checkpoint as ComfyUI keeps it in models/checkpoints")
+    required = family.required_files
+    if not model["path"] and not all(model.get(key) for key in required):
+        missing = ", ".join(f"model.{key}" for key in required if not model.get(key))
         problems.append(f"model.path is empty and {missing} not given: give a local diffusers folder "
-                        f"in model.path, or {what}")
+                        f"in model.path, or {family.single_files_text}")
     return problems
 
 

@@ -1,12 +1,14 @@
 """The one schema of every setting. Defaults come from the training guide (docs/training-guide.md); the
-nodes' widgets, the CLI and the config file all read them from here."""
+nodes' widgets, the CLI and the config file all read them from here. A family's own defaults
+(resolution, sampling) are its `config_defaults` (core/families/<name>/), applied by load.py."""
+from ..families import NAMES as FAMILY_NAMES
 
 DTYPES = ["bf16", "fp16", "fp32"]
 SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
-FAMILIES = ["auto", "flux", "sdxl", "sd15", "zimage"]
+FAMILIES = ["auto", *FAMILY_NAMES]
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 QUANTIZE = ["auto", "none", "fp8", "nf4", "int8"]
 
@@ -196,19 +198,6 @@ SCHEMA = {
                                           "Steps between metrics lines (loss, time, memory). Guide: 10."),
         }),
     },
-}
-
-
-# Where a family's common practice differs from the schema's (FLUX.1) defaults; applied to the
-# settings a config leaves out (core.config.resolve).
-FAMILY_DEFAULTS = {
-    "sdxl": {"dataset.resolution": [1024], "sample.guidance_scale": 6.0, "sample.sample_steps": 25},
-    "sd15": {"dataset.resolution": [512], "sample.guidance_scale": 7.0, "sample.sample_steps": 25,
-             "sample.width": 512, "sample.height": 512},
-    # diffusers' train_dreambooth_lora_z_image.py README: 1024 px, lr 1e-4, its scheduler's static
-    # shift of 3; Z-Image Base samples with classifier-free guidance (4) over more steps
-    "zimage": {"dataset.resolution": [1024], "train.timestep_type": "shift", "sample.guidance_scale": 4.0,
-               "sample.sample_steps": 30, "save.format": "diffusers"},
 }
 
 

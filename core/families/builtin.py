@@ -45,17 +45,9 @@ def resolve_model_path(path):
         from .flux.shapes.packed import TEXT_LENGTH, build_shapes_flux
 
         return _build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
-    if family == "flux":
-        from .flux.tiny import build_tiny_flux
+    from . import get_family
 
-        return _build_once(folder, "model_index.json", lambda target: build_tiny_flux(target, preset))
-    if family == "zimage":  # TODO(contract): each family's build_tiny, no branch here
-        from .zimage.tiny import build_tiny as build_tiny_zimage
-
-        return _build_once(folder, "model_index.json", lambda target: build_tiny_zimage(target, preset))
-    from .unet.tiny import build_tiny
-
-    return _build_once(folder, "model_index.json", lambda target: build_tiny(family, target))
+    return _build_once(folder, "model_index.json", lambda target: get_family(family).make_tiny(target, preset))
 
 
 @functools.cache

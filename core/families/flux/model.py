@@ -8,12 +8,8 @@ import warnings
 
 import torch
 
-from ... import UserError
 from ...dtypes import torch_dtype as to_torch_dtype
-
-
-class ModelError(UserError, ValueError):
-    """A model path that cannot be loaded; the message names the setting and what to do."""
+from ..base import ModelError
 
 
 def check_model_folder(path):

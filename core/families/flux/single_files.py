@@ -9,11 +9,11 @@ import re
 import torch
 from torch import nn
 
+from ..base import ModelError
 from . import fp8 as fp8_ops
 from . import keys
 from .files import (DTYPES, FP8_NAMES, SafetensorsFile, clip_prefix, describe, identify, is_scale_key,
                     strip_prefix, transformer_config)
-from .model import ModelError
 
 # metadata our writers store for what shapes alone cannot tell
 CLIP_HEADS_KEY = "loralab.num_attention_heads"

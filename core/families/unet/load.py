@@ -7,13 +7,9 @@ import os
 
 import torch
 
-from ... import UserError
+from ..base import ModelError
 from . import files, keys
 from .keys import HEADS_2_KEY, HEADS_KEY
-
-
-class ModelError(UserError, ValueError):
-    """A model that cannot be loaded; the message names the setting and what to do."""
 
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}

@@ -5,22 +5,23 @@ ZImagePipeline: FLUX.1's flow matching (x_t = (1 - s) x0 + s noise, target noise
 shift and scale), but the transformer reads t = 1 - s and predicts the negated velocity, takes
 latents unpacked ([C, 1, h, w] per image, it patches 2x2 itself) and captions of their own length
 (Qwen3's second-to-last hidden state of the tokens the attention mask keeps)."""
+import os
+
 import numpy
 import torch
 
+from ...lora.files import prefixed
+from ..base import MemoryModel, ModelError, ModelFamily
 from ..flux import flow  # Z-Image uses FLUX.1's ae and FLUX.1's flow-matching line
 from ..loss import weighted_mse
 from ..preservation import predict_preserving
-from .model import ModelError, load_pipeline
-
-name = "zimage"
+from .model import load_pipeline
 
 # LoRA on the attention and feed-forward linears of every block: the main layers and both
 # refiners. ComfyUI maps exactly these (comfy/utils.py z_image_to_diffusers: to_q/k/v into its
 # fused qkv, to_out.0, feed_forward.w1/w2/w3); the embedders and final layer stay frozen.
 LORA_TARGETS = r".*(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])"
 DIFFUSERS_PREFIX = "transformer."
-KOHYA_METADATA = {"ss_base_model_version": "zimage", "ss_network_module": "networks.lora"}
 
 # The chat template of a one-message prompt, as ComfyUI writes it (comfy/text_encoders/z_image.py
 # llama_template) and as ZImagePipeline._encode_prompt gets it from Qwen3's chat template with
@@ -31,130 +32,163 @@ MAX_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length
 TEXT_LAYER = -2        # the second-to-last hidden state (diffusers and ComfyUI: layer_idx=-2)
 
 
-def load(model, quantize="none", comfyui=None):
-    """The Z-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's single
-    files (model.transformer_path, text_encoder_path, vae_path)."""
-    if quantize not in ("none", None):
-        raise ModelError(f"model.quantize = {quantize!r}: Z-Image trains unquantized for now; set "
-                         "model.quantize to \"none\".")
-    return load_pipeline(model, comfyui)
+class ZImageMemory(MemoryModel):
+    """No measured estimate for Z-Image yet: trained unquantized, and "auto" turns gradient
+    checkpointing on below a GPU size (a 6B transformer: 12 GB of bf16 weights)."""
+    estimated = False
+    checkpointing_below_gb = 40
 
 
-def lora_targets(network):
-    return {"target_modules": LORA_TARGETS}
+class ZImage(ModelFamily):
+    name = "zimage"
+    title = "Z-Image"
+    pipeline_classes = ("ZImagePipeline",)
+    single_files = ("transformer_path", "text_encoder_path", "vae_path")
+    required_files = single_files
+    single_files_text = "its three single files (transformer, Qwen3 text encoder, VAE) as ComfyUI keeps them"
+    LORA_TARGETS = LORA_TARGETS
+    KOHYA_METADATA = {"ss_base_model_version": "zimage", "ss_network_module": "networks.lora"}
+    SIZE_MULTIPLE = 16  # the ae's 8 x the transformer's 2x2 patches
+    default_save_format = "diffusers"
+    # diffusers' train_dreambooth_lora_z_image.py README: 1024 px, lr 1e-4 (the schema's), its
+    # scheduler's static shift of 3; Z-Image Base samples with classifier-free guidance (4) over
+    # more steps than FLUX.1
+    config_defaults = {"dataset.resolution": [1024], "train.timestep_type": "shift",
+                       "sample.guidance_scale": 4.0, "sample.sample_steps": 30}
+    memory = ZImageMemory()
 
+    def claims_files(self, model):
+        """A Qwen3 text encoder file is Z-Image's; a transformer file is read to tell."""
+        from .single_files import is_zimage_transformer
 
-def size_multiple(pipeline):
-    """The VAE's downscale times the transformer's 2x2 patches."""
-    return pipeline.vae_scale_factor * 2
+        if model.get("text_encoder_path"):
+            return True
+        path = model.get("transformer_path")
+        return bool(path) and os.path.isfile(os.path.expanduser(path)) and \
+            is_zimage_transformer(os.path.expanduser(path))
 
+    def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
+        from .tiny import build_tiny, write_comfyui_files
 
-def text_length(pipeline):
-    """Tokens a caption is padded to in the cache (512, or fewer where the tokenizer says so)."""
-    longest = getattr(pipeline.tokenizer, "model_max_length", MAX_TEXT_TOKENS) or MAX_TEXT_TOKENS
-    return min(MAX_TEXT_TOKENS, longest)
+        folder = build_tiny(folder, preset)
+        return (list(write_comfyui_files(folder).values()) if comfyui else []) + [folder]
 
+    def load(self, model, quantize="none", comfyui=None):
+        """The Z-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's single
+        files (model.transformer_path, text_encoder_path, vae_path)."""
+        if quantize not in ("none", None):
+            raise ModelError(f"model.quantize = {quantize!r}: Z-Image trains unquantized for now; set "
+                             "model.quantize to \"none\".")
+        return load_pipeline(model, comfyui)
 
-def trainable_model(pipeline):
-    return pipeline.transformer
+    def size_multiple(self, pipeline):
+        """The VAE's downscale times the transformer's 2x2 patches."""
+        return pipeline.vae_scale_factor * 2
 
+    def text_length(self, pipeline):
+        """Tokens a caption is padded to in the cache (512, or fewer where the tokenizer says so)."""
+        longest = getattr(pipeline.tokenizer, "model_max_length", MAX_TEXT_TOKENS) or MAX_TEXT_TOKENS
+        return min(MAX_TEXT_TOKENS, longest)
 
-def compute_dtype(pipeline):
-    return pipeline.transformer.dtype
+    def trainable_model(self, pipeline):
+        return pipeline.transformer
 
+    def encoders_to_device(self, pipeline, device):
+        pipeline.vae.to(device)
+        self._text_encoder_on(pipeline, device)
 
-def uses_guidance(pipeline):
-    """Z-Image has no guidance embedding (Base samples with classifier-free guidance)."""
-    return False
+    def to_device(self, pipeline, device):
+        pipeline.vae.to(device)
+        pipeline.transformer.to(device)
 
+    def free_text_encoders(self, pipeline):
+        """Qwen3-4B (about 8 GB in bf16) is dropped after encoding; encode_prompts loads it again."""
+        pipeline.register_modules(text_encoder=None)
 
-def encoders_to_device(pipeline, device):
-    pipeline.vae.to(device)
-    _text_encoder_on(pipeline, device)
+    @staticmethod
+    def _text_encoder_on(pipeline, device):
+        if pipeline.text_encoder is None:
+            pipeline.register_modules(text_encoder=pipeline.text_encoder_source.load())
+        pipeline.text_encoder.to(device)
 
+    def remove_lora(self, pipeline):
+        if getattr(pipeline.transformer, "peft_config", None):
+            pipeline.transformer.unload_lora()
 
-def to_device(pipeline, device):
-    pipeline.vae.to(device)
-    pipeline.transformer.to(device)
+    def lora_to_diffusers(self, weights):
+        """`transformer.` + peft's names: diffusers' ZImageLoraLoaderMixin and ComfyUI (its Lumina2
+        key map's `transformer.` form, to_q/k/v as slices of the fused qkv) both map every key."""
+        return prefixed(weights, DIFFUSERS_PREFIX)
 
+    def lora_to_kohya(self, model):
+        """None: no kohya layout loads whole in both (ComfyUI maps `lora_unet_` names only to its
+        fused qkv, diffusers cannot load a fused qkv); the diffusers format is the one to save."""
+        return None
 
-def free_text_encoders(pipeline):
-    """Qwen3-4B (about 8 GB in bf16) is dropped after encoding; encode_prompts loads it again."""
-    pipeline.register_modules(text_encoder=None)
+    def _encode(self, pipeline, prompts, device):
+        """(hidden [B, seq, dim] with padding zeroed, mask [B, seq]) of `prompts`."""
+        tokens = pipeline.tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], padding="max_length",
+                                    max_length=self.text_length(pipeline), truncation=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        hidden = pipeline.text_encoder(input_ids=ids, attention_mask=mask.bool(),
+                                       output_hidden_states=True).hidden_states[TEXT_LAYER]
+        return hidden * mask[..., None].to(hidden.dtype), mask.to(hidden.dtype)
 
+    @torch.no_grad()
+    def encode_prompts(self, pipeline, prompts, device):
+        """{prompt: (Qwen3 hidden states [seq, dim], token mask [seq])} on the CPU. Z-Image has no
+        pooled vector: the pair's second tensor is the mask of the caption's real tokens, which
+        the transformer reads alone (ZImagePipeline passes `hidden[mask]`). Padded to one length
+        so that the cache stacks captions into batches."""
+        self._text_encoder_on(pipeline, device)
+        encoded = {}
+        for prompt in dict.fromkeys(prompts):
+            hidden, mask = self._encode(pipeline, [prompt], device)
+            encoded[prompt] = (hidden[0].cpu(), mask[0].cpu())
+        return encoded
 
-def _text_encoder_on(pipeline, device):
-    if pipeline.text_encoder is None:
-        pipeline.register_modules(text_encoder=pipeline.text_encoder_source.load())
-    pipeline.text_encoder.to(device)
+    @torch.no_grad()
+    def encode_image(self, pipeline, image, device):
+        """Normalised latent [C, h, w] of one PIL image (already at its bucket size): the ae's mode,
+        as the reference trainer's latent cache takes it, shifted and scaled by the VAE config."""
+        pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 127.5 - 1.0)
+        pixels = pixels.permute(2, 0, 1)[None].to(device, pipeline.vae.dtype)
+        latent = pipeline.vae.encode(pixels).latent_dist.mode()
+        return flow.normalize_latents(latent, pipeline.vae.config)[0].float().cpu()
 
+    def training_loss(self, model, batch, generator, train_config, guidance_embeds):
+        """Flow-matching MSE of one batch (latents [B,C,h,w], text [B,seq,dim], its mask as
+        `pooled` [B,seq]); plus preservation's loss where the batch carries it."""
+        latents = batch["latents"]
+        batch_size, _, height, width = latents.shape
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        sigmas = flow.sample_sigmas(batch_size, train_config["timestep_type"],
+                                    num_tokens=height * width // 4, generator=generator).to(latents.device)
+        noisy, target = flow.noisy_latents(latents, noise, sigmas)
+        prediction, preservation = predict_preserving(
+            model, predict, noisy, {"sigmas": sigmas, "text": batch["text"], "pooled": batch["pooled"]},
+            batch, train_config.get("preservation_weight", 0.0))
+        return weighted_mse(prediction, target, batch.get("loss_weight")) + preservation
 
-def remove_lora(pipeline):
-    if getattr(pipeline.transformer, "peft_config", None):
-        pipeline.transformer.unload_lora()
-
-
-def lora_to_diffusers(weights):
-    """`transformer.` + peft's names: diffusers' ZImageLoraLoaderMixin and ComfyUI (its Lumina2
-    key map's `transformer.` form, to_q/k/v as slices of the fused qkv) both map every key."""
-    from ...lora.files import prefixed
-
-    return prefixed(weights, DIFFUSERS_PREFIX)
-
-
-def lora_to_kohya(model):
-    """None: no kohya layout loads whole in both (ComfyUI maps `lora_unet_` names only to its
-    fused qkv, diffusers cannot load a fused qkv); the diffusers format is the one to save."""
-    return None
-
-
-def _encode(pipeline, prompts, device):
-    """(hidden [B, seq, dim] with padding zeroed, mask [B, seq]) of `prompts`."""
-    tokens = pipeline.tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], padding="max_length",
-                                max_length=text_length(pipeline), truncation=True, return_tensors="pt")
-    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-    hidden = pipeline.text_encoder(input_ids=ids, attention_mask=mask.bool(),
-                                   output_hidden_states=True).hidden_states[TEXT_LAYER]
-    return hidden * mask[..., None].to(hidden.dtype), mask.to(hidden.dtype)
-
-
-@torch.no_grad()
-def encode_prompts(pipeline, prompts, device):
-    """{prompt: (Qwen3 hidden states [seq, dim], token mask [seq])} on the CPU. Z-Image has no
-    pooled vector: the pair's second tensor is the mask of the caption's real tokens, which
-    the transformer reads alone (ZImagePipeline passes `hidden[mask]`). Padded to one length
-    so that the cache stacks captions into batches."""
-    _text_encoder_on(pipeline, device)
-    encoded = {}
-    for prompt in dict.fromkeys(prompts):
-        hidden, mask = _encode(pipeline, [prompt], device)
-        encoded[prompt] = (hidden[0].cpu(), mask[0].cpu())
-    return encoded
-
-
-NO_TEXT_ENCODER_LORA = "network.text_encoder: Z-Image does not offer a text-encoder LoRA; set it to false"
-
-
-def text_encoders(pipeline):
-    raise ValueError(NO_TEXT_ENCODER_LORA)
-
-
-def text_encoder_lora_targets(network):
-    raise ValueError(NO_TEXT_ENCODER_LORA)
-
-
-def encode_batch(pipeline, captions, device):
-    raise ValueError(NO_TEXT_ENCODER_LORA)
-
-
-@torch.no_grad()
-def encode_image(pipeline, image, device):
-    """Normalised latent [C, h, w] of one PIL image (already at its bucket size): the ae's mode,
-    as the reference trainer's latent cache takes it, shifted and scaled by the VAE config."""
-    pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 127.5 - 1.0)
-    pixels = pixels.permute(2, 0, 1)[None].to(device, pipeline.vae.dtype)
-    latent = pipeline.vae.encode(pixels).latent_dist.mode()
-    return flow.normalize_latents(latent, pipeline.vae.config)[0].float().cpu()
+    @torch.no_grad()
+    def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
+                 negative_embeds=None):
+        """One image (PIL) per cached (text, mask) pair, each from the same seed, by ZImagePipeline:
+        classifier-free guidance against the empty caption where guidance_scale > 0 (Base; Turbo
+        samples at 0)."""
+        dtype = pipeline.transformer.dtype
+        negative = None
+        if guidance_scale > 0 and negative_embeds is not None:
+            negative = captions(negative_embeds[0][None].to(device, dtype), negative_embeds[1][None])
+        images = []
+        for text, mask in prompt_embeds:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            result = pipeline(prompt_embeds=captions(text[None].to(device, dtype), mask[None]),
+                              negative_prompt_embeds=negative, guidance_scale=guidance_scale if negative else 0.0,
+                              num_inference_steps=steps, width=width, height=height, generator=generator,
+                              output_type="pil")
+            images.append(result.images[0])
+        return images
 
 
 def captions(text, mask):
@@ -170,44 +204,4 @@ def predict(transformer, noisy, sigmas, text, pooled):
     return -torch.stack(output).squeeze(2)
 
 
-def training_loss(model, batch, generator, train_config, guidance_embeds):
-    """Flow-matching MSE of one batch (latents [B,C,h,w], text [B,seq,dim], its mask as
-    `pooled` [B,seq]); plus preservation's loss where the batch carries it."""
-    latents = batch["latents"]
-    batch_size, _, height, width = latents.shape
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    sigmas = flow.sample_sigmas(batch_size, train_config["timestep_type"],
-                                num_tokens=height * width // 4, generator=generator).to(latents.device)
-    noisy, target = flow.noisy_latents(latents, noise, sigmas)
-    prediction, preservation = predict_preserving(
-        model, predict, noisy, {"sigmas": sigmas, "text": batch["text"], "pooled": batch["pooled"]},
-        batch, train_config.get("preservation_weight", 0.0))
-    return weighted_mse(prediction, target, batch.get("loss_weight")) + preservation
-
-
-@torch.no_grad()
-def generate(pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
-             negative_embeds=None):
-    """One image (PIL) per cached (text, mask) pair, each from the same seed, by ZImagePipeline:
-    classifier-free guidance against the empty caption where guidance_scale > 0 (Base; Turbo
-    samples at 0)."""
-    dtype = pipeline.transformer.dtype
-    negative = None
-    if guidance_scale > 0 and negative_embeds is not None:
-        negative = captions(negative_embeds[0][None].to(device, dtype), negative_embeds[1][None])
-    images = []
-    for text, mask in prompt_embeds:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        result = pipeline(prompt_embeds=captions(text[None].to(device, dtype), mask[None]),
-                          negative_prompt_embeds=negative, guidance_scale=guidance_scale if negative else 0.0,
-                          num_inference_steps=steps, width=width, height=height, generator=generator,
-                          output_type="pil")
-        images.append(result.images[0])
-    return images
-
-
-__all__ = ["DIFFUSERS_PREFIX", "KOHYA_METADATA", "LORA_TARGETS", "ModelError", "compute_dtype",
-           "encode_batch", "encode_image", "encode_prompts", "encoders_to_device", "free_text_encoders",
-           "generate", "load", "lora_targets", "lora_to_diffusers", "lora_to_kohya", "predict",
-           "remove_lora", "size_multiple", "text_encoder_lora_targets", "text_encoders", "text_length",
-           "to_device", "trainable_model", "training_loss", "uses_guidance"]
+FAMILY = ZImage()

@@ -7,7 +7,8 @@ import os
 import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
-from ..flux.model import ModelError, quiet_loading  # TODO(contract): ModelError defined once
+from ..base import ModelError
+from ..flux.model import quiet_loading
 
 
 def check_model_folder(path):

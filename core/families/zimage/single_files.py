@@ -11,7 +11,7 @@ from ..flux.files import SafetensorsFile, describe as describe_other, read_heade
 # TODO(contract): the single-file filling helpers belong to no one family
 from ..flux.single_files import (_check_complete, _count_layers, _empty, _fill, _frozen, _shapes,
                                  comfyui_candidates, load_part as load_flux_part)
-from .model import ModelError
+from ..base import ModelError
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 AXES_METADATA_KEY = "loralab.axes_dims"  # our tiny files' rope axes (the real model's: 32, 48, 48)
