@@ -11,6 +11,7 @@ tokenizer from ComfyUI's source. Checked against independent references:
 """
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -314,8 +315,10 @@ def test_train_from_comfyui_files(comfyui_files, trained, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     folder, data, from_folder = trained
-    config = {"name": "files", "model": {k: v for k, v in _files_model(comfyui_files, "transformer_fp8").items()
-                                         if k not in ("path", "family")},
+    turbo = tmp_path / "z_image_turbo_fp8_scaled.safetensors"  # named as ComfyUI's Turbo file is
+    shutil.copy(comfyui_files["transformer_fp8"], turbo)
+    config = {"name": "files", "model": {**{k: v for k, v in _files_model(comfyui_files).items()
+                                            if k not in ("path", "family")}, "transformer_path": str(turbo)},
               "dataset": {"folder": data, "trigger_word": "sks", "resolution": [64]}, "network": {"linear": 4},
               "train": {"steps": 4, "optimizer": "adamw", "dtype": "fp32"},
               "save": {"output_dir": str(tmp_path), "save_every": 1000}, "sample": {"sample_every": 0}}
@@ -324,6 +327,7 @@ def test_train_from_comfyui_files(comfyui_files, trained, tmp_path):
     result = run_cli("train", str(tmp_path / "config.json"), timeout=600,
                      env={**os.environ, "LORALAB_COMFYUI": comfyui_source()})  # the tokenizer's source
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "looks like Z-Image Turbo" in result.stdout  # the coach's warning, at the run's start
     lora = json.loads(result.stdout.strip().splitlines()[-1])["lora"]
     assert set(load_file(lora)) == set(load_file(from_folder))
     pipeline = _pipeline(folder)
@@ -334,3 +338,17 @@ def test_train_from_comfyui_files(comfyui_files, trained, tmp_path):
 def test_comfyui_names_our_real_width_layout_z_image(comfyui_report):
     """ComfyUI's detection picks Z-Image only at the real width (dim 3840)."""
     assert comfyui_report[0]["detected"] == {"model": "ZImage", "n_layers": 2, "text_encoder": "QWEN3_4B"}
+
+
+def test_the_coach_warns_of_training_turbo_and_names_what_to_use(trained):
+    from loralab.core.coach.plan import plan_dataset
+    from loralab.core.families.zimage import FAMILY as zimage
+
+    folder, data, _ = trained
+    assert zimage.advice({"path": folder}) == []
+    (message,) = zimage.advice({"path": "/models/Tongyi-MAI/Z-Image-Turbo/"})
+    assert "Z-Image Turbo" in message and "Base, Tongyi-MAI/Z-Image" in message
+    plan = plan_dataset(data, {"model": {"family": "zimage", "path": None,
+                                         "transformer_path": "/m/z_image_turbo_bf16.safetensors"},
+                               "dataset": {"folder": data}})
+    assert [a.rule for a in plan.warnings if "Z-Image Turbo" in a.message] == ["model"]

@@ -111,6 +111,7 @@ def _train(config, pipeline, on_event, should_stop, held):
             resolve_dataset_folder(data_cfg["regularization_folder"]), data_cfg["caption_ext"], "",
             key="dataset.regularization_folder"))
     notes = [f"skipped {name}: {reason}" for name, reason in scan.skipped]
+    notes += family.advice(model_cfg)  # a known trap of this model (the coach)
     if device.type == "cpu" and train_cfg["optimizer"] == "adamw8bit":
         notes.append("train.optimizer adamw8bit runs on this CPU but slowly (bitsandbytes' 8-bit "
                      "states are a GPU feature); without a GPU, adamw is much faster.")

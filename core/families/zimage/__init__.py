@@ -67,6 +67,21 @@ class ZImage(ModelFamily):
         return bool(path) and os.path.isfile(os.path.expanduser(path)) and \
             is_zimage_transformer(os.path.expanduser(path))
 
+    def advice(self, model):
+        """Z-Image Turbo is step-distilled (8 steps, no guidance): a LoRA trained on it directly
+        breaks the distillation, as ai-toolkit's and musubi-tuner's users report. A file or folder
+        named for Turbo (Tongyi-MAI/Z-Image-Turbo, z_image_turbo_bf16.safetensors) is taken for it:
+        the weights do not say which one they are."""
+        named = [model.get(key) for key in ("path", "transformer_path") if model.get(key)]
+        if not any("turbo" in os.path.basename(os.path.normpath(str(p))).lower() for p in named):
+            return []
+        return [f"model: {named[0]} looks like Z-Image Turbo, a step-distilled model: a LoRA trained "
+                "on it directly breaks the distillation (images need more steps and lose detail after "
+                "a few hundred steps). Train on Z-Image (Base, Tongyi-MAI/Z-Image; ComfyUI's "
+                "z_image_bf16.safetensors) and use the LoRA with Turbo, or train on Turbo with ostris' "
+                "de-distillation adapter (zimage_turbo_training_adapter) merged in, as ai-toolkit does, "
+                "and generate without it."]
+
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
         from .tiny import build_tiny, write_comfyui_files
 
