@@ -95,6 +95,7 @@ class LoRALabLoadBaseModel:
              "t5": ("text_encoders", "t5_path"),
              "vae": ("vae", "vae_path"),
              "checkpoint": ("checkpoints", "checkpoint_path")}
+    LATER_FILES = {"text_encoder": ("text_encoders", "text_encoder_path")}  # after SD_SETTINGS: saved order
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -102,12 +103,13 @@ class LoRALabLoadBaseModel:
             "default": comfy_adapter.NO_MODEL,
             "tooltip": f"{field('model.' + key)['description']} From ComfyUI's "
                        f"{' and '.join(comfy_adapter.FILE_FOLDERS[kind])} folders."})
-            for widget, (kind, key) in cls.FILES.items()}
+            for widget, (kind, key) in {**cls.FILES, **cls.LATER_FILES}.items()}
+        later = {widget: files.pop(widget) for widget in cls.LATER_FILES}
         return {"required": widget_inputs(cls.SETTINGS),
                 "optional": {"comfyui_model": (comfy_adapter.model_choices(), {
                     "default": comfy_adapter.NO_MODEL, "tooltip":
                     "A diffusers folder from ComfyUI's models/diffusers, used when path is empty."}),
-                    **files, **widget_inputs(cls.SD_SETTINGS)}}
+                    **files, **widget_inputs(cls.SD_SETTINGS), **later}}
 
     RETURN_TYPES = ("LORALAB_BASE_MODEL",)
     RETURN_NAMES = ("base_model",)
@@ -115,17 +117,19 @@ class LoRALabLoadBaseModel:
     CATEGORY = CATEGORY
     DESCRIPTION = ("The frozen base model to train on, loaded once when first needed: an SDXL or "
                    "SD1.5 checkpoint, FLUX.1's single files (diffusion model, CLIP-L, T5, VAE), "
-                   "and/or a diffusers folder. The family is read from the files (auto).")
+                   "Z-Image's (diffusion model, text encoder, VAE), and/or a diffusers folder. "
+                   "The family is read from the files (auto).")
 
     @classmethod
     def VALIDATE_INPUTS(cls, path, diffusion_model=comfy_adapter.NO_MODEL,
                         clip_l=comfy_adapter.NO_MODEL, t5=comfy_adapter.NO_MODEL,
-                        vae=comfy_adapter.NO_MODEL, checkpoint=comfy_adapter.NO_MODEL):
+                        vae=comfy_adapter.NO_MODEL, checkpoint=comfy_adapter.NO_MODEL,
+                        text_encoder=comfy_adapter.NO_MODEL):
         """Checked before anything runs, so a wrong path fails before a long training."""
         chosen = {"diffusion_model": diffusion_model, "clip_l": clip_l, "t5": t5, "vae": vae,
-                  "checkpoint": checkpoint}
+                  "checkpoint": checkpoint, "text_encoder": text_encoder}
         for widget, name in chosen.items():
-            kind = cls.FILES[widget][0]
+            kind = {**cls.FILES, **cls.LATER_FILES}[widget][0]
             if not isinstance(name, str):
                 return f"{widget}: expected a file name from the list, found {type(name).__name__} {name!r:.40}"
             if name != comfy_adapter.NO_MODEL and comfy_adapter.file_choice_path(kind, name) is None:
@@ -150,12 +154,12 @@ class LoRALabLoadBaseModel:
             raise ValueError(problem)
         section = {"family": family,
                    "path": (path or "").strip() or comfy_adapter.model_choice_path(comfyui_model)}
-        for widget, (kind, key) in cls.FILES.items():
+        for widget, (kind, key) in {**cls.FILES, **cls.LATER_FILES}.items():
             section[key] = comfy_adapter.file_choice_path(kind, files.get(widget, comfy_adapter.NO_MODEL))
         return section  # what the family needs of it is checked by the config's rules
 
     def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL, **values):
-        files = {widget: values.pop(widget) for widget in list(values) if widget in self.FILES}
+        files = {widget: values.pop(widget) for widget in list(values) if widget in {**self.FILES, **self.LATER_FILES}}
         section = {**self.model_section(family, path, comfyui_model, **files), "dtype": dtype,
                    "quantize": quantize, **config_from(self.SD_SETTINGS, values).get("model", {})}
         # resolved here, so the family read from the files ("auto") travels with the model

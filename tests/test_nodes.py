@@ -155,7 +155,7 @@ def test_bad_widget_values_name_the_config_key(demo_dataset):
 
 def test_the_family_is_read_from_the_files_and_a_wrong_one_is_refused(tiny_flux):
     assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == [
-        "auto", "flux", "sdxl", "sd15"]
+        "auto", "flux", "sdxl", "sd15", "zimage"]
     assert resolve({"model": {"path": tiny_flux}, "dataset": {"folder": "x"}})["model"]["family"] == "flux"
     with pytest.raises(ConfigError, match="model.family = sdxl, but model.path .* is a flux model"):
         resolve({"model": {"family": "sdxl", "path": tiny_flux}, "dataset": {"folder": "x"}})

@@ -352,3 +352,14 @@ def test_the_coach_warns_of_training_turbo_and_names_what_to_use(trained):
                                          "transformer_path": "/m/z_image_turbo_bf16.safetensors"},
                                "dataset": {"folder": data}})
     assert [a.rule for a in plan.warnings if "Z-Image Turbo" in a.message] == ["model"]
+
+
+def test_the_base_model_node_takes_comfyuis_three_files(comfyui_files, monkeypatch):
+    from loralab.nodes.inputs import LoRALabLoadBaseModel
+
+    monkeypatch.setenv("LORALAB_MODELS", os.path.dirname(os.path.dirname(comfyui_files["vae"])))
+    names = {widget: os.path.basename(comfyui_files[part]) for widget, part in
+             (("diffusion_model", "transformer"), ("text_encoder", "text_encoder"), ("vae", "vae"))}
+    (model,) = LoRALabLoadBaseModel().load("auto", "", "fp32", "auto", **names)
+    assert model.section["family"] == "zimage"
+    assert model.section["text_encoder_path"] == comfyui_files["text_encoder"]
