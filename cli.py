@@ -220,7 +220,7 @@ def cmd_plan(args):
     config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
-        from .core.coach.fit import fit_report
+        from .core.memory import fit_report
         from .core.coach.plan import with_defaults
 
         print(fit_report(with_defaults(config), int(args.vram * 2**30)))

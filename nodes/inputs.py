@@ -70,7 +70,7 @@ class LoRALabLoadDataset:
     def fit(section):
         """Which quantize modes fit ComfyUI's GPU at these resolutions (FLUX.1-dev's shapes and
         the default LoRA settings; TrainLoRA decides with the real ones)."""
-        from ..core.coach.fit import device_memory, fit_report
+        from ..core.memory import device_memory, fit_report
 
         vram = device_memory(comfy_adapter.torch_device())
         if vram is None:

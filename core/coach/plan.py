@@ -54,7 +54,7 @@ class DatasetPlan:
 def plan_dataset(scan_or_folder, config=None):
     """DatasetPlan of a Scan (or a folder, scanned with the config's caption settings)."""
     from ..families.builtin import resolve_dataset_folder
-    from .memory import estimate_memory
+    from ..memory import estimate_memory
 
     config = with_defaults(config)
     data, train = config["dataset"], config["train"]

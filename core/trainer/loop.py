@@ -12,9 +12,7 @@ from accelerate.state import AcceleratorState
 
 from .. import UserError
 from ..coach.demo_score import FILE as DEMO_SCORES, demo_scores, is_demo
-from ..coach.fit import device_memory, resolve_memory_settings
 from ..coach.monitor import Monitor
-from ..coach.out_of_memory import out_of_memory_advice
 from ..config import recommended_steps, steps_per_epoch
 from ..dataset import (BatchPlan, Cache, add_regularization, hold_out, image_sizes, model_fingerprint,
                        regularization_entries, scan_folder)
@@ -24,6 +22,7 @@ from ..families import get_family, load_model, model_files
 from ..families.builtin import resolve_dataset_folder
 from ..families.preservation import base_encoding, class_caption, preservation_batch
 from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, lora_weights
+from ..memory import device_memory, out_of_memory_advice, resolve_memory_settings
 from ..runs import choose_run_folder, write_json
 from ..runs.atomic import save_image
 from ..runs.fingerprint import dataset_fingerprint

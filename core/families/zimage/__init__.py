@@ -11,7 +11,7 @@ import numpy
 import torch
 
 from ...lora.files import prefixed
-from ..base import MemoryModel, ModelError, ModelFamily
+from ..base import ModelError, ModelFamily, RuleOfThumb
 from ..flux import flow  # Z-Image uses FLUX.1's ae and FLUX.1's flow-matching line
 from ..loss import weighted_mse
 from ..preservation import predict_preserving
@@ -32,13 +32,6 @@ MAX_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length
 TEXT_LAYER = -2        # the second-to-last hidden state (diffusers and ComfyUI: layer_idx=-2)
 
 
-class ZImageMemory(MemoryModel):
-    """No measured estimate for Z-Image yet: trained unquantized, and "auto" turns gradient
-    checkpointing on below a GPU size (a 6B transformer: 12 GB of bf16 weights)."""
-    estimated = False
-    checkpointing_below_gb = 40
-
-
 class ZImage(ModelFamily):
     name = "zimage"
     title = "Z-Image"
@@ -55,7 +48,8 @@ class ZImage(ModelFamily):
     # more steps than FLUX.1
     config_defaults = {"dataset.resolution": [1024], "train.timestep_type": "shift",
                        "sample.guidance_scale": 4.0, "sample.sample_steps": 30}
-    memory = ZImageMemory()
+    # no measured estimate yet: checkpointing on GPUs under 40 GB (a 6B transformer is 12 GB in bf16)
+    memory = RuleOfThumb(checkpointing_below_gb=40)
 
     def claims_files(self, model):
         """A Qwen3 text encoder file is Z-Image's; a transformer file is read to tell."""
