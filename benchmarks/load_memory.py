@@ -16,6 +16,10 @@ instead (it can miss a short spike; the table says which method was used).
 
     python benchmarks/load_memory.py [--folder DIR] [--keep] [--dtype bf16]
 
+Z-Image (core/families/zimage/tiny.py `write_real_width_files`): a transformer of dim 3840 / 30
+heads with one main layer and one refiner of each kind, in ComfyUI's layout, and a Qwen3 of
+Qwen3-4B's widths with one layer, loaded by core/families/zimage/single_files.py.
+
 Rows: the transformer, CLIP-L, T5 and VAE loaded in bf16 (their load dtype, bound relative to
 their bf16 bytes); the transformer with quantize "fp8" (block linears in float8: bound relative to
 the bytes it holds then); and the whole pipeline from the four files (load_pipeline_from_files,
@@ -33,7 +37,7 @@ import time
 
 BOUND = 1.3
 PARTS = [("transformer", "none"), ("transformer", "fp8"), ("clip_l", "none"), ("t5", "none"),
-         ("vae", "none"), ("pipeline", "none")]
+         ("vae", "none"), ("pipeline", "none"), ("zimage_transformer", "none"), ("zimage_text_encoder", "none")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +111,17 @@ def child(slot, quantize, paths, dtype_name):
                               T5TokenizerFast)
 
     from loralab.core.families.flux import single_files
+    from loralab.core.families.zimage import single_files as zimage_files
     from loralab.core.dtypes import torch_dtype
 
     dtype = torch_dtype(dtype_name)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     with PeakMeter() as meter:
-        if slot == "pipeline":
+        if slot.startswith("zimage_"):  # Z-Image's transformer (ComfyUI's layout) and Qwen3
+            load = zimage_files.load_transformer if slot == "zimage_transformer" else zimage_files.load_text_encoder
+            loaded = load(paths[slot], dtype)
+        elif slot == "pipeline":
             loaded = single_files.load_pipeline_from_files(paths["transformer"], paths["clip_l"],
                                                            paths["t5"], paths["vae"], dtype, quantize)
         else:
@@ -149,7 +157,8 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="load dtype (the bound is relative to the bytes loaded in it)")
-    parser.add_argument("--only", help="comma-separated rows: transformer,transformer-fp8,clip_l,t5,vae,pipeline")
+    parser.add_argument("--only", help="comma-separated rows: transformer,transformer-fp8,clip_l,t5,vae,pipeline,"
+                                       "zimage_transformer,zimage_text_encoder")
     parser.add_argument("--child", nargs=3, metavar=("SLOT", "QUANTIZE", "PATHS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -157,10 +166,11 @@ def main(argv=None):
         return child(slot, quantize, json.loads(paths), args.dtype)
 
     from loralab.core.families.flux.tiny import write_real_width_files
+    from loralab.core.families.zimage.tiny import write_real_width_files as write_zimage_files
 
     folder = args.folder or tempfile.mkdtemp(prefix="loralab-load-memory-")
     started = time.perf_counter()
-    paths = write_real_width_files(folder)
+    paths = {**write_real_width_files(folder), **write_zimage_files(folder)}
     print(f"files in {folder} ({time.perf_counter() - started:.0f} s to write): "
           + ", ".join(f"{k} {_mib(os.path.getsize(p))} MiB" for k, p in paths.items()), flush=True)
     env = dict(os.environ)

@@ -12,8 +12,8 @@ from torch import nn
 from ..base import ModelError
 from . import fp8 as fp8_ops
 from . import keys
-from .files import (DTYPES, FP8_NAMES, SafetensorsFile, clip_prefix, describe, identify, is_scale_key,
-                    strip_prefix, transformer_config)
+from .files import (DTYPES, FP8_NAMES, SafetensorsFile, clip_prefix, dequantize, describe, identify,
+                    is_scale_key, strip_prefix, transformer_config)
 
 # metadata our writers store for what shapes alone cannot tell
 CLIP_HEADS_KEY = "loralab.num_attention_heads"
@@ -113,7 +113,13 @@ def _fill(model, source, plan, dtype, setting, fp8_names=()):
             for (name, _), piece, piece_scale in zip(targets, pieces, scales):
                 model.get_submodule(name[:-len(".weight")]).set_weight(piece, piece_scale)
             continue
-        tensor = source.get(file_key, dtype) if raw.is_floating_point() else raw
+        # from the tensor already read (source.get would read it again: two copies of the
+        # largest tensor at once, e.g. Qwen3-4B's 778 MB embedding)
+        if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_key = source.scale_of(file_key)
+            tensor = dequantize(raw, source.raw(scale_key) if scale_key else None, dtype)
+        else:
+            tensor = raw.to(dtype) if raw.is_floating_point() else raw
         del raw
         if swap:
             tensor = keys._swap_halves(tensor)

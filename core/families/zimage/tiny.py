@@ -145,3 +145,30 @@ def write_comfyui_files(folder):
               paths["text_encoder"])
     write_bfl_vae(os.path.join(folder, "vae"), paths["vae"])
     return paths
+
+
+def write_real_width_files(folder, seed=0):
+    """Z-Image-width single files for the load-memory benchmark, random, written tensor by tensor
+    (little RAM): a transformer of dim 3840 / 30 heads with one main layer and one refiner of each
+    kind (bf16, ComfyUI's layout) and a Qwen3 of Qwen3-4B's widths with one layer."""
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from ..flux.files import write_streaming
+    from ..flux.tiny import _random
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = {"zimage_transformer": os.path.join(folder, "z_image-real-width.safetensors"),
+             "zimage_text_encoder": os.path.join(folder, "qwen_3_4b-1-layer.safetensors")}
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel(n_layers=1, n_refiner_layers=1)
+        text_encoder = Qwen3Model(Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=2560, intermediate_size=9728,
+                                              num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+                                              head_dim=128))
+    shapes = {k: tuple(v.shape) for k, v in to_comfyui_layout(transformer.state_dict()).items()}
+    write_streaming(paths["zimage_transformer"], [(k, s, torch.bfloat16, _random(s, k)) for k, s in shapes.items()])
+    shapes = {"model." + k: tuple(v.shape) for k, v in text_encoder.state_dict().items()}
+    write_streaming(paths["zimage_text_encoder"], [(k, s, torch.bfloat16, _random(s, k)) for k, s in shapes.items()])
+    return paths
