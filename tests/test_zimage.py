@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loralab.core.dataset.demo import make_demo_dataset
 
@@ -161,7 +161,7 @@ def test_file_loads_whole_in_diffusers(trained):
 COMFYUI_SCRIPT = r'''
 import json, logging, sys
 job = json.load(open(sys.argv[-1]))
-config, lora_path, out_path = job["config"], job["lora"], job["deltas"]
+config = job["config"]
 sys.argv = ["check", "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
@@ -181,21 +181,25 @@ unet_config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "qk
                "time_scale": 1000.0, "pad_tokens_multiple": 32, **config}
 model = comfy.supported_models.ZImage(unet_config).get_model({})
 key_map = comfy.lora.model_lora_keys_unet(model, {})
-patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(load_file(lora_path)), key_map)
 weights = model.state_dict()
-deltas = {}
-for target, patch in patches.items():
-    key, offset = target if isinstance(target, tuple) else (target, None)
-    base = deltas.get(key, torch.zeros_like(weights[key], dtype=torch.float32))
-    deltas[key] = comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, None)], base, key)
 # back to diffusers' names by ComfyUI's own map: q, k and v are slices of its fused qkv
 to_comfy = comfy.utils.z_image_to_diffusers(unet_config, output_prefix="diffusion_model.")
-named = {}
-for name, to in to_comfy.items():
-    key, piece = to if isinstance(to, tuple) else (to, None)
-    if key in deltas:
-        named[name] = deltas[key] if piece is None else deltas[key].narrow(*piece)
-save_file({k: v.contiguous() for k, v in named.items()}, out_path)
+loras = {}
+for name, (lora_path, out_path) in job["loras"].items():
+    warnings.clear()
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(load_file(lora_path)), key_map)
+    deltas = {}
+    for target, patch in patches.items():
+        key, offset = target if isinstance(target, tuple) else (target, None)
+        base = deltas.get(key, torch.zeros_like(weights[key], dtype=torch.float32))
+        deltas[key] = comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, None)], base, key)
+    named = {}
+    for diffusers_name, to in to_comfy.items():
+        key, piece = to if isinstance(to, tuple) else (to, None)
+        if key in deltas:
+            named[diffusers_name] = deltas[key] if piece is None else deltas[key].narrow(*piece)
+    save_file({k: v.contiguous() for k, v in named.items()}, out_path)
+    loras[name] = {"warnings": list(warnings), "targets": len(patches), "comfy_keys": sorted(deltas)}
 
 # ComfyUI's detection of our layout at the real width (shapes only)
 shapes = json.load(open(job["shapes"]))
@@ -203,8 +207,7 @@ transformer = {k: torch.empty(s, device="meta") for k, s in shapes["transformer"
 detected = comfy.model_detection.detect_unet_config(transformer, "")
 found = comfy.model_detection.model_config_from_unet_config(detected, transformer)
 text_encoder = {k: torch.empty(s, device="meta") for k, s in shapes["text_encoder"].items()}
-print(json.dumps({"warnings": warnings, "targets": len(patches), "comfy_keys": sorted(k for k in deltas),
-                  "detected": {"model": type(found).__name__, "n_layers": detected.get("n_layers"),
+print(json.dumps({"loras": loras, "detected": {"model": type(found).__name__, "n_layers": detected.get("n_layers"),
                                "text_encoder": comfy.sd.detect_te_model(text_encoder).name}}))
 '''
 
@@ -235,31 +238,41 @@ def comfyui_report(trained, tmp_path_factory):
     (root / "shapes.json").write_text(json.dumps(real_width_shapes()))
     config = {"dim": DIM, "n_layers": LAYERS, "n_heads": HEADS, "n_kv_heads": HEADS, "cap_feat_dim": TEXT_DIM,
               "axes_dims": AXES, "axes_lens": [512, 64, 64]}
-    job = {"config": config, "lora": trained[2], "deltas": str(root / "deltas.safetensors"),
-           "shapes": str(root / "shapes.json")}
+    from loralab.core.families.zimage import FAMILY
+
+    diffusers_file = load_file(trained[2])  # the trained file again, in the kohya layout
+    kohya = FAMILY.lora_to_kohya(None)({k[len("transformer."):]: v for k, v in diffusers_file.items()})
+    save_file(kohya, str(root / "kohya.safetensors"))
+    loras = {"diffusers": trained[2], "kohya": str(root / "kohya.safetensors")}
+    job = {"config": config, "shapes": str(root / "shapes.json"),
+           "loras": {name: (path, str(root / f"{name}.deltas.safetensors")) for name, path in loras.items()}}
     (root / "job.json").write_text(json.dumps(job))
     result = subprocess.run([python, "-c", COMFYUI_SCRIPT, str(root / "job.json")], cwd=comfyui,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), load_file(job["deltas"])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report, {name: (path, load_file(job["loras"][name][1])) for name, path in loras.items()}
 
 
-def test_comfyui_uses_every_key_with_diffusers_deltas(trained, comfyui_report):
-    folder, _, lora = trained
-    report, comfy = comfyui_report
-    assert not [w for w in report["warnings"] if "not loaded" in w or "lora" in w.lower()], report["warnings"]
-    file = load_file(lora)
-    assert report["targets"] == len(file) // 2  # one patch per LoRA module
-    assert any(k.endswith("attention.qkv.weight") for k in report["comfy_keys"])
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_comfyui_uses_every_key_with_diffusers_deltas(trained, comfyui_report, layout):
+    """The file in either layout, by ComfyUI and by diffusers: every key used, the same deltas."""
+    report, files = comfyui_report
+    lora, comfy = files[layout]
+    used = report["loras"][layout]
+    assert not [w for w in used["warnings"] if "not loaded" in w or "lora" in w.lower()], used["warnings"]
+    assert used["targets"] == sum(1 for k in load_file(lora) if ".lora_A." in k or ".lora_down." in k)
+    assert any(k.endswith("attention.qkv.weight") for k in used["comfy_keys"])
 
     # diffusers' deltas: the weights after fuse_lora less before
-    pipeline = _pipeline(folder)
+    pipeline = _pipeline(trained[0])
     before = {k: v.clone() for k, v in pipeline.transformer.state_dict().items()}
     pipeline.load_lora_weights(lora)
     pipeline.fuse_lora(lora_scale=1.0)
     after = {k.replace(".base_layer", ""): v for k, v in pipeline.transformer.state_dict().items()}
     expected = {k: after[k] - v for k, v in before.items() if not torch.equal(after[k], v)}
+    assert len(expected) == used["targets"]  # diffusers took every module of the file
     changed = {k for k, v in comfy.items() if v.abs().max() > 0}
     assert changed == set(expected), (sorted(changed ^ set(expected)))
     for key in expected:

@@ -130,9 +130,11 @@ class ZImage(ModelFamily):
         return prefixed(weights, DIFFUSERS_PREFIX)
 
     def lora_to_kohya(self, model):
-        """None: no kohya layout loads whole in both (ComfyUI maps `lora_unet_` names only to its
-        fused qkv, diffusers cannot load a fused qkv); the diffusers format is the one to save."""
-        return None
+        """save.format kohya: lora_down / lora_up / .alpha under ComfyUI's `diffusion_model.` prefix
+        with diffusers' module names (ai-toolkit's layout). ComfyUI maps them (q, k, v into its fused
+        qkv) and diffusers converts them; kohya's `lora_unet_` names would reach only ComfyUI's
+        fused qkv, which diffusers cannot load."""
+        return kohya_names
 
     def _encode(self, pipeline, prompts, device):
         """(hidden [B, seq, dim] with padding zeroed, mask [B, seq]) of `prompts`."""
@@ -198,6 +200,22 @@ class ZImage(ModelFamily):
                               output_type="pil")
             images.append(result.images[0])
         return images
+
+
+def kohya_names(weights):
+    """peft LoRA weights (alpha baked into lora_B) -> `diffusion_model.<module>.lora_down/lora_up`
+    with `.alpha` = the rank, so the file's scale is 1."""
+    named = {}
+    for key, value in weights.items():
+        module, _, part = key.rpartition(".lora_")
+        if part == "A.weight":
+            named[f"diffusion_model.{module}.lora_down.weight"] = value
+            named[f"diffusion_model.{module}.alpha"] = torch.tensor(float(value.shape[0]))
+        elif part == "B.weight":
+            named[f"diffusion_model.{module}.lora_up.weight"] = value
+        else:
+            raise ValueError(f"not a LoRA weight: {key}")
+    return named
 
 
 def captions(text, mask):
