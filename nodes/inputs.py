@@ -118,7 +118,7 @@ class LoRALabLoadBaseModel:
     CATEGORY = CATEGORY
     DESCRIPTION = ("The frozen base model to train on, loaded once when first needed: an SDXL or "
                    "SD1.5 checkpoint, FLUX.1's single files (diffusion model, CLIP-L, T5, VAE), "
-                   "Qwen-Image's (diffusion model, text encoder, VAE), and/or a diffusers folder. "
+                   "Z-Image's or Qwen-Image's (diffusion model, text encoder, VAE), and/or a diffusers folder. "
                    "The family is read from the files (auto).")
 
     @classmethod

@@ -157,7 +157,7 @@ def test_the_family_is_read_from_the_files_and_a_wrong_one_is_refused(tiny_flux)
     from loralab.core.families import NAMES
 
     assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == ["auto", *NAMES]
-    assert {"flux", "sdxl", "sd15", "qwen_image"} <= set(NAMES)
+    assert {"flux", "sdxl", "sd15", "zimage", "qwen_image"} <= set(NAMES)
     assert resolve({"model": {"path": tiny_flux}, "dataset": {"folder": "x"}})["model"]["family"] == "flux"
     with pytest.raises(ConfigError, match="model.family = sdxl, but model.path .* is a flux model"):
         resolve({"model": {"family": "sdxl", "path": tiny_flux}, "dataset": {"folder": "x"}})

@@ -167,9 +167,19 @@ def steps_band(scan, config):
                       "to use the recommended number.")
 
 
+def model_traps(scan, config):
+    """The family's warnings about the model itself (e.g. training a distilled model)."""
+    from ..families import NAMES, get_family
+
+    family = config["model"].get("family")
+    messages = get_family(family).advice(config["model"]) if family in NAMES else []
+    if messages:
+        return Advice("model", " ".join(messages))
+
+
 RULES = (skipped_images, caption_files, few_images, missing_captions, inconsistent_resolutions, below_resolution,
          resolution_band, near_duplicate_images, lr_band, rank_band, batch_size_above_one,
-         repeats_above_one, steps_band)
+         repeats_above_one, steps_band, model_traps)
 
 
 def advise(scan, config):

@@ -86,6 +86,11 @@ class ModelFamily:
         ValueError when a file of its own keys cannot be what any family loads."""
         return False
 
+    def advice(self, model):
+        """The coach's warnings about the model a `model` section names: a known trap of this
+        model (training a distilled one), for the plan and the run's start. None by default."""
+        return []
+
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
         """Writes a tiny random model (a diffusers folder; also `single_file` and ComfyUI's files
         when asked) for tests and tries; returns the paths written, the folder last."""

@@ -12,7 +12,8 @@ import os
 BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux": ("flux", "tiny"),
                   "builtin:small-flux": ("flux", "small"),
                   "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
-                  "builtin:tiny-qwen-image": ("qwen_image", "tiny")}
+                  "builtin:tiny-qwen-image": ("qwen_image", "tiny"),
+                  "builtin:tiny-zimage": ("zimage", "tiny")}
 
 
 def cache_root():

@@ -75,6 +75,8 @@ def plan(session):
         session.warn(f"skipped {name}: {reason}")
     for name, note in planned.scan.notes:
         session.warn(f"caption file {name}: {note}")
+    for note in session.family.advice(session.config["model"]):  # a known trap of this model
+        session.warn(note)
     if session.device.type == "cpu" and session.config["train"]["optimizer"] == "adamw8bit":
         session.warn("train.optimizer adamw8bit runs on this CPU but slowly (bitsandbytes' 8-bit "
                      "states are a GPU feature); without a GPU, adamw is much faster.")
