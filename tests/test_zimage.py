@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralab.core.dataset.demo import make_demo_dataset
+from loralab.core.demo.dataset import make_demo_dataset
 
 from comfyui_env import comfyui_python_or_skip, comfyui_source, skip
 from conftest import run_cli
