@@ -52,14 +52,15 @@ class ZImage(ModelFamily):
     memory = RuleOfThumb(checkpointing_below_gb=40)
 
     def claims_files(self, model):
-        """A Qwen3 text encoder file is Z-Image's; a transformer file is read to tell."""
-        from .single_files import is_zimage_transformer
+        """Files read to tell: a Z-Image transformer, or (with no transformer file) a Qwen3 text
+        encoder (Qwen-Image's is Qwen2.5-VL, which has no q_norm)."""
+        from .single_files import describe
 
-        if model.get("text_encoder_path"):
-            return True
-        path = model.get("transformer_path")
-        return bool(path) and os.path.isfile(os.path.expanduser(path)) and \
-            is_zimage_transformer(os.path.expanduser(path))
+        for key, kind in (("transformer_path", "a Z-Image transformer"), ("text_encoder_path", "a Qwen3 text encoder")):
+            path = os.path.expanduser(model.get(key) or "")
+            if path and os.path.isfile(path):
+                return describe(path).startswith(kind)
+        return False
 
     def advice(self, model):
         """Z-Image Turbo is step-distilled (8 steps, no guidance): a LoRA trained on it directly
