@@ -370,6 +370,9 @@ def build_parser():
 
 
 def main(argv=None):
+    from .core.cpu_threads import prefer_passive_waits
+
+    prefer_passive_waits()  # before torch loads: OpenMP reads its wait policy once
     from .core import UserError, quiet_optional_kernel_notes
     from .workflow_runner import WorkflowError  # the runner's own layer: it imports nothing of core/
 

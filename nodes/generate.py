@@ -2,7 +2,7 @@
 LoRA to ComfyUI's own sampling."""
 import os
 
-from ..core.sampling.strengths import MAX_STRENGTHS, STRENGTH_RANGE, parse_strengths
+from ..core.config.strengths import MAX_STRENGTHS, STRENGTH_RANGE, parse_strengths
 from . import comfy_adapter
 from .errors import one_line_errors
 from .images import image_tensor

@@ -54,7 +54,7 @@ SCHEMA = {
                  "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
-            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5 or Qwen-Image; auto reads it "
+            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5, Z-Image or Qwen-Image; auto reads it "
                               "from the model's files."),
             "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
                      "Local diffusers folder of the base model. Not needed when the single files "

@@ -22,7 +22,9 @@ from .dataset import BLEED_SCENE
 
 CONCEPT_PROMPTS = ("a photo of [trigger]", "[trigger] on a blue background")
 BLEED_PROMPT = caption(*BLEED_SCENE)  # "a red circle on a white background"
-SEEDS = tuple(range(8))
+# 8 seeds: 48 pictures (3 prompts x base and LoRA), the demo's measured verdict. Tests that run the
+# demo for its plumbing, not its verdict, draw fewer (tests/conftest.py sets LORALAB_DEMO_SEEDS).
+SEEDS = tuple(range(int(os.environ.get("LORALAB_DEMO_SEEDS") or 8)))
 FILE = "demo_scores.json"
 
 

@@ -2,7 +2,7 @@
 strengths, 0 is the base model. Every cell starts from the same seed, so cells compare like for
 like."""
 from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, text_encoder_names
-from .strengths import check_strengths
+from ..config.strengths import check_strengths
 from .generate import encoded_now, grid_of, prompts_with_trigger, sample_images
 
 

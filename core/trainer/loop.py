@@ -11,6 +11,7 @@ import torch
 
 from .. import UserError
 from ..coach.monitor import Monitor
+from ..cpu_threads import training_threads
 from ..dataset.buckets import crop_top_left
 from ..families import get_family
 from ..families.preservation import preservation_batch
@@ -49,7 +50,8 @@ def train(config, pipeline=None, on_event=None, should_stop=None):
     already loaded base model; `on_event(dict)` receives progress; `should_stop()` is checked
     every step (a stop saves a checkpoint first, so running again resumes)."""
     try:
-        with given_back_unchanged(get_family(config["model"]["family"]), pipeline):  # error or not
+        with given_back_unchanged(get_family(config["model"]["family"]), pipeline), \
+                training_threads("cuda" if torch.cuda.is_available() else "cpu"):  # error or not
             with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
                 return _train(config, pipeline, on_event, should_stop or (lambda: False), held)
     except torch.cuda.OutOfMemoryError as error:

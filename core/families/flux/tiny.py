@@ -67,6 +67,11 @@ def _write_clip_tokenizer(folder):
     return tokenizer
 
 
+# T5 tokens the tiny random models read (FLUX.1 reads 512): their captions are a few words, and at
+# 64 px a step attends over 80 tokens in place of 528 (as the shapes model does, shapes/packed.py).
+TEXT_LENGTH = 64
+
+
 def _t5_tokenizer():
     from transformers import T5TokenizerFast
 
@@ -74,7 +79,7 @@ def _t5_tokenizer():
     pieces += [("▁" + word, -5.0) for word in _WORDS]
     pieces += [(chr(c), -10.0) for c in range(ord("a"), ord("z") + 1)]
     pieces += [(chr(c), -10.0) for c in range(ord("0"), ord("9") + 1)]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TEXT_LENGTH)
 
 
 def build_tiny_flux(folder, preset="tiny", seed=0):
