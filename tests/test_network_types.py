@@ -178,3 +178,33 @@ def test_dora_only_with_lora_and_named(tiny_flux):
               "network": {"type": "lokr", "dora": True}}
     with pytest.raises(ConfigError, match="network.dora = true works with network.type lora only"):
         resolve(config)
+
+
+@pytest.mark.parametrize("kind", ["lora", *NETWORKS])
+def test_memory_estimate_counts_what_peft_builds(tiny_flux, kind):
+    from diffusers import FluxTransformer2DModel
+
+    from loralab.core.memory.estimate import memory_model
+
+    network = with_defaults({"network": {"linear": 4, **NETWORKS.get(kind, {})}})["network"]
+    config = {"model": {"family": "flux", "path": tiny_flux}, "network": network}
+    memory = memory_model(config)
+    estimated = memory.lora_parameters(memory.shape(config["model"])[0], network)
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").requires_grad_(False)
+    add_lora(model, network["linear"], network["linear_alpha"], get_family("flux").lora_targets(network), network)
+    assert estimated == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_run_identity_counts_the_adapter_type_where_it_matters():
+    from loralab.core.runs.identity import run_identity
+
+    def identity(**network):
+        return run_identity(with_defaults({"network": {"linear": 8, **network}}))
+
+    old = with_defaults({"network": {"linear": 8}})  # a config.json written before these keys
+    old["network"] = {k: v for k, v in old["network"].items() if k not in ("type", "dora") and "lokr" not in k}
+    old = run_identity(old)
+    assert identity() == identity(lokr_factor=8) == old  # a run from before network.type resumes
+    assert len({json.dumps(identity(**n), sort_keys=True) for n in (
+        {}, {"dora": True}, {"type": "loha"}, {"type": "lokr"}, {"type": "lokr", "lokr_factor": 8},
+        {"type": "lokr", "lokr_full_rank": True})}) == 6

@@ -37,7 +37,8 @@ def is_plain_lora(network):
 
 def only_lora_pairs(weights):
     """Whether `weights` are a plain LoRA's (lora_A, lora_B), not LoKr / LoHa / DoRA."""
-    return all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
+    matches = (ADAPTER_KEY.match(key) for key in weights)
+    return not any(m and m[2] not in LYCORIS_NAMES for m in matches)
 
 
 def by_module(weights):

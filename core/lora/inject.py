@@ -59,6 +59,24 @@ def adapter_config(rank, alpha, targets, network=None):
     raise ValueError(f"network.type {kind!r} is not one of lora, lokr, loha")
 
 
+def adapter_parameters(inputs, outputs, network):
+    """Trainable parameters of adapter_config's adapter on one linear (inputs -> outputs), as
+    peft builds it: LoRA r x (in + out) (+ out for DoRA's magnitude); LoHa two such pairs; LoKr
+    w1 (out_a x in_a) whole beside w2 (out_b x in_b) whole or as a rank-r pair, the dimensions
+    split by peft's own factorization with network.lokr_factor."""
+    rank, kind = network["linear"], network.get("type", "lora")
+    if kind == "loha":
+        return 2 * rank * (inputs + outputs)
+    if kind == "lokr":
+        from peft.tuners.lokr.layer import factorization
+
+        rank = LOKR_FULL_RANK if network.get("lokr_full_rank") else rank
+        (in_a, in_b), (out_a, out_b) = (factorization(n, network.get("lokr_factor", -1)) for n in (inputs, outputs))
+        whole_w2 = rank >= max(out_b, in_b) / 2  # peft's rule
+        return out_a * in_a + (out_b * in_b if whole_w2 else rank * (out_b + in_b))
+    return rank * (inputs + outputs) + (outputs if network.get("dora") else 0)
+
+
 def add_lora(model, rank, alpha, targets, network=None):
     """Adds a trainable adapter (peft, adapter "default"; adapter_config's type) to `model`."""
     model.add_adapter(adapter_config(rank, alpha, targets, network))
