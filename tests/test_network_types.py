@@ -239,11 +239,9 @@ def test_each_type_learns_through_comfyuis_loader(learned_types, tiny_flux, tmp_
     each trained file, falls well under the base model's."""
     from diffusers import FluxPipeline
 
-    from loralab.core.dataset import load_for_bucket, scan_folder
-    from loralab.core.families.flux import FAMILY as flux
     from loralab.core.families.flux.keys import bfl_to_transformer
 
-    from test_learning import flow_matching_loss
+    from test_learning import flow_matching_loss, training_batch
 
     runs, folder = learned_types
     pipeline = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
@@ -259,11 +257,7 @@ def test_each_type_learns_through_comfyuis_loader(learned_types, tiny_flux, tmp_
     reports = _run([{"name": kind, "lora": path, "base": str(base_file), "family": "flux",
                      "flux_config": flux_config} for kind, path in runs.items()], tmp_path)
 
-    items = scan_folder(folder, "txt", "sks").items
-    latents = torch.stack([flux.encode_image(pipeline, load_for_bucket(i.path, (64, 64)), "cpu") for i in items])
-    encoded = flux.encode_prompts(pipeline, [i.caption for i in items], "cpu")
-    text = torch.stack([encoded[i.caption][0] for i in items])
-    pooled = torch.stack([encoded[i.caption][1] for i in items])
+    latents, text, pooled = training_batch(pipeline, folder)
     base = flow_matching_loss(pipeline, latents, text, pooled)
     shapes = {k: v.shape for k, v in base_state.items()}
     losses = {}
