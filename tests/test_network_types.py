@@ -294,3 +294,28 @@ def test_each_type_trains_on_sd15_and_comfyui_uses_every_key(sd_models, dataset,
         modules = {re.sub(r"\.(lora_(down|up)\.weight|alpha|dora_scale|lokr_\w+|hada_\w+)$", "", k)
                    for k in load_file(result.lora_path)}
         assert reports[kind] == {"not_loaded": [], "patched": len(modules)}, kind
+
+
+@pytest.mark.parametrize("kind", ["lokr", "dora"])
+def test_an_interrupted_run_of_each_type_resumes_to_the_same_weights(resolved, kind):
+    """Stopped at step 3 and resumed, the run ends with the weights of one that never stopped."""
+    from loralab.core.trainer import train
+
+    def run(name, stop=None):
+        config = resolved(name=name, network={"linear": 4, **NETWORKS[kind]},
+                          train={"steps": 6, "seed": 7}, save={"save_every": 100, "dtype": "float32"})
+        steps = []
+        result = train(config, on_event=lambda e: steps.append(e["step"]) if e["type"] == "step" else None,
+                       should_stop=(lambda: steps and steps[-1] >= stop) if stop else None)
+        return config, result
+
+    _, whole = run("whole")
+    config, stopped = run("stopped", stop=3)
+    assert stopped.status == "interrupted" and stopped.step == 3
+    events = []
+    resumed = train(config, on_event=events.append)
+    assert resumed.status == "finished" and resumed.step == 6 and {"type": "resume", "step": 3} in events
+    expected, got = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert sorted(expected) == sorted(got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
