@@ -204,6 +204,10 @@ class LoRALabConfigureLoRA:
         "text_encoder_lr": setting("train.text_encoder_lr", step=0.000001, round=False),
         "preservation_class": setting("train.preservation_class"),
         "preservation_weight": setting("train.preservation_weight", step=0.05, round=False),
+        "network_type": setting("network.type"),
+        "dora": setting("network.dora"),
+        "lokr_factor": setting("network.lokr_factor"),
+        "lokr_full_rank": setting("network.lokr_full_rank"),
     }
 
     @classmethod

@@ -125,7 +125,7 @@ def resolve(config, source=None):
         section, key = dotted.split(".")
         if key not in (config.get(section) or {}):
             resolved[section][key] = copy.deepcopy(value)
-    problems = _family_problems(family, model, resolved["network"])
+    problems = _family_problems(family, model, resolved["network"]) + _network_problems(resolved["network"])
     if resolved["train"]["timestep_min"] >= resolved["train"]["timestep_max"]:
         problems.append(f"train.timestep_min = {resolved['train']['timestep_min']} must be below "
                         f"train.timestep_max = {resolved['train']['timestep_max']}")
@@ -149,6 +149,18 @@ def _path_settings():
 
     return [("model", "path"), *(("model", key) for key in single_file_keys()),
             ("dataset", "folder"), ("save", "output_dir")]
+
+
+def _network_problems(network):
+    """Settings that only one network.type takes."""
+    kind, problems = network["type"], []
+    if network["dora"] and kind != "lora":
+        problems.append(f"network.dora = true works with network.type lora only, not {kind}: set "
+                        "network.type to lora, or network.dora to false")
+    if kind != "lora" and (network.get("conv") or 0) > 0:
+        problems.append(f"network.conv (LoCon) = {network['conv']} works with network.type lora only "
+                        f"here, not {kind}: set network.conv to 0")
+    return problems
 
 
 def _family_problems(family, model, network):

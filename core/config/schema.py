@@ -7,6 +7,7 @@ from .guide import LR, LR_RANGE, RANK, RANK_RECOMMENDED, RANK_SHORT_MEMORY, RESO
 DTYPES = ["bf16", "fp16", "fp32"]
 SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
+NETWORK_TYPES = ["lora", "lokr", "loha"]  # peft LoraConfig, LoKrConfig, LoHaConfig (core/lora/inject.py)
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
 FAMILIES = ["auto", *FAMILY_NAMES]
@@ -120,6 +121,18 @@ SCHEMA = {
                                              "prior_loss_weight)."),
         }, required=["folder"]),
         "network": _section({
+            "type": _choice(NETWORK_TYPES, "lora", "Adapter type, built with peft: lora; lokr (LyCORIS "
+                            "LoKr, a Kronecker product: small files, common for styles); loha (LyCORIS "
+                            "LoHa, a Hadamard product of two low-rank pairs)."),
+            "dora": {"type": "boolean", "default": False, "description":
+                     "type lora only: DoRA (weight-decomposed LoRA): a trained magnitude per output "
+                     "row beside the LoRA; about 10-20% slower per step."},
+            "lokr_factor": _int(-1, -1, 1024, "type lokr: the Kronecker factor (LyCORIS's factor); "
+                                "-1 (LyCORIS's default) splits each dimension as evenly as possible."),
+            "lokr_full_rank": {"type": "boolean", "default": False, "description":
+                               "type lokr: both Kronecker factors full matrices (LyCORIS's 'full "
+                               "matrix' mode, there a dim of 10000+); network.linear is then unused "
+                               "and the scale is 1. Use with a larger lokr_factor (e.g. 8-16)."},
             "linear": _int(RANK, 1, 1024, f"LoRA rank. Guide: {band(RANK_RECOMMENDED)} for most cases, "
                            f"{band(RANK_SHORT_MEMORY)} when memory is short."),
             "linear_alpha": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,

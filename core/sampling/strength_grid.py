@@ -25,7 +25,7 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
     if names:  # a text-encoder LoRA: the prompts' embeddings depend on the strength, so each encodes
         text_encoders = {name: family.text_encoders(pipeline)[name] for name in names}
         add_text_encoder_lora(text_encoders, lora["network"]["linear"], lora["network"]["linear_alpha"],
-                              family.text_encoder_lora_targets(lora["network"]))
+                              family.text_encoder_lora_targets(lora["network"]), lora["network"])
         embeds = lambda: encoded_now(family, pipeline, prompts, device)
     else:
         text_encoders, encoded = {}, encoded_now(family, pipeline, prompts, device)  # once for all
@@ -37,7 +37,7 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
         strengths = [0.0]
     else:
         network = lora["network"]
-        add_lora(model, network["linear"], network["linear_alpha"], family.lora_targets(network))
+        add_lora(model, network["linear"], network["linear_alpha"], family.lora_targets(network), network)
         load_lora_weights(model, weights, text_encoders)
     model.eval()
     try:

@@ -177,7 +177,7 @@ def lora_and_optimizer(session, planned, folder, model):
     if net_cfg["text_encoder"]:
         encoders = family.text_encoders(pipeline)
         parameters = add_text_encoder_lora(encoders, net_cfg["linear"], net_cfg["linear_alpha"],
-                                           family.text_encoder_lora_targets(net_cfg))
+                                           family.text_encoder_lora_targets(net_cfg), net_cfg)
         text_lr = train_cfg["text_encoder_lr"]  # None: train.lr
         text = TrainedText(family, pipeline, device, model.sample_prompts, encoders, parameters,
                            train_cfg["lr"] if text_lr is None else text_lr)
@@ -186,7 +186,7 @@ def lora_and_optimizer(session, planned, folder, model):
         text = CachedText(model.cache, model.sample_prompts)
     family.to_device(pipeline, device)
     trainable = family.trainable_model(pipeline)
-    parameters = add_lora(trainable, net_cfg["linear"], net_cfg["linear_alpha"], family.lora_targets(net_cfg))
+    parameters = add_lora(trainable, net_cfg["linear"], net_cfg["linear_alpha"], family.lora_targets(net_cfg), net_cfg)
     if train_cfg["gradient_checkpointing"]:
         trainable.enable_gradient_checkpointing()
     trainable.train()

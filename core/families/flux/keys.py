@@ -4,6 +4,8 @@ single files and kohya LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`) use; BFL
 converters: those hard-code FLUX.1's width 3072, so they cannot convert the tiny test models."""
 import torch
 
+from ...lora.files import module_tensors, only_lora_pairs
+
 # BFL module (inside a block) <- the diffusers modules it fuses, in order.
 DOUBLE_BLOCK = {
     "img_mod.lin": ["norm1.linear"],
@@ -98,6 +100,9 @@ def lora_to_kohya(weights, num_double, num_single):
     """diffusers LoRA weights (peft names, no prefix, alpha already in lora_B) -> kohya names.
     Fused BFL modules get down = [A_q; A_k; A_v] and up = blockdiag(B_q, B_k, B_v), which is the
     exact sum of the separate LoRAs; alpha = the fused rank, so the scale stays 1."""
+    if not only_lora_pairs(weights):
+        # LoKr, LoHa, DoRA cannot fuse q, k, v: OneTrainer's unfused names, which ComfyUI maps
+        return module_tensors(weights, lambda module: "lora_transformer_" + module.replace(".", "_"))
     kohya = {}
     for bfl_name, parts in block_modules(num_double, num_single):
         present = [p for p in parts if f"{p}.lora_A.weight" in weights]

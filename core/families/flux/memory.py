@@ -32,6 +32,7 @@ import os
 import re
 
 from ...dtypes import bytes_per_value
+from ...lora.inject import adapter_parameters
 from ..base import MemoryModel
 
 # FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double
@@ -133,11 +134,12 @@ class FluxMemory(MemoryModel):
         return model_shape(path, model.get("transformer_path"))
 
     def lora_parameters(self, shape, network):
-        """A LoRA of rank r on a linear (in -> out) has r x (in + out) parameters (A and B)."""
-        per_block = {prefix: sum(inputs + outputs for inputs, outputs in linears)
+        """The adapter's parameters on each targeted linear (core.lora's adapter_parameters: a
+        LoRA of rank r on in -> out has r x (in + out); LoKr, LoHa, DoRA as peft builds them)."""
+        per_block = {prefix: sum(adapter_parameters(inputs, outputs, network) for inputs, outputs in linears)
                      for prefix, linears in lora_linears(shape).items()}
-        return network["linear"] * (shape["num_layers"] * per_block["transformer_blocks.0."]
-                                    + shape["num_single_layers"] * per_block["single_transformer_blocks.0."])
+        return (shape["num_layers"] * per_block["transformer_blocks.0."]
+                + shape["num_single_layers"] * per_block["single_transformer_blocks.0."])
 
     def activation_bytes(self, shape, resolution, batch_size, checkpointing, train_dtype="bf16",
                          model_dtype="bf16"):
