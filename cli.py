@@ -47,9 +47,9 @@ class Progress:
                       f"{event['seconds_per_step']:.3f} s/step, peak RAM {event['cpu_peak_mb']:.0f} MiB"
                       + (f", GPU {event['gpu_peak_mb']:.0f} MiB" if event.get("gpu_peak_mb") else ""))
         elif kind == "plan":
-            others = event.get("regularization_images")
-            self.line(f"{event['images']} images" + (f" and {others} regularization images" if others else "")
-                      + f", {event['steps_per_epoch']} steps per epoch, {event['steps']} steps")
+            from .core.coach.run_plan import arithmetic
+
+            self.line(f"plan: {arithmetic(event)}")
         elif kind == "checkpoint":
             self.line(f"saved {event['path']}")
         elif kind == "warning":
@@ -208,7 +208,7 @@ def cmd_plan(args):
              ("train", "batch_size"): args.batch_size, ("network", "linear"): args.linear,
              ("train", "lr"): args.lr, ("train", "optimizer"): args.optimizer,
              ("dataset", "resolution"): args.resolution, ("model", "path"): args.model,
-             ("model", "transformer_path"): args.transformer}
+             ("model", "transformer_path"): args.transformer, ("model", "family"): args.family}
     for (section, key), value in given.items():
         if value is not None:
             config.setdefault(section, {})[key] = value
@@ -220,8 +220,8 @@ def cmd_plan(args):
     config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
-        from .core.coach.fit import fit_report
-        from .core.coach.plan import with_defaults
+        from .core.config import with_defaults
+        from .core.memory import fit_report
 
         print(fit_report(with_defaults(config), int(args.vram * 2**30)))
     return 0
@@ -248,6 +248,8 @@ def cmd_runs_pin(args):
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if run.pins_problem:
+        print(f"warning: {run.pins_problem}", file=sys.stderr)
     print(f"{'unpinned' if args.unpin else 'pinned'} step {args.step} of {run.path}; "
           f"pinned steps (never rotated away): {', '.join(map(str, pinned)) or 'none'}")
     return 0
@@ -333,6 +335,8 @@ def build_parser():
     plan.add_argument("--optimizer")
     plan.add_argument("--resolution", type=lambda text: [int(r) for r in text.split(",")],
                       help="comma-separated training resolutions, e.g. 512,768,1024")
+    plan.add_argument("--family", choices=FAMILY_NAMES, help="the model family to estimate when no model file is "
+                                                         "given (its reference model's shapes)")
     plan.add_argument("--model", help="local base model folder, for exact memory figures (default: FLUX.1-dev shapes)")
     plan.add_argument("--transformer", help="a single-file FLUX.1 transformer (ComfyUI's "
                       "diffusion_models) whose shapes the memory estimate reads")

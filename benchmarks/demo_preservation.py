@@ -1,7 +1,7 @@
 """Benchmark: does preservation (train.preservation_class) lower the demo's bleed at a similar
 concept score? The shipped quickstart (configs/quickstart.json: the magenta star "sks" on
 builtin:tiny-flux, with preservation, class "shape") is trained twice from the same seed,
-without and with preservation, and each run's demo_scores.json (core/coach/demo_score.py: the
+without and with preservation, and each run's demo_scores.json (core/demo/score.py: the
 same 8 sampling seeds for both) is printed side by side, with the ratios.
 
     python benchmarks/demo_preservation.py                      # a few minutes on 2 CPU cores
@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # image-processor note
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from loralab.core.coach.demo_score import FILE  # noqa: E402
+from loralab.core.demo.score import FILE  # noqa: E402
 from loralab.core.config import load_config  # noqa: E402
 from loralab.core.trainer import train  # noqa: E402
 

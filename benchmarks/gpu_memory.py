@@ -1,6 +1,6 @@
 """Benchmark: peak memory and seconds per step of LoRA training on a FLUX.1-dev-shaped transformer
 (19 double, 38 single blocks, hidden 3072, 24 heads) in each model.quantize mode, beside the
-estimate of core.coach.fit. Random weights are made on the GPU itself (meta device, then empty
+estimate of core.memory. Random weights are made on the GPU itself (meta device, then empty
 on cuda and filled layer by layer): nothing is downloaded and no CPU copy is made.
 
 Each mode trains a rank-16 LoRA (peft, core.families.flux.LORA_TARGETS, adamw8bit, bf16
@@ -90,9 +90,9 @@ def train_steps(model, shape, resolution, steps, device, dtype):
 
 
 def predicted(shape, mode, resolution, device):
-    from loralab.core.coach.fit import peak_breakdown
-    from loralab.core.coach.memory import _shape_of
-    from loralab.core.coach.plan import with_defaults
+    from loralab.core.config import with_defaults
+    from loralab.core.families.flux.memory import _shape_of
+    from loralab.core.memory import peak_breakdown
 
     config = with_defaults({"model": {"path": None}, "network": {"linear": 16},
                             "train": {"optimizer": "adamw8bit"}})

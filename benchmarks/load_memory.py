@@ -16,6 +16,13 @@ instead (it can miss a short spike; the table says which method was used).
 
     python benchmarks/load_memory.py [--folder DIR] [--keep] [--dtype bf16]
 
+Qwen-Image's rows load its files (core/families/qwen_image/tiny.py write_real_width_files: a
+transformer of width 3072 with one block, Qwen2.5-VL 7B with one layer and one vision block, the
+real VAE) the same way.
+Z-Image (core/families/zimage/tiny.py `write_real_width_files`): a transformer of dim 3840 / 30
+heads with one main layer and one refiner of each kind, in ComfyUI's layout, and a Qwen3 of
+Qwen3-4B's widths with one layer, loaded by core/families/zimage/single_files.py.
+
 Rows: the transformer, CLIP-L, T5 and VAE loaded in bf16 (their load dtype, bound relative to
 their bf16 bytes); the transformer with quantize "fp8" (block linears in float8: bound relative to
 the bytes it holds then); and the whole pipeline from the four files (load_pipeline_from_files,
@@ -33,7 +40,10 @@ import time
 
 BOUND = 1.3
 PARTS = [("transformer", "none"), ("transformer", "fp8"), ("clip_l", "none"), ("t5", "none"),
-         ("vae", "none"), ("pipeline", "none")]
+         ("vae", "none"), ("pipeline", "none"),
+         ("qwen_image:transformer", "none"), ("qwen_image:transformer", "fp8"),
+         ("qwen_image:text_encoder", "none"), ("qwen_image:vae", "none"),
+         ("zimage_transformer", "none"), ("zimage_text_encoder", "none")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +117,32 @@ def child(slot, quantize, paths, dtype_name):
                               T5TokenizerFast)
 
     from loralab.core.families.flux import single_files
+    from loralab.core.families.zimage import single_files as zimage_files
     from loralab.core.dtypes import torch_dtype
 
     dtype = torch_dtype(dtype_name)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
+    if slot.startswith("qwen_image:"):  # Qwen-Image's files (core/families/qwen_image/files.py)
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel  # noqa: F401
+        from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
+
+        from loralab.core.families.qwen_image import files
+
+        part = slot.split(":")[1]
+        load = {"transformer": lambda path: files.load_transformer(path, None, dtype, quantize),
+                "text_encoder": lambda path: files.load_text_encoder(path, dtype),
+                "vae": lambda path: files.load_vae(path, dtype)}[part]
+        with PeakMeter() as meter:
+            loaded = load(paths[slot])
+        print(json.dumps({"added": meter.added, "after": meter.after, "held": _held_bytes(loaded),
+                          "method": meter.method, "seconds": time.perf_counter() - started}))
+        return
     with PeakMeter() as meter:
-        if slot == "pipeline":
+        if slot.startswith("zimage_"):  # Z-Image's transformer (ComfyUI's layout) and Qwen3
+            load = zimage_files.load_transformer if slot == "zimage_transformer" else zimage_files.load_text_encoder
+            loaded = load(paths[slot], dtype)
+        elif slot == "pipeline":
             loaded = single_files.load_pipeline_from_files(paths["transformer"], paths["clip_l"],
                                                            paths["t5"], paths["vae"], dtype, quantize)
         else:
@@ -149,7 +178,9 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="load dtype (the bound is relative to the bytes loaded in it)")
-    parser.add_argument("--only", help="comma-separated rows: transformer,transformer-fp8,clip_l,t5,vae,pipeline")
+    parser.add_argument("--only", help="comma-separated rows: transformer,transformer-fp8,clip_l,t5,vae,pipeline,"
+                                       "qwen_image:transformer,qwen_image:transformer-fp8,qwen_image:text_encoder,"
+                                       "qwen_image:vae,zimage_transformer,zimage_text_encoder")
     parser.add_argument("--child", nargs=3, metavar=("SLOT", "QUANTIZE", "PATHS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -157,10 +188,15 @@ def main(argv=None):
         return child(slot, quantize, json.loads(paths), args.dtype)
 
     from loralab.core.families.flux.tiny import write_real_width_files
+    from loralab.core.families.zimage.tiny import write_real_width_files as write_zimage_files
 
     folder = args.folder or tempfile.mkdtemp(prefix="loralab-load-memory-")
     started = time.perf_counter()
     paths = write_real_width_files(folder)
+    from loralab.core.families.qwen_image.tiny import write_real_width_files as qwen_image_files
+
+    paths.update({f"qwen_image:{k}": v for k, v in qwen_image_files(os.path.join(folder, "qwen_image")).items()})
+    paths.update(write_zimage_files(folder))
     print(f"files in {folder} ({time.perf_counter() - started:.0f} s to write): "
           + ", ".join(f"{k} {_mib(os.path.getsize(p))} MiB" for k, p in paths.items()), flush=True)
     env = dict(os.environ)
@@ -187,7 +223,7 @@ def main(argv=None):
                 failed.append(name)
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            file_bytes = sum(_file_bytes(p) for p in paths.values()) if slot == "pipeline" \
+            file_bytes = sum(_file_bytes(paths[k]) for k in ("transformer", "clip_l", "t5", "vae")) if slot == "pipeline" \
                 else _file_bytes(paths[slot])
             ratio = result["added"] / result["held"]
             within = ratio <= BOUND

@@ -141,7 +141,7 @@ def main():
     if args.variant:
         return child(args)
 
-    from loralab.core.dataset.demo import make_demo_dataset
+    from loralab.core.demo.dataset import make_demo_dataset
     from loralab.core.families.flux.tiny import build_tiny_flux
 
     workspace = tempfile.mkdtemp(prefix="loralab-bench-")

@@ -2,6 +2,7 @@
 LoRA to ComfyUI's own sampling."""
 import os
 
+from ..core.config.strengths import MAX_STRENGTHS, STRENGTH_RANGE, parse_strengths
 from . import comfy_adapter
 from .errors import one_line_errors
 from .images import image_tensor
@@ -9,16 +10,6 @@ from .output_files import numbered_file
 from .schema_widgets import checked, config_from, setting, widget_inputs
 
 CATEGORY = "LoRA Lab"
-
-
-def parse_strengths(text):
-    try:
-        strengths = [float(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        strengths = []
-    if not strengths:
-        raise ValueError(f"strengths = {text!r}: give numbers separated by commas, e.g. 0,0.5,1")
-    return strengths
 
 
 class LoRALabSampleGrid:
@@ -30,7 +21,8 @@ class LoRALabSampleGrid:
         "width": setting("sample.width", step=16),
         "height": setting("sample.height", step=16),
     }
-    STRENGTHS_TOOLTIP = "LoRA strengths, one column each; 0 is the base model."
+    STRENGTHS_TOOLTIP = (f"LoRA strengths, one column each; 0 is the base model. Numbers from "
+                         f"{STRENGTH_RANGE[0]:g} to {STRENGTH_RANGE[1]:g}, up to {MAX_STRENGTHS}.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -95,7 +87,7 @@ class LoRALabApplyLoRA:
         return {"required": {
             "model": ("MODEL",),
             "lora": ("LORALAB_LORA",),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+            "strength": ("FLOAT", {"default": 1.0, "min": STRENGTH_RANGE[0], "max": STRENGTH_RANGE[1], "step": 0.01,
                                    "tooltip": "How strongly the LoRA changes the model; 0 is "
                                               "the model unchanged."}),
         }, "optional": {

@@ -1,7 +1,8 @@
 """The nodes that prepare a training run: dataset, base model, LoRA settings."""
 import os
 
-from ..core.families.builtin import BUILTIN_DATASETS, BUILTIN_MODELS, resolve_dataset_folder
+from ..core.demo import BUILTIN_DATASETS
+from ..core.families.builtin import BUILTIN_MODELS
 from . import comfy_adapter
 from .output_files import path_problem
 from ..core.config import field, resolve
@@ -59,18 +60,16 @@ class LoRALabLoadDataset:
 
     def load(self, **values):
         from ..core.coach.plan import plan_report
-        from ..core.dataset import scan_folder
 
         section = checked(config_from({**self.SETTINGS, **self.OPTIONAL_SETTINGS}, values))["dataset"]
-        scan = scan_folder(resolve_dataset_folder(section["folder"]), section["caption_ext"],
-                           section["trigger_word"])
-        return DatasetSettings(section), plan_report(scan, {"dataset": section}) + self.fit(section)
+        # the run plan with what this node knows: held-out and regularization images included
+        return DatasetSettings(section), plan_report(section["folder"], {"dataset": section}) + self.fit(section)
 
     @staticmethod
     def fit(section):
         """Which quantize modes fit ComfyUI's GPU at these resolutions (FLUX.1-dev's shapes and
         the default LoRA settings; TrainLoRA decides with the real ones)."""
-        from ..core.coach.fit import device_memory, fit_report
+        from ..core.memory import device_memory, fit_report
 
         vram = device_memory(comfy_adapter.torch_device())
         if vram is None:
@@ -95,19 +94,23 @@ class LoRALabLoadBaseModel:
              "t5": ("text_encoders", "t5_path"),
              "vae": ("vae", "vae_path"),
              "checkpoint": ("checkpoints", "checkpoint_path")}
+    # file widgets added later stand after SD_SETTINGS, so saved UI workflows keep their order
+    LATER_FILES = {"text_encoder": ("text_encoders", "text_encoder_path")}
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = {widget: (comfy_adapter.file_choices(kind), {
-            "default": comfy_adapter.NO_MODEL,
-            "tooltip": f"{field('model.' + key)['description']} From ComfyUI's "
-                       f"{' and '.join(comfy_adapter.FILE_FOLDERS[kind])} folders."})
-            for widget, (kind, key) in cls.FILES.items()}
+        def file_widgets(files):
+            return {widget: (comfy_adapter.file_choices(kind), {
+                "default": comfy_adapter.NO_MODEL,
+                "tooltip": f"{field('model.' + key)['description']} From ComfyUI's "
+                           f"{' and '.join(comfy_adapter.FILE_FOLDERS[kind])} folders."})
+                for widget, (kind, key) in files.items()}
         return {"required": widget_inputs(cls.SETTINGS),
                 "optional": {"comfyui_model": (comfy_adapter.model_choices(), {
                     "default": comfy_adapter.NO_MODEL, "tooltip":
                     "A diffusers folder from ComfyUI's models/diffusers, used when path is empty."}),
-                    **files, **widget_inputs(cls.SD_SETTINGS)}}
+                    **file_widgets(cls.FILES), **widget_inputs(cls.SD_SETTINGS),
+                    **file_widgets(cls.LATER_FILES)}}
 
     RETURN_TYPES = ("LORALAB_BASE_MODEL",)
     RETURN_NAMES = ("base_model",)
@@ -115,17 +118,19 @@ class LoRALabLoadBaseModel:
     CATEGORY = CATEGORY
     DESCRIPTION = ("The frozen base model to train on, loaded once when first needed: an SDXL or "
                    "SD1.5 checkpoint, FLUX.1's single files (diffusion model, CLIP-L, T5, VAE), "
-                   "and/or a diffusers folder. The family is read from the files (auto).")
+                   "Z-Image's or Qwen-Image's (diffusion model, text encoder, VAE), and/or a diffusers folder. "
+                   "The family is read from the files (auto).")
 
     @classmethod
     def VALIDATE_INPUTS(cls, path, diffusion_model=comfy_adapter.NO_MODEL,
                         clip_l=comfy_adapter.NO_MODEL, t5=comfy_adapter.NO_MODEL,
-                        vae=comfy_adapter.NO_MODEL, checkpoint=comfy_adapter.NO_MODEL):
+                        vae=comfy_adapter.NO_MODEL, checkpoint=comfy_adapter.NO_MODEL,
+                        text_encoder=comfy_adapter.NO_MODEL):
         """Checked before anything runs, so a wrong path fails before a long training."""
         chosen = {"diffusion_model": diffusion_model, "clip_l": clip_l, "t5": t5, "vae": vae,
-                  "checkpoint": checkpoint}
+                  "checkpoint": checkpoint, "text_encoder": text_encoder}
         for widget, name in chosen.items():
-            kind = cls.FILES[widget][0]
+            kind = {**cls.FILES, **cls.LATER_FILES}[widget][0]
             if not isinstance(name, str):
                 return f"{widget}: expected a file name from the list, found {type(name).__name__} {name!r:.40}"
             if name != comfy_adapter.NO_MODEL and comfy_adapter.file_choice_path(kind, name) is None:
@@ -150,12 +155,13 @@ class LoRALabLoadBaseModel:
             raise ValueError(problem)
         section = {"family": family,
                    "path": (path or "").strip() or comfy_adapter.model_choice_path(comfyui_model)}
-        for widget, (kind, key) in cls.FILES.items():
+        for widget, (kind, key) in {**cls.FILES, **cls.LATER_FILES}.items():
             section[key] = comfy_adapter.file_choice_path(kind, files.get(widget, comfy_adapter.NO_MODEL))
         return section  # what the family needs of it is checked by the config's rules
 
     def load(self, family, path, dtype, quantize, comfyui_model=comfy_adapter.NO_MODEL, **values):
-        files = {widget: values.pop(widget) for widget in list(values) if widget in self.FILES}
+        files = {widget: values.pop(widget) for widget in list(values)
+                 if widget in self.FILES or widget in self.LATER_FILES}
         section = {**self.model_section(family, path, comfyui_model, **files), "dtype": dtype,
                    "quantize": quantize, **config_from(self.SD_SETTINGS, values).get("model", {})}
         # resolved here, so the family read from the files ("auto") travels with the model
@@ -198,6 +204,10 @@ class LoRALabConfigureLoRA:
         "text_encoder_lr": setting("train.text_encoder_lr", step=0.000001, round=False),
         "preservation_class": setting("train.preservation_class"),
         "preservation_weight": setting("train.preservation_weight", step=0.05, round=False),
+        "network_type": setting("network.type"),
+        "dora": setting("network.dora"),
+        "lokr_factor": setting("network.lokr_factor"),
+        "lokr_full_rank": setting("network.lokr_full_rank"),
     }
 
     @classmethod

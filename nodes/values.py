@@ -45,7 +45,7 @@ class BaseModel:
         return self._pipeline
 
     def quantize_for(self, config=None):
-        from ..core.coach.fit import device_memory, resolve_memory_settings
+        from ..core.memory import device_memory, resolve_memory_settings
         from ..core.config import resolve
 
         config = config or resolve({"model": self.section, "dataset": {"folder": "-"}})

@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import loralab  # noqa: E402
 from comfyui_env import Server, comfyui_or_skip  # noqa: E402
 from loralab.core.config import resolve  # noqa: E402
-from loralab.core.dataset.demo import make_demo_dataset  # noqa: E402
+from loralab.core.demo.dataset import make_demo_dataset  # noqa: E402
 from loralab.core.families.flux.tiny import build_tiny_flux  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,8 +8,11 @@ from PIL import Image
 
 from conftest import run_cli
 from loralab.core.coach.advice import advise
-from loralab.core.coach.memory import FLUX_DEV, estimate_memory, lora_parameters, model_shape, state_bytes
-from loralab.core.coach.plan import plan_dataset, plan_report, with_defaults
+from loralab.core.coach.plan import plan_dataset, plan_report
+from loralab.core.config import with_defaults
+from loralab.core.families.flux import FAMILY as flux
+from loralab.core.families.flux.memory import FLUX_DEV, model_shape
+from loralab.core.memory import estimate_memory, state_bytes
 from loralab.core.config import resolve
 from loralab.core.dataset import scan_folder
 
@@ -45,16 +48,16 @@ def thirty(tmp_path_factory):
 
 
 def test_guides_worked_example(thirty):
-    plan = plan_dataset(thirty, {"train": {"steps": 1800}})
-    assert (plan.images, plan.steps_per_epoch, plan.epochs) == (30, 30, 60)
+    numbers = plan_dataset(thirty, {"train": {"steps": 1800}}).run.numbers()
+    assert (numbers["images"], numbers["steps_per_epoch"], numbers["epochs"]) == (30, 30, 60)
     plan = plan_dataset(thirty, {"train": {"steps": 1800}, "dataset": {"repeats": 2}})
-    assert (plan.steps_per_epoch, plan.epochs) == (60, 30)
+    assert (plan.run.numbers()["steps_per_epoch"], plan.run.numbers()["epochs"]) == (60, 30)
     assert "steps per epoch = 30 images x 2 repeats / batch 1 = 60; epochs = 1800 / 60 = 30" in plan_report(plan)
 
 
 def test_recommended_steps_when_none_given(good):
     plan = plan_dataset(good, {})
-    assert not plan.steps_given and plan.band == (1000, 1500) and 1000 <= plan.steps <= 1500
+    assert not plan.run.steps_given and plan.band == (1000, 1500) and 1000 <= plan.run.steps <= 1500
     assert "recommended for this dataset size" in plan_report(plan)
 
 
@@ -166,7 +169,7 @@ def test_lora_parameters_match_the_real_flux_dev_modules():
             guidance_embeds=True, axes_dims_rope=(16, 56, 56))
     per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and re.fullmatch(LORA_TARGETS, name))
-    assert lora_parameters(1, FLUX_DEV) == per_rank
+    assert flux.memory.lora_parameters(FLUX_DEV, {"linear": 1}) == per_rank
     assert sum(p.numel() for p in model.parameters()) == FLUX_DEV["parameters"]
 
 
@@ -179,7 +182,7 @@ def test_lora_parameters_match_an_injected_lora(tiny_flux):
     transformer = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
     parameters = add_lora(transformer, 8, 8, LORA_TARGETS)
     shape, source = model_shape(tiny_flux)
-    assert lora_parameters(8, shape) == sum(p.numel() for p in parameters)
+    assert flux.memory.lora_parameters(shape, {"linear": 8}) == sum(p.numel() for p in parameters)
     assert shape["parameters"] == sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n)
 
 
@@ -234,12 +237,12 @@ def test_plan_command_on_a_missing_folder(tmp_path):
 @pytest.mark.parametrize("family, vram, checkpointing", [("sdxl", 24, "on"), ("sdxl", 80, "off"),
                                                          ("sd15", 8, "on"), ("sd15", 24, "off")])
 def test_the_unet_families_plan_unquantized_with_checkpointing_by_gpu_size(family, vram, checkpointing):
-    from loralab.core.coach.fit import DoesNotFit, fit_report, resolve_memory_settings
+    from loralab.core.memory import DoesNotFit, fit_report, resolve_memory_settings
 
     config = resolve({"model": {"path": f"builtin:tiny-{family}"}, "dataset": {"folder": "-"}})
     assert config["model"]["family"] == family
     report = fit_report(config, vram * 2**30)
     assert f"{family} trains unquantized" in report and f"gradient checkpointing {checkpointing}" in report
     assert resolve_memory_settings(config, vram * 2**30, "cuda")[:2] == ("none", checkpointing == "on")
-    with pytest.raises(DoesNotFit, match="model.quantize fp8 is FLUX.1-only"):
+    with pytest.raises(DoesNotFit, match=f"model.quantize fp8: model.family {family} offers none"):
         resolve_memory_settings({**config, "model": {**config["model"], "quantize": "fp8"}}, 2**34, "cuda")

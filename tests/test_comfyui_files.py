@@ -114,3 +114,59 @@ def test_comfyui_reads_our_files(tiny_flux, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     problems = json.loads(result.stdout.strip().splitlines()[-1])
     assert problems == [], problems
+
+
+SAVE_SCRIPT = r'''
+import json, sys
+sys.argv = ["save", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch, comfy.utils, comfy.model_detection, comfy.model_patcher, comfy.sd
+
+# each file loaded as UNETLoader does (old scaled fp8 converted, the model found by ComfyUI's
+# detection, its state dict processed by the model's process_unet_state_dict), ComfyUI's Flux
+# built at the tiny widths its detection does not read (heads, rope axes), then saved by
+# comfy.sd.save_checkpoint, the call of the ModelSave node
+for source, target in json.loads(sys.argv_files):
+    sd, meta = comfy.utils.load_torch_file(source, return_metadata=True)
+    sd, meta = comfy.utils.convert_old_quants(sd, "", metadata=meta)
+    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=meta)
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    config.unet_config.update(num_heads=config.unet_config["hidden_size"] // head_dim, patch_size=1,
+                              axes_dim=json.loads(meta["loralab.axes_dims_rope"]),
+                              in_channels=sd["img_in.weight"].shape[1],
+                              out_channels=sd["final_layer.linear.weight"].shape[0])
+    config.set_inference_dtype(torch.bfloat16, None)
+    model = config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    cpu = torch.device("cpu")
+    comfy.sd.save_checkpoint(target, comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu))
+'''
+
+
+def test_a_transformer_saved_by_comfyui_loads(tiny_flux, tmp_path):
+    """ComfyUI keeps FLUX's q/k norms as `..._norm.weight` (BFL's files say `..._norm.scale`) and
+    saves behind `model.diffusion_model.`; such a file, bf16 or scaled fp8, loads into the same
+    weights as the file ComfyUI read."""
+    import torch
+    from safetensors import safe_open
+
+    from loralab.core.families.flux import single_files
+
+    python, comfyui = comfyui_python_or_skip(), comfyui_source()
+    ours = write_comfyui_files(tiny_flux)
+    jobs = [(ours[name], str(tmp_path / f"{name}-saved-by-comfyui.safetensors"))
+            for name in ("transformer", "transformer_fp8")]
+    script = SAVE_SCRIPT.replace("sys.argv_files", repr(json.dumps(jobs)))
+    result = subprocess.run([python, "-c", script], cwd=comfyui, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for source, saved in jobs:
+        with safe_open(saved, "pt") as f:
+            names = set(f.keys())
+        assert "model.diffusion_model.double_blocks.0.img_attn.norm.query_norm.weight" in names
+        assert not any(k.endswith("_norm.scale") for k in names)
+        expected = single_files.load_part("transformer", source, torch.float32).state_dict()
+        loaded = single_files.load_part("transformer", saved, torch.float32).state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), source

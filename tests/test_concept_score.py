@@ -6,7 +6,7 @@ import random
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from loralab.core.coach.concept import blob_of, concept_score
+from loralab.core.demo.concept import blob_of, concept_score
 
 MAGENTA, RED = (230, 30, 220), (220, 30, 30)
 BACKGROUNDS = [(255, 255, 255), (40, 70, 200), (250, 230, 60), (30, 30, 30)]

@@ -141,7 +141,21 @@ def test_a_zero_byte_or_torn_final_lora_is_not_a_finished_run(tmp_path):
 ])
 def test_a_run_name_with_a_newline_or_too_long_is_refused_in_one_line(name, said, tmp_path, capsys):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"name": name, "model": {"path": "builtin:tiny-flux"},
-                                "dataset": {"folder": "builtin:demo"}}))
+    path.write_text(json.dumps({"name": name, "model": {"path": str(tmp_path / "none"), "family": "flux"},
+                                "dataset": {"folder": str(tmp_path / "none")}}))  # nothing to train on
     assert cli.main(["train", str(path)]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_a_transformer_file_whose_metadata_is_not_json_loads_as_without_it(tiny_flux, tmp_path):
+    from safetensors.torch import load_file, save_file as save_torch
+
+    from loralab.core.families.flux.files import AXES_METADATA_KEY, read_header, transformer_config
+    from loralab.core.families.flux.tiny import write_comfyui_files
+
+    source = write_comfyui_files(tiny_flux)["transformer"]
+    tensors, metadata = read_header(source)
+    damaged = str(tmp_path / "damaged.safetensors")
+    save_torch(load_file(source), damaged, metadata={**metadata, AXES_METADATA_KEY: "[16, 8"})
+    expected = transformer_config(tensors, {k: v for k, v in metadata.items() if k != AXES_METADATA_KEY})
+    assert transformer_config(*read_header(damaged)) == expected

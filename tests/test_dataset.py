@@ -97,7 +97,8 @@ def test_disk_cache_key_changes_with_image_and_caption(tmp_path):
     write_image(folder, "a.png", caption="first")
     scan = scan_folder(folder)
     sizes = image_sizes(scan.items, [32], 8)
-    encode_image = lambda image: torch.tensor([float(image.getpixel((0, 0))[0])])
+    encode_image = lambda image: torch.full((1, image.height // 8, image.width // 8),  # [C, h, w]
+                                            float(image.getpixel((0, 0))[0]))
     encode_texts = lambda texts: {t: (torch.zeros(2, 3), torch.zeros(3)) for t in texts}
 
     def fill(model_key="m1"):
@@ -110,7 +111,7 @@ def test_disk_cache_key_changes_with_image_and_caption(tmp_path):
     assert fill("m2").computed == 3      # another model: new keys
     write_image(folder, "a.png", color="blue", caption="first")
     cache = fill()
-    assert cache.computed == 1 and cache.latent(0, sizes[0][0]).item() == 0.0  # blue: red = 0
+    assert cache.computed == 1 and cache.latent(0, sizes[0][0])[0, 0, 0].item() == 0.0  # blue: red = 0
 
 
 @pytest.mark.parametrize("width, height, size", [(300, 100, (64, 64)), (100, 300, (64, 64)),

@@ -1,6 +1,6 @@
 """The demo as shipped learns what it shows: `loralab run quickstart` (a real subprocess, the
 shipped workflow) trains the magenta star "sks" on the pretrained shapes model, and the pictures
-measured over several seeds (core/coach/demo_score.py) show the star where sks is prompted far
+measured over several seeds (core/demo/score.py) show the star where sks is prompted far
 more often than the base model does, while "a red circle on a white background" stays a red
 circle (the quickstart trains with preservation, train.preservation_class "shape").
 
@@ -12,7 +12,7 @@ import os
 import pytest
 
 from conftest import run_cli
-from loralab.core.coach.demo_score import FILE, summary_lines
+from loralab.core.demo.score import FILE, summary_lines
 from loralab.core.config import load_config
 from loralab.core.families.flux import flow
 from loralab.core.trainer import train

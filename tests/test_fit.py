@@ -7,10 +7,12 @@ import sys
 
 import pytest
 
-from loralab.core.coach.fit import (DoesNotFit, activation_bytes, estimate_peak, fit_report, fits,
-                                    resolve_memory_settings)
-from loralab.core.coach.memory import FLUX_DEV, block_linear_parameters
-from loralab.core.coach.plan import with_defaults
+from loralab.core.config import with_defaults
+from loralab.core.families.flux import FAMILY as flux
+from loralab.core.families.flux.memory import FLUX_DEV, block_linear_parameters
+from loralab.core.memory import DoesNotFit, estimate_peak, fit_report, fits, resolve_memory_settings
+
+activation_bytes = flux.memory.activation_bytes
 
 GIB = 2**30
 
@@ -92,10 +94,30 @@ def test_does_not_fit_names_the_settings_in_order():
     message = str(raised.value)
     assert isinstance(raised.value, ValueError) and "does not fit" in message
     order = [message.index(s) for s in ("model.quantize fp8", "model.quantize int8",
-                                        "dataset.resolution [512]")]
-    assert order == sorted(order) and "To fit" in message
+                                        "train.batch_size 1")]  # batch 1 costs the LoRA less than 512 px
+    assert order == sorted(order) and "To fit" in message and "dataset.resolution" not in message
     with pytest.raises(DoesNotFit, match="more memory is needed"):
         resolve_memory_settings(dev_config(), 2 * GIB, "cuda")
+
+
+def test_before_a_run_and_after_an_out_of_memory_the_same_list_in_the_same_order():
+    """core/memory/lower.py's one list: what DoesNotFit applies until the estimate fits is the
+    start of what the out-of-memory advice names, in the same order."""
+    from loralab.core.memory import leaner_steps, out_of_memory_advice, suggestions
+
+    config = dev_config(network={"linear": 64}, train={"batch_size": 2, "optimizer": "adamw",
+                                                       "gradient_checkpointing": False},
+                        model={"path": None, "quantize": "none", "dtype": "fp32"})
+    everything = [change for change, _ in leaner_steps(config, flux.memory.quantize_modes)]
+    assert everything[:4] == ["model.quantize fp8", "model.quantize int8", "model.quantize nf4",
+                              "train.gradient_checkpointing true"]
+    assert everything[-3:] == ["network.linear 16", "network.linear 8", "network.linear 4"]
+    advice = out_of_memory_advice(config, RuntimeError("CUDA out of memory."))
+    assert [advice.index(f"set {change} (about") for change in everything] == sorted(
+        advice.index(f"set {change} (about") for change in everything)
+    applied, fit = suggestions(config, 12 * GIB)
+    assert fit and [change for change, _ in applied] == everything[:len(applied)]
+    assert len(applied) < len(everything)
 
 
 def test_fit_report_marks_what_fits():

@@ -7,7 +7,7 @@ from diffusers import FluxPipeline
 
 from loralab.core.config import resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
-from loralab.core.dataset.demo import make_demo_dataset
+from loralab.core.demo.dataset import make_demo_dataset
 from loralab.core.families.flux import FAMILY as flux
 from loralab.core.families.flux import flow
 from loralab.core.trainer import train
@@ -40,15 +40,19 @@ def flow_matching_loss(pipeline, latents, text, pooled):
     return sum(losses) / len(losses)
 
 
-def test_lora_lowers_the_loss_on_its_training_images(learned, tiny_flux):
-    result, folder = learned
-    pipeline = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+def training_batch(pipeline, folder):
+    """(latents, T5 text, pooled CLIP) of the training images in `folder`, at 64 px."""
     items = scan_folder(folder, "txt", "sks").items
     latents = torch.stack([flux.encode_image(pipeline, load_for_bucket(i.path, (64, 64)), "cpu") for i in items])
     encoded = flux.encode_prompts(pipeline, [i.caption for i in items], "cpu")
-    text = torch.stack([encoded[i.caption][0] for i in items])
-    pooled = torch.stack([encoded[i.caption][1] for i in items])
+    return (latents, torch.stack([encoded[i.caption][0] for i in items]),
+            torch.stack([encoded[i.caption][1] for i in items]))
 
+
+def test_lora_lowers_the_loss_on_its_training_images(learned, tiny_flux):
+    result, folder = learned
+    pipeline = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    latents, text, pooled = training_batch(pipeline, folder)
     base = flow_matching_loss(pipeline, latents, text, pooled)
     pipeline.load_lora_weights(result.lora_path, adapter_name="trained")
     by_strength = {}

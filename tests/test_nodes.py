@@ -154,8 +154,10 @@ def test_bad_widget_values_name_the_config_key(demo_dataset):
 
 
 def test_the_family_is_read_from_the_files_and_a_wrong_one_is_refused(tiny_flux):
-    assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == [
-        "auto", "flux", "sdxl", "sd15"]
+    from loralab.core.families import NAMES
+
+    assert NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["required"]["family"][0] == ["auto", *NAMES]
+    assert {"flux", "sdxl", "sd15", "zimage", "qwen_image"} <= set(NAMES)
     assert resolve({"model": {"path": tiny_flux}, "dataset": {"folder": "x"}})["model"]["family"] == "flux"
     with pytest.raises(ConfigError, match="model.family = sdxl, but model.path .* is a flux model"):
         resolve({"model": {"family": "sdxl", "path": tiny_flux}, "dataset": {"folder": "x"}})
@@ -351,6 +353,11 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
              diffusion_model="flux1-dev.safetensors")
     with pytest.raises(ValueError, match="vae: 'nothing.safetensors' is not in ComfyUI's vae folders"):
         load("flux", tiny_flux, vae="nothing.safetensors")
+    # Qwen-Image's text encoder: its own widget, after the SD settings (saved workflows keep their order)
+    assert list(optional)[-1] == "text_encoder" and optional["text_encoder"][0] == optional["t5"][0]
+    qwen = load("qwen_image", "", diffusion_model="flux1-dev.safetensors", text_encoder="t5xxl_fp16.safetensors",
+                vae="ae.safetensors")
+    assert qwen["text_encoder_path"] == str(tmp_path / "models" / "text_encoders" / "t5xxl_fp16.safetensors")
 
 
 def test_inside_comfyui_the_pipeline_is_loaded_moved_and_trained_outside_inference_mode(

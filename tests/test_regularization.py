@@ -16,9 +16,10 @@ from diffusers import FluxPipeline
 
 from loralab.core.config import resolve
 from loralab.core.dataset import BatchPlan, DatasetError, scan_folder
-from loralab.core.coach.demo_score import BLEED_PROMPT
-from loralab.core.dataset.demo import make_shapes_dataset
-from loralab.core.families.builtin import resolve_dataset_folder, resolve_model_path
+from loralab.core.demo.score import BLEED_PROMPT
+from loralab.core.demo.dataset import make_shapes_dataset
+from loralab.core.demo import resolve_dataset_folder
+from loralab.core.families.builtin import resolve_model_path
 from loralab.core.families.loss import weighted_mse
 from loralab.core.trainer import train
 

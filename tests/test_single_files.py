@@ -161,3 +161,16 @@ def test_wrong_file_in_a_slot(comfy_files, tmp_path, slot, wrong, setting):
     assert setting in message and path in message and "looks like" in message
     if wrong == "sdxl":
         assert "SDXL checkpoint" in message
+
+
+def test_diffusers_keys_behind_comfyuis_prefix(folder_pipeline, tmp_path):
+    """ComfyUI's loader strips `model.diffusion_model.` from diffusers keys as from BFL keys
+    (unet_prefix_from_state_dict, then convert_diffusers_mmdit); so does ours."""
+    from safetensors.torch import save_file
+
+    reference = folder_pipeline.transformer.state_dict()
+    path = str(tmp_path / "prefixed-diffusers.safetensors")
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in reference.items()}, path)
+    assert files.describe(path) == "a FLUX.1 transformer (dev)"
+    loaded = single_files.load_part("transformer", path, F32).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)

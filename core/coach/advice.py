@@ -5,11 +5,9 @@ import math
 from dataclasses import dataclass
 
 from ..config import step_band
+from ..config.guide import (GOOD_IMAGES, LR, LR_BAND, LR_RANGE, MIN_IMAGES, RANK_BAND, RANK_RECOMMENDED,
+                            RESOLUTION_BAND, band, exponent)
 
-MIN_IMAGES, GOOD_IMAGES = 15, 20          # "at least 15-20 images for good results"
-LR_BAND = (1e-4, 8e-4)                    # "optimal range 1e-4 to 8e-4"
-RANK_BAND, RANK_RECOMMENDED = (4, 32), (16, 32)   # "4-32 depending on memory; 16-32 most cases"
-RESOLUTION_BAND = (512, 1024)             # "resolution 512-1024 (depends on the originals)"
 SIZE_SPREAD_LIMIT = 1.5   # largest / smallest image side (square root of the area) still "consistent"
 
 
@@ -21,7 +19,7 @@ class Advice:
 
 
 def step_band_text(count):
-    """The guide's step band for `count` images as text: "1000-1500", or "2500+" for 50+."""
+    """The guide's step band for `count` images as text: "low-high", or "low+" past the table."""
     low, high = step_band(count)
     return f"{low}-{high}" if high else f"{low}+"
 
@@ -57,6 +55,12 @@ def skipped_images(scan, config):
             f"{name}: {reason}" for name, reason in scan.skipped[:5]) + ". Replace or remove them.")
 
 
+def caption_files(scan, config):
+    if scan.notes:
+        return Advice("caption_files", f"{len(scan.notes)} caption file(s) read with a change: " + "; ".join(
+            f"{name}: {note}" for name, note in scan.notes[:5]) + ".")
+
+
 def _side(item):
     return math.sqrt(item.width * item.height)
 
@@ -89,7 +93,7 @@ def resolution_band(scan, config):
                if not RESOLUTION_BAND[0] <= r <= RESOLUTION_BAND[1]]
     if outside:
         return Advice("resolution_band", f"training resolution(s) {outside} are outside the guide's "
-                      f"{RESOLUTION_BAND[0]}-{RESOLUTION_BAND[1]}; choose them from the size of "
+                      f"{band(RESOLUTION_BAND)}; choose them from the size of "
                       "your originals.", "note")
 
 
@@ -112,12 +116,12 @@ def lr_band(scan, config):
         return None
     if lr == 0:
         return Advice("lr_band", "train.lr is 0: the LoRA will not learn anything. The guide's "
-                      "default is 1e-4.")
+                      f"default is {exponent(LR)}.")
     if not LR_BAND[0] <= lr <= LR_BAND[1]:
         side = ("low: training is slow and may not learn in the planned steps" if lr < LR_BAND[0]
                 else "high: faster but risky (loss jumps, NaN, overfitting); watch the samples")
         return Advice("lr_band", f"train.lr = {lr:g} is outside the guide's optimal range "
-                      f"{LR_BAND[0]:g} to {LR_BAND[1]:g}, too {side}. Start from 1e-4.")
+                      f"{LR_RANGE}, too {side}. Start from {exponent(LR)}.")
 
 
 def rank_band(scan, config):
@@ -127,10 +131,10 @@ def rank_band(scan, config):
                 else "high: it costs memory (see the estimate) and can learn noise; 64+ only "
                 "pays off on large models with memory to spare")
         return Advice("rank_band", f"network.linear (rank) = {rank} is outside the guide's "
-                      f"{RANK_BAND[0]}-{RANK_BAND[1]}, too {side}. 16-32 suits most cases.")
+                      f"{band(RANK_BAND)}, too {side}. {band(RANK_RECOMMENDED)} suits most cases.")
     if rank < RANK_RECOMMENDED[0]:
         return Advice("rank_band", f"network.linear (rank) = {rank}: fine when memory is short; "
-                      "16-32 (the guide's recommendation) learns more detail.", "note")
+                      f"{band(RANK_RECOMMENDED)} (the guide's recommendation) learns more detail.", "note")
 
 
 def _above_one(rule, setting, value, why):
@@ -163,9 +167,19 @@ def steps_band(scan, config):
                       "to use the recommended number.")
 
 
-RULES = (skipped_images, few_images, missing_captions, inconsistent_resolutions, below_resolution,
+def model_traps(scan, config):
+    """The family's warnings about the model itself (e.g. training a distilled model)."""
+    from ..families import NAMES, get_family
+
+    family = config["model"].get("family")
+    messages = get_family(family).advice(config["model"]) if family in NAMES else []
+    if messages:
+        return Advice("model", " ".join(messages))
+
+
+RULES = (skipped_images, caption_files, few_images, missing_captions, inconsistent_resolutions, below_resolution,
          resolution_band, near_duplicate_images, lr_band, rank_band, batch_size_above_one,
-         repeats_above_one, steps_band)
+         repeats_above_one, steps_band, model_traps)
 
 
 def advise(scan, config):

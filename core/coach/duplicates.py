@@ -5,6 +5,7 @@ import os
 
 from PIL import Image, ImageOps
 
+from ..dataset.images import rgb
 from .images import difference_hash, grey_thumbnail, hash_distance
 
 # Two images are near-duplicates when both their structure (dHash, of 64 bits) and their
@@ -17,7 +18,7 @@ GREY_DIFFERENCE_LIMIT = 10.0
 def _signature(path):
     with Image.open(path) as image:
         image.draft("RGB", (64, 64))  # JPEG decodes at a reduced size: fast on big photos
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = rgb(ImageOps.exif_transpose(image))  # as trained: 16-bit, transparency
         return difference_hash(image), grey_thumbnail(image)
 
 

@@ -8,7 +8,8 @@ import statistics
 
 from PIL import Image
 
-from ..dataset.images import decode_upright
+from ..config.guide import LR, LR_RANGE, exponent
+from ..dataset.images import decode_upright, rgb
 from . import loss_signs, sample_signs
 
 MAX_TRAINING_IMAGES = 200   # enough to catch a copied image; bounded memory on huge datasets
@@ -58,7 +59,7 @@ class Monitor:
         if not loss_signs.finite(loss):
             return self._report("nan", f"the loss logged at step {step} is {loss}: training has "
                                 "diverged. Likely cause: a learning rate far too high, or fp16 "
-                                "overflow. Lower train.lr (the guide: 1e-4) or train in bf16/fp32, "
+                                f"overflow. Lower train.lr (the guide: {exponent(LR)}) or train in bf16/fp32, "
                                 "and resume from the last good checkpoint.")
         self.losses.append((step, loss))
         found = self._check_spikes(final=False)
@@ -87,7 +88,7 @@ class Monitor:
                                       f"(about {_median_around(values, index):.4g}). Likely "
                                       "cause: a learning rate too high, or a bad image or "
                                       "caption. If jumps repeat, lower train.lr (the guide's range "
-                                      "is 1e-4 to 8e-4) and check the dataset report.")
+                                      f"is {LR_RANGE}) and check the dataset report.")
         self.judged = max(self.judged, last)
         return found
 
@@ -101,7 +102,7 @@ class Monitor:
                 "over the last third)")
         if t < -loss_signs.FLAT_T:
             return self._report("flat", f"the loss went up {seen}. Likely cause: a learning rate "
-                                "too high. Lower train.lr (the guide's range is 1e-4 to 8e-4) "
+                                f"too high. Lower train.lr (the guide's range is {LR_RANGE}) "
                                 "or use an earlier checkpoint.")
         moved = max((change for _, change in self.changes), default=0.0)
         if moved >= sample_signs.VISIBLE_CHANGE:  # the samples say the LoRA learns regardless
@@ -109,10 +110,10 @@ class Monitor:
                                 f"change (up to {moved:.0f} of 255 from the base model's), so the "
                                 "LoRA is learning: a FLUX LoRA's loss often stays level. Judge the "
                                 "run by its samples; if they do not improve, try a higher train.lr "
-                                "within 1e-4 to 8e-4.")
+                                f"within {LR_RANGE}.")
         return self._report("flat", f"the loss has not gone down {seen}: the change is within "
                             "the noise. Likely cause: a learning rate too low (or 0) for the LoRA "
-                            "to learn. Try train.lr between 1e-4 and 8e-4, and check whether the "
+                            f"to learn. Try train.lr in {LR_RANGE}, and check whether the "
                             "samples change.")
 
     def _check_overfitting(self):
@@ -160,7 +161,7 @@ class Monitor:
                                   f"base model's (at most {max(c for _, c in self.changes):.2f} of "
                                   "255 apart on average): the LoRA is not learning. Likely cause: "
                                   "train.lr is 0 or far too low, or too few steps. Try train.lr "
-                                  "1e-4 to 8e-4.")
+                                  f"{LR_RANGE}.")
         collapsed = sample_signs.prompts_collapsed(sampling, self.base)
         if collapsed:
             now, then = collapsed
@@ -213,7 +214,7 @@ class Monitor:
             stride = max(1, len(self.training_images) // MAX_TRAINING_IMAGES)
             for path in self.training_images[::stride][:MAX_TRAINING_IMAGES]:
                 try:  # upright as trained (EXIF orientation applied), or a phone photo compares sideways
-                    signature = sample_signs.training_signature(decode_upright(path))
+                    signature = sample_signs.training_signature(rgb(decode_upright(path)))
                 except (OSError, ValueError):
                     continue
                 self._training.append(signature)

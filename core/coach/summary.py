@@ -2,10 +2,8 @@
 import json
 import os
 
-from ..config import epochs, steps_per_epoch
-from ..dataset.batches import regularization_entries
-from .advice import step_band_text
-from .demo_score import summary_lines as demo_lines
+from ..demo.score import summary_lines as demo_lines
+from .run_plan import arithmetic, guide_steps
 
 
 def _config_value(run_folder, key):
@@ -17,24 +15,12 @@ def _config_value(run_folder, key):
 
 
 def _plan_line(run_folder):
-    """Images, steps per epoch and epochs by the guide's formulas, from the run's config.json."""
+    """The run plan the trainer wrote into config.json (coach/run_plan.py), as `loralab plan` says it."""
+    numbers = _config_value(run_folder, "plan")
     try:
-        with open(os.path.join(run_folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        images = config["dataset_stats"]["images"]
-        repeats, batch = config["dataset"]["repeats"], config["train"]["batch_size"]
-        steps = config["train"]["steps"]
-        others = config["dataset_stats"].get("regularization_images", 0)
-        ratio = config["dataset"].get("regularization_ratio", 1.0) if others else 0
-    except (OSError, ValueError, KeyError, TypeError):
+        return f"plan: {arithmetic(numbers)} ({guide_steps(numbers)})"
+    except (KeyError, TypeError, ValueError):
         return None
-    entries = images * repeats
-    entries += regularization_entries(entries, ratio)  # as the trainer's BatchPlan counts them
-    return (f"plan: {images} images x {repeats} repeats"
-            + (f", and {ratio:g} per image of the {others} regularization images," if others else "")
-            + f" / batch {batch} = {steps_per_epoch(entries, 1, batch)} steps per epoch; {steps} steps = "
-            f"{epochs(steps, entries, 1, batch):.4g} epochs (the guide: {step_band_text(images)} steps "
-            f"for {images} images" + (f", times {1 + ratio:g} with the regularization images)" if others else ")"))
 
 
 def run_summary(result, metrics):

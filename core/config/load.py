@@ -26,6 +26,28 @@ def defaults():
     return _fill_defaults({}, SCHEMA)
 
 
+def with_defaults(config):
+    """A copy of a (possibly partial, unvalidated) config with every missing setting defaulted,
+    so a plan works from a dataset node that knows only the dataset settings."""
+    def fill(base, extra):
+        merged = copy.deepcopy(base)
+        for key, value in (extra or {}).items():
+            merged[key] = fill(merged.get(key, {}), value) if isinstance(value, dict) else value
+        return merged
+
+    filled = fill(defaults(), config)
+    _derived_defaults(filled["network"])
+    return filled
+
+
+def _derived_defaults(network):
+    """The defaults that follow another setting: an alpha left empty equals its rank (scale 1)."""
+    if network.get("linear_alpha") is None:
+        network["linear_alpha"] = network["linear"]
+    if network.get("conv_alpha") is None:
+        network["conv_alpha"] = network["conv"] or None
+
+
 def _fill_defaults(value, schema):
     if schema.get("type") != "object" or not isinstance(value, dict):
         return value
@@ -103,7 +125,7 @@ def resolve(config, source=None):
         section, key = dotted.split(".")
         if key not in (config.get(section) or {}):
             resolved[section][key] = copy.deepcopy(value)
-    problems = _family_problems(family, model, resolved["network"])
+    problems = _family_problems(family, model, resolved["network"]) + _network_problems(resolved["network"])
     if resolved["train"]["timestep_min"] >= resolved["train"]["timestep_max"]:
         problems.append(f"train.timestep_min = {resolved['train']['timestep_min']} must be below "
                         f"train.timestep_max = {resolved['train']['timestep_max']}")
@@ -114,10 +136,7 @@ def resolve(config, source=None):
                         "for the concept, or leave train.preservation_class empty")
     if problems:
         raise ConfigError(problems, source)
-    if resolved["network"]["linear_alpha"] is None:
-        resolved["network"]["linear_alpha"] = resolved["network"]["linear"]
-    if resolved["network"]["conv_alpha"] is None:
-        resolved["network"]["conv_alpha"] = resolved["network"]["conv"] or None
+    _derived_defaults(resolved["network"])
     if resolved["save"]["format"] is None:
         resolved["save"]["format"] = family.default_save_format
     return resolved
@@ -130,6 +149,18 @@ def _path_settings():
 
     return [("model", "path"), *(("model", key) for key in single_file_keys()),
             ("dataset", "folder"), ("save", "output_dir")]
+
+
+def _network_problems(network):
+    """Settings that only one network.type takes."""
+    kind, problems = network["type"], []
+    if network["dora"] and kind != "lora":
+        problems.append(f"network.dora = true works with network.type lora only, not {kind}: set "
+                        "network.type to lora, or network.dora to false")
+    if kind != "lora" and (network.get("conv") or 0) > 0:
+        problems.append(f"network.conv (LoCon) = {network['conv']} works with network.type lora only "
+                        f"here, not {kind}: set network.conv to 0")
+    return problems
 
 
 def _family_problems(family, model, network):

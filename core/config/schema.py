@@ -2,10 +2,12 @@
 nodes' widgets, the CLI and the config file all read them from here. A family's own defaults
 (resolution, sampling) are its `config_defaults` (core/families/<name>/), applied by load.py."""
 from ..families import NAMES as FAMILY_NAMES
+from .guide import LR, LR_RANGE, RANK, RANK_RECOMMENDED, RANK_SHORT_MEMORY, RESOLUTION_BAND, band, exponent
 
 DTYPES = ["bf16", "fp16", "fp32"]
 SAVE_DTYPES = ["float16", "bfloat16", "float32"]
 OPTIMIZERS = ["adamw8bit", "adamw", "prodigy", "adafactor", "lion"]
+NETWORK_TYPES = ["lora", "lokr", "loha"]  # peft LoraConfig, LoKrConfig, LoHaConfig (core/lora/inject.py)
 SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 TIMESTEP_TYPES = ["sigmoid", "shift", "flux_shift"]
 FAMILIES = ["auto", *FAMILY_NAMES]
@@ -29,6 +31,11 @@ def _choice(options, default, help=""):
     return {"type": "string", "enum": options, "default": default, "description": help}
 
 
+def _guide(spec, note=""):
+    """The setting's default is the guide's: the description says so, from the one number."""
+    return {**spec, "description": f"{spec['description']} Guide: {spec['default']}{note}."}
+
+
 def _section(properties, required=()):
     return {"type": "object", "additionalProperties": False, "properties": properties,
             "required": list(required), "default": {}}
@@ -48,7 +55,7 @@ SCHEMA = {
                  "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
-            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL or SD1.5; auto reads it "
+            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5, Z-Image or Qwen-Image; auto reads it "
                               "from the model's files."),
             "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
                      "Local diffusers folder of the base model. Not needed when the single files "
@@ -63,6 +70,10 @@ SCHEMA = {
                             "CLIP-L text encoder file (ComfyUI's models/text_encoders/clip_l.safetensors)."},
             "t5_path": {"type": ["string", "null"], "default": None, "description":
                         "T5-XXL text encoder file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)."},
+            "text_encoder_path": {"type": ["string", "null"], "default": None, "description":
+                                  "The text encoder file, as ComfyUI keeps it in models/text_encoders: "
+                                  "Z-Image's Qwen3-4B (qwen_3_4b.safetensors), Qwen-Image's Qwen2.5-VL 7B "
+                                  "(qwen_2.5_vl_7b.safetensors or _fp8_scaled)."},
             "vae_path": {"type": ["string", "null"], "default": None, "description":
                          "VAE file from ComfyUI's models/vae (FLUX.1: ae.safetensors; SDXL/SD1.5: "
                          "replaces the checkpoint's VAE)."},
@@ -85,12 +96,12 @@ SCHEMA = {
                             "description": "Extension of the caption files."},
             "trigger_word": {"type": "string", "default": "", "description":
                              "Replaces [trigger] in captions; prepended where a caption lacks it."},
-            "repeats": _int(1, 1, 1000, "Times each image repeats per epoch. Guide: 1 in most cases."),
+            "repeats": _guide(_int(1, 1, 1000, "Times each image repeats per epoch."), " in most cases"),
             "resolution": {"type": "array", "minItems": 1, "default": [512, 768, 1024],
                            "items": {"type": "integer", "minimum": 32, "maximum": 4096},
-                           "description": "Training resolutions (bucket areas). Guide: 512-1024."},
-            "caption_dropout_rate": _number(0.05, 0.0, 1.0,
-                                            "Share of steps trained with an empty caption. Guide: 0.05."),
+                           "description": f"Training resolutions (bucket areas). Guide: {band(RESOLUTION_BAND)}."},
+            "caption_dropout_rate": _guide(_number(0.05, 0.0, 1.0,
+                                                   "Share of steps trained with an empty caption.")),
             "cache": _choice(["memory", "disk"], "memory",
                              "Where VAE latents and text embeddings are cached."),
             "validation_images": _int(0, 0, 100000, "Images held out of training to measure a "
@@ -110,7 +121,20 @@ SCHEMA = {
                                              "prior_loss_weight)."),
         }, required=["folder"]),
         "network": _section({
-            "linear": _int(16, 1, 1024, "LoRA rank. Guide: 16-32 for most cases, 4-8 when memory is short."),
+            "type": _choice(NETWORK_TYPES, "lora", "Adapter type, built with peft: lora; lokr (LyCORIS "
+                            "LoKr, a Kronecker product: small files, common for styles); loha (LyCORIS "
+                            "LoHa, a Hadamard product of two low-rank pairs)."),
+            "dora": {"type": "boolean", "default": False, "description":
+                     "type lora only: DoRA (weight-decomposed LoRA): a trained magnitude per output "
+                     "row beside the LoRA; about 10-20% slower per step."},
+            "lokr_factor": _int(-1, -1, 1024, "type lokr: the Kronecker factor (LyCORIS's factor); "
+                                "-1 (LyCORIS's default) splits each dimension as evenly as possible."),
+            "lokr_full_rank": {"type": "boolean", "default": False, "description":
+                               "type lokr: both Kronecker factors full matrices (LyCORIS's 'full "
+                               "matrix' mode, there a dim of 10000+); network.linear is then unused "
+                               "and the scale is 1. Use with a larger lokr_factor (e.g. 8-16)."},
+            "linear": _int(RANK, 1, 1024, f"LoRA rank. Guide: {band(RANK_RECOMMENDED)} for most cases, "
+                           f"{band(RANK_SHORT_MEMORY)} when memory is short."),
             "linear_alpha": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
                              "description": "LoRA alpha; empty means equal to linear (scale 1)."},
             "feed_forward": {"type": "boolean", "default": False, "description":
@@ -128,14 +152,14 @@ SCHEMA = {
         "train": _section({
             "steps": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000, "default": None,
                       "description": "Total steps; empty picks them from the dataset size (guide's table)."},
-            "batch_size": _int(1, 1, 64, "Images per step. Guide: 1, unequivocally."),
+            "batch_size": _guide(_int(1, 1, 64, "Images per step."), ", unequivocally"),
             "gradient_accumulation_steps": _int(1, 1, 1024, "Steps whose gradients add up before an update."),
-            "lr": _number(1e-4, 0.0, 1.0, "Learning rate. Guide: 1e-4; optimal range 1e-4 to 8e-4."),
+            "lr": _number(LR, 0.0, 1.0, f"Learning rate. Guide: {exponent(LR)}; optimal range {LR_RANGE}."),
             "text_encoder_lr": {"type": ["number", "null"], "default": None, "minimum": 0.0,
                                 "maximum": 1.0, "description":
                                 "Learning rate of the text-encoder LoRA (network.text_encoder); empty "
                                 "means train.lr. Commonly lower than the UNet's, e.g. 5e-5 (kohya)."},
-            "optimizer": _choice(OPTIMIZERS, "adamw8bit", "Guide: adamw8bit (memory saving)."),
+            "optimizer": _guide(_choice(OPTIMIZERS, "adamw8bit", "Optimizer."), " (memory saving)"),
             "lr_scheduler": _choice(SCHEDULERS, "constant", "Learning-rate schedule, as diffusers' "
                                     "get_scheduler means it: constant (no warm-up), constant_with_warmup, "
                                     "or linear / cosine (warm-up, then down to 0 at the last step)."),
@@ -174,12 +198,12 @@ SCHEMA = {
                        "description": "Continue from the newest kept checkpoint of the run."},
         }),
         "save": _section({
-            "dtype": _choice(SAVE_DTYPES, "float16", "Precision of saved LoRA files. Guide: float16."),
+            "dtype": _guide(_choice(SAVE_DTYPES, "float16", "Precision of saved LoRA files.")),
             "format": {"type": ["string", "null"], "enum": ["diffusers", "kohya", None],
                        "default": None, "description":
                        "Key names of the LoRA file; empty: diffusers for FLUX, kohya for SDXL/SD1.5."},
-            "save_every": _int(250, 1, 1000000, "Steps between checkpoints. Guide: 250."),
-            "max_step_saves_to_keep": _int(4, 1, 1000, "Newest step checkpoints kept. Guide: 4."),
+            "save_every": _guide(_int(250, 1, 1000000, "Steps between checkpoints.")),
+            "max_step_saves_to_keep": _guide(_int(4, 1, 1000, "Newest step checkpoints kept.")),
             "output_dir": {"type": "string", "minLength": 1, "default": "output",
                            "description": "Folder that holds the run folders."},
         }),
@@ -195,8 +219,8 @@ SCHEMA = {
             "height": _int(1024, 16, 4096, "Sample height in pixels."),
         }),
         "logging": _section({
-            "performance_log_every": _int(10, 1, 1000000,
-                                          "Steps between metrics lines (loss, time, memory). Guide: 10."),
+            "performance_log_every": _guide(_int(10, 1, 1000000,
+                                                 "Steps between metrics lines (loss, time, memory).")),
         }),
     },
 }

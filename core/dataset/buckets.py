@@ -4,7 +4,7 @@ import math
 
 from PIL import Image, ImageOps
 
-from .images import decode_upright
+from .images import decode_upright, rgb
 from .scan import DatasetError
 
 
@@ -24,7 +24,7 @@ def load_for_bucket(path, size):
     """The image, the right way up, resized to cover `size` and centre-cropped to it, as RGB.
     A file that no longer decodes (changed or damaged since the scan) raises DatasetError."""
     try:
-        image = decode_upright(path).convert("RGB")
+        image = rgb(decode_upright(path))
     except Exception as error:  # PIL raises many types for bad files
         raise DatasetError(
             f"dataset image {path} cannot be loaded ({type(error).__name__}: {error}). It may be "

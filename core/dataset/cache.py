@@ -2,6 +2,7 @@
 
 In memory, or on disk under a folder with one file per item whose name is a key of the image
 bytes, the bucket size, the caption and the model: change any of them and the key changes."""
+import collections
 import hashlib
 import os
 
@@ -33,8 +34,55 @@ def model_fingerprint(paths, extra=""):
     return digest.hexdigest()[:16]
 
 
+def _key(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _latent_kind(value, size):
+    """((dtype, channels, downscale), None) for a latent [C, h, w] of the bucket `size` (width,
+    height), or (None, why) when `value` is not one."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 3:
+        return None, "is not a latent"
+    (width, height), (_, h, w) = size, value.shape
+    if not h or not w or height % h or width % w or height // h != width // w:
+        return None, f"holds a latent of {w}x{h}, which is not one of a {width}x{height} image"
+    if not torch.isfinite(value).all():
+        return None, "holds NaN or inf"
+    return (value.dtype, value.shape[0], height // h), None
+
+
+def _text_kind(value, caption):
+    """((dtype, shape) of the embeddings and of the pooled embedding, None), or (None, why)."""
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value)):
+        return None, "is not a caption's embeddings"
+    if not all(torch.isfinite(v).all() for v in value):
+        return None, "holds NaN or inf"
+    return tuple((v.dtype, tuple(v.shape)) for v in value), None
+
+
+def _agreeing(found, kind_of):
+    """The entries of `found` {entry: value read from disk} that are usable, and {entry: why}
+    for the others: those `kind_of(value, entry)` refuses, and those whose kind (shape, dtype)
+    differs from the most common one (a file of the cache replaced or damaged)."""
+    kinds, refused = {}, {}
+    for entry, value in found.items():
+        kind, why = kind_of(value, entry)
+        if why:
+            refused[entry] = why
+        else:
+            kinds[entry] = kind
+    common = collections.Counter(kinds.values()).most_common(1)
+    for entry, kind in kinds.items():
+        if kind != common[0][0]:
+            refused[entry] = f"is shaped {kind}, unlike the others ({common[0][0]})"
+    return {entry: found[entry] for entry in kinds if entry not in refused}, refused
+
+
 class Cache:
-    """latent(image, size) -> [C, h, w] and text(caption) -> (embeddings, pooled), CPU tensors."""
+    """latent(image, size) -> [C, h, w] and text(caption) -> (embeddings, pooled), CPU tensors.
+    What is read back from disk is checked (finite, shaped as the others) and encoded again when
+    it is not; fill() returns a note naming each such file."""
 
     def __init__(self, folder=None, digests=None):
         self.folder = folder  # None keeps everything in memory only
@@ -56,6 +104,15 @@ class Cache:
                 return None  # a damaged cache file is recomputed, never trusted
         return None
 
+    def _read_all(self, keys, kind_of, what):
+        """{entry: usable value} of the entries {entry: key} found on disk, and a note for each
+        file that is there but refused (it is encoded again)."""
+        found = {entry: value for entry, value in ((e, self._read(k)) for e, k in keys.items())
+                 if value is not None}
+        usable, refused = _agreeing(found, kind_of)
+        return usable, [f"cache file {self._path(keys[entry])} ({what(entry)}) {why}: encoded again"
+                        for entry, why in refused.items()]
+
     def _store(self, key, value):
         self.computed += 1
         if self.folder:
@@ -64,33 +121,32 @@ class Cache:
         return value
 
     def fill(self, items, sizes, captions, encode_image, encode_texts, model_key, on_progress=None):
-        """Encode every (image, size) and caption that is not cached yet."""
-        total = sum(len(s) for s in sizes.values())
-        done = 0
+        """Encode every (image, size) and caption that is not cached yet, or whose cache file is
+        refused; returns the notes that name the refused files."""
+        keys = {}
         for index, image_sizes in sizes.items():
             digest = self.digests.get(index) or file_digest(items[index].path)
             self.digests[index] = digest
-            for size in image_sizes:
-                key = hashlib.sha256(f"latent:{model_key}:{digest}:{size}".encode()).hexdigest()
-                value = self._read(key)
-                if value is None:
-                    value = self._store(key, encode_image(load_for_bucket(items[index].path, size)))
-                self.latents[(index, size)] = value
-                done += 1
-                if on_progress:
-                    on_progress(done, total)
-        missing = []
-        for caption in dict.fromkeys(captions):
-            key = hashlib.sha256(f"text:{model_key}:{caption}".encode()).hexdigest()
-            value = self._read(key)
-            if value is None:
-                missing.append((caption, key))
+            keys.update({(index, size): _key(f"latent:{model_key}:{digest}:{size}") for size in image_sizes})
+        found, notes = self._read_all(keys, lambda value, entry: _latent_kind(value, entry[1]),
+                                      lambda e: f"latent of {os.path.basename(items[e[0]].path)} at {e[1][0]}x{e[1][1]}")
+        for done, (entry, key) in enumerate(keys.items(), 1):
+            if entry in found:
+                self.latents[entry] = found[entry]
             else:
-                self.texts[caption] = tuple(value)
+                self.latents[entry] = self._store(key, encode_image(load_for_bucket(items[entry[0]].path, entry[1])))
+            if on_progress:
+                on_progress(done, len(keys))
+        keys = {caption: _key(f"text:{model_key}:{caption}") for caption in dict.fromkeys(captions)}
+        found, refused = self._read_all(keys, _text_kind, lambda caption: f"embeddings of the caption "
+                                        f"{caption[:40]!r}" + ("..." if len(caption) > 40 else ""))
+        self.texts.update((caption, tuple(value)) for caption, value in found.items())
+        missing = [caption for caption in keys if caption not in found]
         if missing:  # the text encoders run once, for all missing captions together
-            encoded = encode_texts([caption for caption, _ in missing])
-            for caption, key in missing:
-                self.texts[caption] = self._store(key, tuple(encoded[caption]))
+            encoded = encode_texts(missing)
+            for caption in missing:
+                self.texts[caption] = self._store(keys[caption], tuple(encoded[caption]))
+        return notes + refused
 
     def latent(self, image, size):
         return self.latents[(image, size)]

@@ -6,9 +6,9 @@ import importlib
 import json
 import os
 
-from .base import MemoryModel, ModelError, ModelFamily
+from .base import MemoryModel, ModelError, ModelFamily, RuleOfThumb
 
-NAMES = ("flux", "sdxl", "sd15")
+NAMES = ("flux", "sdxl", "sd15", "zimage", "qwen_image")
 
 
 @functools.cache
@@ -94,5 +94,5 @@ def load_model(model_cfg, quantize, comfyui=None):
     return get_family(model_cfg["family"]).load({**model_cfg, "path": path}, quantize, comfyui)
 
 
-__all__ = ["MemoryModel", "ModelError", "ModelFamily", "NAMES", "detect_family", "families",
+__all__ = ["MemoryModel", "ModelError", "ModelFamily", "NAMES", "RuleOfThumb", "detect_family", "families",
            "family_or_default", "folder_family", "get_family", "load_model", "model_files", "single_file_keys"]

@@ -19,12 +19,10 @@ class MemoryModel:
 
     `shape` is a dict the family fills and reads back; core/memory reads only these keys of it:
     "parameters" (the trainable model's weights) and "quantizable" (those stored quantized by
-    model.quantize). A family without a measured model sets `estimated = False`: core/memory then
-    applies only `checkpointing_below_gb`."""
+    model.quantize). A family without a measured model uses RuleOfThumb instead."""
 
-    estimated = True                 # False: no estimate, only the rule of thumb below
+    estimated = True
     quantize_modes = ("none",)       # model.quantize modes it offers, least memory-saving first
-    checkpointing_below_gb = None    # rule of thumb for "auto" checkpointing without an estimate
     default_source = ""              # the model whose shapes are used when no file is read
 
     def shape(self, model):
@@ -49,9 +47,15 @@ class MemoryModel:
         """Frozen parameters on the device during a step besides the trainable model (the VAE)."""
         return 0
 
-    def text_encoder_note(self, dtype):
-        """One line on the text encoders' memory while captions are encoded ("" for none)."""
-        return ""
+
+class RuleOfThumb(MemoryModel):
+    """No measured estimate: the model is not quantized, and "auto" turns gradient checkpointing
+    on for CUDA GPUs under `checkpointing_below_gb` (on every CUDA GPU when None), a rule of
+    thumb from common practice."""
+    estimated = False
+
+    def __init__(self, checkpointing_below_gb=None):
+        self.checkpointing_below_gb = checkpointing_below_gb
 
 
 class ModelFamily:
@@ -68,7 +72,7 @@ class ModelFamily:
     default_save_format = "diffusers"  # save.format when the config leaves it empty
     text_encoder_lora = False          # whether network.text_encoder is offered
     config_defaults = {}    # {"section.key": value} applied where a config leaves the key out
-    memory = MemoryModel()  # its memory model (core/memory)
+    memory = RuleOfThumb()  # its memory model (core/memory); a measured one subclasses MemoryModel
     tiny_presets = ("tiny",)  # `loralab make-tiny-model NAME --preset`
 
     def no_text_encoder_lora(self):
@@ -81,6 +85,11 @@ class ModelFamily:
         (model.family: auto). False when it gives none of them or they are another family's;
         ValueError when a file of its own keys cannot be what any family loads."""
         return False
+
+    def advice(self, model):
+        """The coach's warnings about the model a `model` section names: a known trap of this
+        model (training a distilled one), for the plan and the run's start. None by default."""
+        return []
 
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
         """Writes a tiny random model (a diffusers folder; also `single_file` and ComfyUI's files

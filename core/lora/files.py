@@ -2,7 +2,9 @@
 into lora_B, diffusers keys with the family's prefix (`transformer.`, `unet.`) or kohya keys,
 config in metadata."""
 import json
+import re
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -20,11 +22,69 @@ def bake_alpha(weights, network):
             for k, v in weights.items()}
 
 
+# a peft adapter tensor: (module, parameter); dora_scale is inject.dora_scales' ComfyUI form
+ADAPTER_KEY = re.compile(r"^(.*)\.(lora_[AB]\.weight|lora_magnitude_vector|lokr_\w+|hada_\w+|dora_scale)$")
+LYCORIS_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# the factor of each type that takes peft's scale (alpha / rank), so the file applies at scale 1
+SCALED_FACTOR = ("lora_B.weight", "lokr_w1", "lokr_w1_a", "hada_w1_a")
+# what ComfyUI's weight adapters divide a file's `.alpha` by, first found (lokr: w2_b over w1_b)
+COMFY_RANK_OF = ("lora_A.weight", "lokr_w2_b", "lokr_w1_b", "hada_w1_b")
+
+
+def is_plain_lora(network):
+    return network.get("type", "lora") == "lora" and not network.get("dora")
+
+
+def only_lora_pairs(weights):
+    """Whether `weights` are a plain LoRA's (lora_A, lora_B), not LoKr / LoHa / DoRA."""
+    matches = (ADAPTER_KEY.match(key) for key in weights)
+    return not any(m and m[2] not in LYCORIS_NAMES for m in matches)
+
+
+def by_module(weights):
+    """{module: {parameter: tensor}} of peft adapter weights."""
+    modules = {}
+    for key, value in weights.items():
+        match = ADAPTER_KEY.match(key)
+        if match is None:
+            raise ValueError(f"not a LoRA/LoKr/LoHa/DoRA weight: {key}")
+        modules.setdefault(match[1], {})[match[2]] = value
+    return modules
+
+
+def bake_scale(weights, network):
+    """bake_alpha for every network.type: peft's scale, alpha / rank (LoKr in full-rank mode: 1,
+    inject.adapter_config), multiplied into one factor of each module's product."""
+    if network.get("type", "lora") == "lora":
+        return bake_alpha(weights, network)
+    scale = 1.0 if network.get("lokr_full_rank") else network["linear_alpha"] / network["linear"]
+    return {k: v * scale if k.endswith(tuple("." + f for f in SCALED_FACTOR)) else v for k, v in weights.items()}
+
+
+def module_tensors(weights, name_of, lycoris_names=True):
+    """A LoKr / LoHa / DoRA file's tensors from scale-baked peft weights: each module named by
+    `name_of`, its tensors by LyCORIS's names (lokr_w1, hada_w1_a, lora_down, dora_scale), which
+    ComfyUI's weight adapters read, and `.alpha` = the rank ComfyUI divides by (scale 1). peft's
+    DoRA magnitude gives way to its dora_scale."""
+    tensors = {}
+    for module, params in by_module(weights).items():
+        name = name_of(module)
+        params.pop("lora_magnitude_vector", None)
+        for param, value in params.items():
+            tensors[f"{name}.{LYCORIS_NAMES.get(param, param) if lycoris_names else param}"] = value
+        rank = next((params[p].shape[0] for p in COMFY_RANK_OF if p in params), None)
+        if rank is not None and lycoris_names:
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    return tensors
+
+
 def file_tensors(weights, network, fmt, dtype, to_kohya=None, to_diffusers=None):
     """The tensors of a LoRA file from peft weights (float32, peft names) trained with the
     `network` config section: kohya names by `to_kohya`, diffusers names by `to_diffusers` (the
-    family's lora_to_diffusers)."""
-    baked = bake_alpha(weights, network)
+    family's lora_to_diffusers; both take LoKr / LoHa / DoRA weights by module_tensors)."""
+    if is_plain_lora(network):  # the DoRA scale is of no use to a plain LoRA file
+        weights = {k: v for k, v in weights.items() if not k.endswith(".dora_scale")}
+    baked = bake_scale(weights, network)
     if fmt == "kohya":
         if to_kohya is None:
             raise ValueError("this model family has no kohya key mapping")
@@ -66,6 +126,12 @@ def file_metadata(config, step, fmt, kohya_metadata):
         "ss_steps": str(step),
         "ss_base_model_version": kohya_metadata["ss_base_model_version"],
     }
+    if not is_plain_lora(network):  # LyCORIS's metadata for its types; DoRA as kohya's LoRA
+        metadata["loralab_network_type"] = network["type"] + ("+dora" if network.get("dora") else "")
+        if network["type"] != "lora":
+            metadata["ss_network_module"] = "lycoris.kohya"
+            metadata["ss_network_args"] = json.dumps({"algo": network["type"], **(
+                {"factor": str(network.get("lokr_factor", -1))} if network["type"] == "lokr" else {})})
     if conv:  # kohya's LoCon settings, also at scale 1; the trained conv alpha is ours again
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv), "conv_alpha": str(conv)})
         metadata["loralab_conv_alpha"] = str(network.get("conv_alpha") or conv)

@@ -7,7 +7,8 @@ In the identity (they change the trained weights):
   model.*      family, path, transformer_path, clip_l_path, t5_path, vae_path, dtype, quantize
   dataset.*    every key but folder and cache, plus dataset.fingerprint (the loop's
                dataset_stats.fingerprint: a hash of the images and captions as trained)
-  network.*    every key
+  network.*    every key; type and dora only when not a plain LoRA, lokr_* only with type
+               lokr (a run from before they existed keeps its identity)
   train.*      every key but those in TRAIN_EXCLUDED
   save.format, save.dtype   (the saved LoRA files differ)
 
@@ -33,7 +34,8 @@ from ..io.atomic import TEMPORARY
 from .folder import LIBRARY_TEMPORARY, LOCK_FILE, RunFolder
 
 IDENTITY_KEY = "identity"
-MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "vae_path", "dtype", "quantize")
+MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "text_encoder_path", "vae_path",
+              "dtype", "quantize")
 DATASET_EXCLUDED = ("folder", "cache")
 TRAIN_EXCLUDED = ("resume", "steps", "gradient_checkpointing")
 STEP_DEPENDENT_SCHEDULES = ("linear", "cosine")
@@ -42,6 +44,18 @@ SAVE_KEYS = ("format", "dtype")
 
 def _flat(prefix, section):
     return {f"{prefix}.{key}": value for key, value in sorted((section or {}).items())}
+
+
+def _trained_network(network):
+    """The network section less the adapter-type keys that do not change this adapter."""
+    network = dict(network or {})
+    kind, dora = network.pop("type", "lora"), network.pop("dora", False)
+    lokr = {key: network.pop(key) for key in ("lokr_factor", "lokr_full_rank") if key in network}
+    if kind != "lora":
+        network["type"] = kind
+    if dora:
+        network["dora"] = True
+    return {**network, **(lokr if kind == "lokr" else {})}
 
 
 def run_identity(config):
@@ -54,7 +68,7 @@ def run_identity(config):
     excluded = DATASET_EXCLUDED if fingerprint else ("cache",)
     identity.update(_flat("dataset", {k: v for k, v in dataset.items() if k not in excluded}))
     identity["dataset.fingerprint"] = fingerprint
-    identity.update(_flat("network", config.get("network")))
+    identity.update(_flat("network", _trained_network(config.get("network"))))
     kept = {k: v for k, v in train.items() if k not in TRAIN_EXCLUDED}
     if train.get("lr_scheduler") in STEP_DEPENDENT_SCHEDULES:
         kept["steps"] = train.get("steps")

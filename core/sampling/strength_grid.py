@@ -2,6 +2,7 @@
 strengths, 0 is the base model. Every cell starts from the same seed, so cells compare like for
 like."""
 from ..lora import add_lora, add_text_encoder_lora, load_lora_weights, text_encoder_names
+from ..config.strengths import check_strengths
 from .generate import encoded_now, grid_of, prompts_with_trigger, sample_images
 
 
@@ -15,6 +16,7 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
     width, height. The pipeline is left as it was found: no LoRA on it, text encoders freed
     (loaded again for the next prompts) unless a text-encoder LoRA needed them.
     """
+    check_strengths(strengths)
     prompts = prompts_with_trigger(prompts, trigger_word)
     weights = lora["weights"] if lora else {}
     family.remove_lora(pipeline)  # nothing else may add to the strengths asked for
@@ -23,7 +25,7 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
     if names:  # a text-encoder LoRA: the prompts' embeddings depend on the strength, so each encodes
         text_encoders = {name: family.text_encoders(pipeline)[name] for name in names}
         add_text_encoder_lora(text_encoders, lora["network"]["linear"], lora["network"]["linear_alpha"],
-                              family.text_encoder_lora_targets(lora["network"]))
+                              family.text_encoder_lora_targets(lora["network"]), lora["network"])
         embeds = lambda: encoded_now(family, pipeline, prompts, device)
     else:
         text_encoders, encoded = {}, encoded_now(family, pipeline, prompts, device)  # once for all
@@ -35,7 +37,7 @@ def strength_grid(family, pipeline, prompts, strengths, sample_config, device, l
         strengths = [0.0]
     else:
         network = lora["network"]
-        add_lora(model, network["linear"], network["linear_alpha"], family.lora_targets(network))
+        add_lora(model, network["linear"], network["linear_alpha"], family.lora_targets(network), network)
         load_lora_weights(model, weights, text_encoders)
     model.eval()
     try:

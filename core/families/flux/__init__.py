@@ -4,7 +4,7 @@ import os
 import numpy
 import torch
 
-from ...lora.files import prefixed
+from ...lora.files import module_tensors, only_lora_pairs, prefixed
 from ..base import ModelFamily
 from ..loss import weighted_mse
 from ..preservation import predict_preserving
@@ -118,7 +118,9 @@ class Flux(ModelFamily):
 
     def lora_to_diffusers(self, weights):
         """diffusers' own names: `transformer.` + peft's (ComfyUI maps them for FLUX)."""
-        return prefixed(weights, DIFFUSERS_PREFIX)
+        if only_lora_pairs(weights):
+            return prefixed(weights, DIFFUSERS_PREFIX)
+        return module_tensors(weights, lambda module: DIFFUSERS_PREFIX + module, lycoris_names=False)
 
     def lora_to_kohya(self, model):
         """A function mapping the transformer's LoRA weights to kohya names (lora_unet_double_...)."""

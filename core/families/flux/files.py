@@ -12,6 +12,8 @@ import struct
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .keys import stored_key
+
 # safetensors dtype names -> torch dtypes: tensors are read with plain file reads (below), so
 # their bytes are viewed as these
 DTYPES = {
@@ -155,9 +157,11 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
 
 def strip_prefix(names):
-    """The prefix ComfyUI or other exporters put before a transformer's BFL keys ('' if none)."""
+    """The prefix ComfyUI or other exporters put before a transformer's BFL or diffusers keys
+    ('' if none); ComfyUI's loader strips `model.diffusion_model.` or `model.` from either
+    (comfy/model_detection.py, unet_prefix_from_state_dict)."""
     for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "double_blocks.") for k in names):
+        if any(k.startswith((prefix + "double_blocks.", prefix + "transformer_blocks.")) for k in names):
             return prefix
     return ""
 
@@ -188,7 +192,7 @@ def _identify(tensors):
     names = set(tensors)
     prefix = strip_prefix(names)
     if prefix + "double_blocks.0.img_attn.qkv.weight" in names or \
-            "transformer_blocks.0.attn.add_q_proj.weight" in names:
+            prefix + "x_embedder.weight" in names and prefix + "transformer_blocks.0.attn.add_q_proj.weight" in names:
         return "flux_transformer"
     if any(k.startswith("conditioner.embedders.1.") for k in names) or \
             "model.diffusion_model.label_emb.0.0.weight" in names:
@@ -215,7 +219,7 @@ def describe(path):
     if kind == "flux_transformer":
         prefix = strip_prefix(tensors)
         variant = "dev" if any(k.startswith(prefix + "guidance_in.") or
-                               k.startswith("time_text_embed.guidance_embedder.") for k in tensors) \
+                               k.startswith(prefix + "time_text_embed.guidance_embedder.") for k in tensors) \
             else "schnell"
         return f"a FLUX.1 transformer ({variant})"
     if kind == "clip_l":
@@ -266,12 +270,14 @@ def transformer_config(tensors, metadata):
         num_layers = _count(names, re.escape(p) + r"double_blocks\.(\d+)\.")
         num_single = _count(names, re.escape(p) + r"single_blocks\.(\d+)\.")
         hidden, in_channels = shape(p + "img_in.weight")
-        head_dim = shape(p + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+        head_dim = shape(stored_key(p + "double_blocks.0.img_attn.norm.query_norm.scale", names))[0]
         joint = shape(p + "txt_in.weight")[1]
         pooled = shape(p + "vector_in.in_layer.weight")[1]
         guidance = p + "guidance_in.in_layer.weight" in names
         out_channels = shape(p + "final_layer.linear.weight")[0]
     else:
+        names = {k[len(prefix):] for k in names if k.startswith(prefix)}
+        shape = lambda name: tensors[prefix + name]["shape"]  # noqa: E731
         num_layers = _count(names, r"transformer_blocks\.(\d+)\.")
         num_single = _count(names, r"single_transformer_blocks\.(\d+)\.")
         hidden, in_channels = shape("x_embedder.weight")
@@ -282,8 +288,11 @@ def transformer_config(tensors, metadata):
         out_channels = shape("proj_out.weight")[0]
     axes = None
     if metadata and metadata.get(AXES_METADATA_KEY):
-        axes = tuple(int(a) for a in json.loads(metadata[AXES_METADATA_KEY]))
-        if sum(axes) != head_dim:
+        try:
+            axes = tuple(int(a) for a in json.loads(metadata[AXES_METADATA_KEY]))
+        except (ValueError, TypeError, RecursionError):  # damaged metadata: ignored, as a wrong sum is
+            axes = None
+        if axes and sum(axes) != head_dim:
             axes = None
     config = {
         "patch_size": 1,

@@ -4,6 +4,8 @@ single files and kohya LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`) use; BFL
 converters: those hard-code FLUX.1's width 3072, so they cannot convert the tiny test models."""
 import torch
 
+from ...lora.files import module_tensors, only_lora_pairs
+
 # BFL module (inside a block) <- the diffusers modules it fuses, in order.
 DOUBLE_BLOCK = {
     "img_mod.lin": ["norm1.linear"],
@@ -98,6 +100,9 @@ def lora_to_kohya(weights, num_double, num_single):
     """diffusers LoRA weights (peft names, no prefix, alpha already in lora_B) -> kohya names.
     Fused BFL modules get down = [A_q; A_k; A_v] and up = blockdiag(B_q, B_k, B_v), which is the
     exact sum of the separate LoRAs; alpha = the fused rank, so the scale stays 1."""
+    if not only_lora_pairs(weights):
+        # LoKr, LoHa, DoRA cannot fuse q, k, v: OneTrainer's unfused names, which ComfyUI maps
+        return module_tensors(weights, lambda module: "lora_transformer_" + module.replace(".", "_"))
     kohya = {}
     for bfl_name, parts in block_modules(num_double, num_single):
         present = [p for p in parts if f"{p}.lora_A.weight" in weights]
@@ -114,6 +119,15 @@ def lora_to_kohya(weights, num_double, num_single):
     return kohya
 
 
+def stored_key(key, names):
+    """The name a file keeps BFL's `key` under. ComfyUI loads (and so saves) the q/k norms'
+    `..._norm.scale` as `..._norm.weight` (comfy/supported_models.py, Flux.process_unet_state_dict);
+    its loader takes either, so ours does too."""
+    if key.endswith("_norm.scale") and key not in names:
+        return key[:-len("scale")] + "weight"
+    return key
+
+
 def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
     """BFL keys -> diffusers keys; fused weights are split by the shapes of the diffusers model
     (`reference_shapes`: name -> shape), so any FLUX-shaped model converts, not only 3072-wide."""
@@ -124,6 +138,7 @@ def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
             break
     diffusers = {}
     for bfl_key, diffusers_key, swap in _one_to_one(num_double, num_single):
+        bfl_key = stored_key(bfl_key, bfl)
         if bfl_key in bfl:
             diffusers[diffusers_key] = _swap_halves(bfl[bfl_key]) if swap else bfl[bfl_key]
     for bfl_name, parts in block_modules(num_double, num_single):

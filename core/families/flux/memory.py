@@ -32,6 +32,7 @@ import os
 import re
 
 from ...dtypes import bytes_per_value
+from ...lora.inject import adapter_parameters
 from ..base import MemoryModel
 
 # FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 19 double
@@ -45,7 +46,6 @@ BLOCK_SAVED = {"fp32": 69.6, "mixed": 45.0}   # all of a block's saved activatio
 WORKING = {"fp32": 42.0, "mixed": 47.0}       # backward's working memory, and the head and tail
 TEXT_TOKENS = {True: 512, False: 256}         # dev (guidance) / schnell T5 tokens
 VAE_PARAMETERS = 83_819_683      # FLUX.1 AutoencoderKL (ae.safetensors)
-T5_XXL_PARAMETERS = 4_762_310_656  # T5-XXL encoder: encodes captions once, then on the CPU
 # 1 byte (fp8) or less per weight is stored, computed in bf16: each block linear's weight is
 # dequantized to a bf16 copy per call (forward, and again in backward), freed after the call.
 COMPUTE_BYTES = 2
@@ -94,9 +94,10 @@ def image_tokens(resolution):
 
 def _shape_of(config, parameters):
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"],
-            "hidden": hidden, "mlp": int(hidden * config.get("mlp_ratio", 4.0)),
-            "parameters": parameters, "guidance": bool(config.get("guidance_embeds", True))}
+    shape = {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"],
+             "hidden": hidden, "mlp": int(hidden * config.get("mlp_ratio", 4.0)),
+             "parameters": parameters, "guidance": bool(config.get("guidance_embeds", True))}
+    return {**shape, "quantizable": block_linear_parameters(shape)}
 
 
 def model_shape(model_path=None, transformer_path=None):
@@ -112,7 +113,7 @@ def model_shape(model_path=None, transformer_path=None):
         return _shape_of(transformer_config(tensors, metadata), parameters), transformer_path
     config_path = os.path.join(model_path or "", "transformer", "config.json")
     if not model_path or not os.path.isfile(config_path):
-        return dict(FLUX_DEV), FluxMemory.default_source
+        return {**FLUX_DEV, "quantizable": block_linear_parameters(FLUX_DEV)}, FluxMemory.default_source
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     files = glob.glob(os.path.join(model_path, "transformer", "*.safetensors"))
@@ -130,16 +131,15 @@ class FluxMemory(MemoryModel):
         path = model.get("path")
         if path in BUILTIN_MODELS:
             path = resolve_model_path(path)
-        shape, source = model_shape(path, model.get("transformer_path"))
-        shape["quantizable"] = block_linear_parameters(shape)
-        return shape, source
+        return model_shape(path, model.get("transformer_path"))
 
     def lora_parameters(self, shape, network):
-        """A LoRA of rank r on a linear (in -> out) has r x (in + out) parameters (A and B)."""
-        per_block = {prefix: sum(inputs + outputs for inputs, outputs in linears)
+        """The adapter's parameters on each targeted linear (core.lora's adapter_parameters: a
+        LoRA of rank r on in -> out has r x (in + out); LoKr, LoHa, DoRA as peft builds them)."""
+        per_block = {prefix: sum(adapter_parameters(inputs, outputs, network) for inputs, outputs in linears)
                      for prefix, linears in lora_linears(shape).items()}
-        return network["linear"] * (shape["num_layers"] * per_block["transformer_blocks.0."]
-                                    + shape["num_single_layers"] * per_block["single_transformer_blocks.0."])
+        return (shape["num_layers"] * per_block["transformer_blocks.0."]
+                + shape["num_single_layers"] * per_block["single_transformer_blocks.0."])
 
     def activation_bytes(self, shape, resolution, batch_size, checkpointing, train_dtype="bf16",
                          model_dtype="bf16"):
@@ -160,10 +160,3 @@ class FluxMemory(MemoryModel):
 
     def resident_parameters(self, shape):
         return VAE_PARAMETERS  # the trainer keeps the VAE on the device for sample images
-
-    def text_encoder_note(self, dtype):
-        from ...dtypes import bytes_per_value as size
-
-        gib = T5_XXL_PARAMETERS * size(dtype) / 2**30
-        return (f"text encoders: T5-XXL ({gib:.2f} GiB) and CLIP-L are on the device only while the "
-                "captions are encoded, not during training.")

@@ -12,8 +12,8 @@ from torch import nn
 from ..base import ModelError
 from . import fp8 as fp8_ops
 from . import keys
-from .files import (DTYPES, FP8_NAMES, SafetensorsFile, clip_prefix, describe, identify, is_scale_key,
-                    strip_prefix, transformer_config)
+from .files import (DTYPES, FP8_NAMES, SafetensorsFile, clip_prefix, dequantize, describe, identify,
+                    is_scale_key, strip_prefix, transformer_config)
 
 # metadata our writers store for what shapes alone cannot tell
 CLIP_HEADS_KEY = "loralab.num_attention_heads"
@@ -113,7 +113,7 @@ def _fill(model, source, plan, dtype, setting, fp8_names=()):
             for (name, _), piece, piece_scale in zip(targets, pieces, scales):
                 model.get_submodule(name[:-len(".weight")]).set_weight(piece, piece_scale)
             continue
-        tensor = source.get(file_key, dtype) if raw.is_floating_point() else raw
+        tensor = _converted(source, file_key, raw, dtype)  # from the bytes read: never a second read
         del raw
         if swap:
             tensor = keys._swap_halves(tensor)
@@ -127,6 +127,16 @@ def _fill(model, source, plan, dtype, setting, fp8_names=()):
                 model.get_submodule(name[:-len(".weight")]).set_weight(piece)
             else:
                 _assign(model, name, piece)
+
+
+def _converted(source, file_key, raw, dtype):
+    """SafetensorsFile.get's value (fp8 dequantised with its scale, floats in `dtype`) of a tensor
+    already read as `raw`; a bf16 tensor loaded in bf16 keeps its buffer, so the largest tensor (a
+    7B text encoder's 1 GB embedding) is never in memory twice."""
+    if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale = source.scale_of(file_key)
+        return dequantize(raw, source.raw(scale) if scale else None, dtype or torch.float32)
+    return raw.to(dtype) if raw.is_floating_point() and dtype is not None else raw
 
 
 def _fp8_pieces(source, file_key, rows, block_bytes=16 << 20):
@@ -195,10 +205,10 @@ def _empty(factory):
         return factory()
 
 
-def _bfl_plan(prefix, config, shapes):
+def _bfl_plan(prefix, config, shapes, names):
     plan = []
     for bfl_key, diffusers_key, swap in keys._one_to_one(config["num_layers"], config["num_single_layers"]):
-        plan.append((prefix + bfl_key, [(diffusers_key, None)], swap))
+        plan.append((keys.stored_key(prefix + bfl_key, names), [(diffusers_key, None)], swap))
     for bfl_name, parts in keys.block_modules(config["num_layers"], config["num_single_layers"]):
         for suffix in ("weight", "bias"):
             targets = [(f"{p}.{suffix}", shapes[f"{p}.{suffix}"][0]) for p in parts
@@ -225,9 +235,9 @@ def load_transformer(paths, dtype, quantize="none", setting="model.transformer_p
     for header in headers:
         with header as source:
             if keys.is_bfl(tensors):
-                plan = _bfl_plan(prefix, config, shapes)
-            else:
-                plan = _identity_plan(source, model)
+                plan = _bfl_plan(prefix, config, shapes, tensors)
+            else:  # diffusers keys, behind a prefix where ComfyUI saved them
+                plan = _identity_plan(source, model, lambda k: k[len(prefix):] if k.startswith(prefix) else k)
             _fill(model, source, plan, dtype, setting, fp8_names)
     _check_complete(model, setting, paths[0])
     if quantize in ("nf4", "int8"):

@@ -191,11 +191,11 @@ def write_comfyui_files(folder):
     """The folder's tiny model as ComfyUI's single files, beside it in FOLDER/comfyui/: paths
     {"transformer", "transformer_fp8", "clip_l", "t5", "vae"}. The text encoders' embeddings are
     grown to the real CLIP/T5 vocabularies (ComfyUI's tokenizers), the tiny ids keeping theirs."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from . import files, fp8, single_files
+    from . import files, single_files
     from .keys import transformer_to_bfl
 
     out = os.path.join(folder, "comfyui")
@@ -214,17 +214,7 @@ def write_comfyui_files(folder):
     bfl = {k: v.to(torch.bfloat16).contiguous() for k, v in bfl.items()}
     meta = {files.AXES_METADATA_KEY: json.dumps(list(config.axes_dims_rope))}
     save_file(bfl, paths["transformer"], metadata=meta)
-    # scaled fp8 as ComfyUI writes it: block linear weights in float8_e4m3fn, each with a float32
-    # `<layer>.scale_weight`, and the `scaled_fp8` marker
-    scaled = {files.SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
-    for key, value in bfl.items():
-        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and value.dim() == 2:
-            weight, scale = fp8.to_fp8(value)
-            scaled[key] = weight
-            scaled[key[:-len(".weight")] + ".scale_weight"] = scale.reshape(())
-        else:
-            scaled[key] = value
-    save_file(scaled, paths["transformer_fp8"], metadata=meta)
+    save_file(scaled_fp8(bfl, ("double_blocks.", "single_blocks.")), paths["transformer_fp8"], metadata=meta)
 
     clip = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
     weights = {("text_model." + k if not k.startswith("text_model.") else k): v.contiguous()
@@ -240,12 +230,39 @@ def write_comfyui_files(folder):
     weights["shared.weight"] = _padded_rows(weights["shared.weight"], T5_VOCAB, 2)
     save_file(weights, paths["t5"])
 
-    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"))
+    write_bfl_vae(os.path.join(folder, "vae"), paths["vae"])
+    return paths
+
+
+def write_bfl_vae(vae_folder, path):
+    """A diffusers AutoencoderKL folder as BFL's ae.safetensors (ComfyUI's models/vae)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from . import single_files
+
+    vae = AutoencoderKL.from_pretrained(vae_folder)
     state = vae.state_dict()
     mapping = vae_to_bfl({k: v.shape for k, v in state.items()}, len(vae.config.block_out_channels))
-    save_file({b: state[d].reshape(shape).contiguous() for b, (d, shape) in mapping.items()}, paths["vae"],
+    save_file({b: state[d].reshape(shape).contiguous() for b, (d, shape) in mapping.items()}, path,
               metadata={single_files.VAE_GROUPS_KEY: str(vae.config.norm_num_groups)})
-    return paths
+    return path
+
+
+def scaled_fp8(weights, block_prefixes):
+    """Weights as ComfyUI writes "scaled fp8": the block linear weights (keys starting with one of
+    `block_prefixes`) in float8_e4m3fn, each with a float32 `<layer>.scale_weight`, and the
+    `scaled_fp8` marker."""
+    from . import files, fp8
+
+    scaled = {files.SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
+    for key, value in weights.items():
+        if key.startswith(block_prefixes) and key.endswith(".weight") and value.dim() == 2:
+            scaled[key], scale = fp8.to_fp8(value)
+            scaled[key[:-len(".weight")] + ".scale_weight"] = scale.reshape(())
+        else:
+            scaled[key] = value
+    return scaled
 
 
 def _random(shape, name):

@@ -1,5 +1,6 @@
 """Stable Diffusion 1.5: a UNet family (core/families/unet) with one CLIP text encoder and clip skip."""
-from ..unet.family import UNetFamily, UNetMemory, tokens
+from ..base import RuleOfThumb
+from ..unet.family import UNetFamily, tokens
 
 
 class SD15(UNetFamily):
@@ -9,7 +10,7 @@ class SD15(UNetFamily):
     KOHYA_METADATA = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}
     config_defaults = {"dataset.resolution": [512], "sample.guidance_scale": 7.0, "sample.sample_steps": 25,
                        "sample.width": 512, "sample.height": 512}
-    memory = UNetMemory(checkpointing_below_gb=12)
+    memory = RuleOfThumb(checkpointing_below_gb=12)  # kohya, OneTrainer presets
 
     def encode_batch(self, pipeline, captions, device):
         """(embeddings [B, 77, 768], empty pooled [B, 0]) on `device`, with gradients (a

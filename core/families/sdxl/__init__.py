@@ -2,7 +2,8 @@
 conditioning."""
 import torch
 
-from ..unet.family import UNetFamily, UNetMemory, tokens
+from ..base import RuleOfThumb
+from ..unet.family import UNetFamily, tokens
 
 
 class SDXL(UNetFamily):
@@ -11,7 +12,7 @@ class SDXL(UNetFamily):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     KOHYA_METADATA = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
     config_defaults = {"dataset.resolution": [1024], "sample.guidance_scale": 6.0, "sample.sample_steps": 25}
-    memory = UNetMemory(checkpointing_below_gb=40)
+    memory = RuleOfThumb(checkpointing_below_gb=40)  # kohya, OneTrainer presets
     text_encoder_names = ("text_encoder", "text_encoder_2")
     size_conditioning = True
 

@@ -9,7 +9,7 @@ import numpy
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from ..base import MemoryModel, ModelFamily
+from ..base import ModelFamily
 from ..loss import weighted_mse
 from ..preservation import predict_preserving
 from . import noise
@@ -28,16 +28,6 @@ def _in_transformer_blocks(parts):
 
 # The text-encoder LoRA: CLIP's attention and MLP linears in every layer, as kohya's (lora_te_)
 TEXT_ENCODER_TARGETS = r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
-
-
-class UNetMemory(MemoryModel):
-    """No measured estimate for the UNets yet: they are never quantized, and "auto" turns
-    gradient checkpointing on below a GPU size, a rule of thumb from common practice (kohya,
-    OneTrainer presets)."""
-    estimated = False
-
-    def __init__(self, checkpointing_below_gb):
-        self.checkpointing_below_gb = checkpointing_below_gb
 
 
 class UNetFamily(ModelFamily):

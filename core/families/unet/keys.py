@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from ...lora.files import module_tensors, only_lora_pairs
+
 # the parts of a single-file checkpoint (ComfyUI's models/checkpoints)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -191,6 +193,8 @@ def lora_to_kohya(weights, family, unet_config=None):
     table = None
     if family == "sdxl":
         table = unet_module_map(unet_config or real_unet_config("sdxl"))
+    if not only_lora_pairs(weights):  # LoKr, LoHa, DoRA
+        return module_tensors(weights, lambda module: _kohya_name(module, family, table))
     kohya = {}
     for key, down in weights.items():
         if not key.endswith(".lora_A.weight"):
@@ -239,6 +243,8 @@ def lora_to_diffusers(weights):
     `unet.<block>.processor.to_q_lora.down.weight`, other modules (feed-forward, LoCon convs) as
     `unet.<module>.lora.down.weight`. Text-encoder weights keep their peft names and prefix."""
     named = {}
+    if not only_lora_pairs(weights):
+        raise ValueError("a LoKr, LoHa or DoRA file on SD1.5/SDXL has kohya names: set save.format to kohya")
     for key, value in weights.items():
         attention, other = _ATTENTION_LORA.fullmatch(key), _OTHER_LORA.fullmatch(key)
         if key.startswith(("text_encoder.", "text_encoder_2.")):

@@ -1,5 +1,5 @@
 """Did the demo concept get learned, and did it bleed? Measured in generated pixels when a run
-trains on the built-in demo dataset (the magenta star "sks", core/dataset/demo.py): the base
+trains on the built-in demo dataset (the magenta star "sks", dataset.py): the base
 model (strength 0) and the LoRA (strength 1) draw the same prompts from the same seeds, and
 
 - concept: the share of "sks" pictures showing a magenta five-pointed star (concept.py), and
@@ -8,27 +8,24 @@ model (strength 0) and the LoRA (strength 1) draw the same prompts from the same
   no magenta star ("red"), and of those whose patch also fills its bounding box as a circle does,
   not as a square, a triangle or a star ("red_circle"). The base model passes both 8 times in 8.
 
-Written to the run folder's demo_scores.json; the run summary prints it."""
+The demo dataset's finish step writes them to the run folder's demo_scores.json; the run summary
+prints it."""
 import json
 import os
 
-from ..dataset.demo import BLEED_SCENE
 from ..families.flux.shapes.scenes import caption
 from ..families.flux.shapes.score import scene_score
+from ..runs import write_json
 from ..sampling.strength_grid import strength_grid
 from .concept import blob_of
+from .dataset import BLEED_SCENE
 
-DEMO_DATASET = "builtin:demo"
 CONCEPT_PROMPTS = ("a photo of [trigger]", "[trigger] on a blue background")
 BLEED_PROMPT = caption(*BLEED_SCENE)  # "a red circle on a white background"
 # 8 seeds: 48 pictures (3 prompts x base and LoRA), the demo's measured verdict. Tests that run the
 # demo for its plumbing, not its verdict, draw fewer (tests/conftest.py sets LORALAB_DEMO_SEEDS).
 SEEDS = tuple(range(int(os.environ.get("LORALAB_DEMO_SEEDS") or 8)))
 FILE = "demo_scores.json"
-
-
-def is_demo(dataset_folder):
-    return dataset_folder == DEMO_DATASET
 
 
 def bleed_of(image):
@@ -63,6 +60,13 @@ def demo_scores(family, pipeline, lora, trigger_word, sample_config, device, see
     return {"base": scores_of(per_seed[0.0], len(CONCEPT_PROMPTS)),
             "lora": scores_of(per_seed[1.0], len(CONCEPT_PROMPTS)),
             "seeds": list(seeds), "prompts": prompts, "sample_steps": sample_config["sample_steps"]}
+
+
+def write_scores(run, family, pipeline, weights, config, device):
+    """The demo's verdict in pixels, for the run summary (the finish step builtin.py names)."""
+    lora = {"weights": weights, "network": config["network"]}
+    write_json(run.file(FILE), demo_scores(family, pipeline, lora, config["dataset"]["trigger_word"],
+                                           config["sample"], device))
 
 
 def summary_lines(run_folder):

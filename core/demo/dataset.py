@@ -62,7 +62,7 @@ def make_demo_dataset(folder, count=8, size=(128, 128), seed=0, caption_ext="txt
     return folder
 
 
-# The scene that must not change when the star is learned (core/coach/demo_score.py's bleed
+# The scene that must not change when the star is learned (score.py's bleed
 # test). It is left out of the regularization images, so the test measures what they teach about
 # shapes in general, not one memorised picture.
 BLEED_SCENE = ("red", "circle", "white")

@@ -1,0 +1,74 @@
+"""Load a Qwen-Image pipeline from local files only: a diffusers folder (Qwen/Qwen-Image,
+Qwen-Image-2512), ComfyUI's files replacing its parts, or ComfyUI's three files alone
+(files.py)."""
+from dataclasses import dataclass
+
+import torch
+
+from ...dtypes import torch_dtype as to_torch_dtype
+from ..base import ModelError
+from ..flux.model import check_model_folder, quiet_loading
+
+PARTS = ("transformer_path", "text_encoder_path", "vae_path")
+
+
+def load_pipeline(model, quantize="none", comfyui=None):
+    """The frozen QwenImagePipeline of a resolved `model` section, in model.dtype. quantize
+    "fp8" keeps the transformer's block linears in fp8 (as FLUX.1's)."""
+    from diffusers import QwenImagePipeline
+
+    from . import files
+
+    dtype = to_torch_dtype(model["dtype"])
+    if quantize in ("nf4", "int8"):
+        raise ModelError(f"model.quantize = {quantize!r}: Qwen-Image offers none or fp8; set "
+                         "model.quantize to \"fp8\", \"none\" or \"auto\".")
+    folder = check_model_folder(model["path"]) if model.get("path") else None
+    parts = {}
+    if model.get("text_encoder_path"):
+        parts["text_encoder"] = files.load_text_encoder(model["text_encoder_path"], dtype)
+    if model.get("vae_path"):
+        parts["vae"] = files.load_vae(model["vae_path"], dtype)
+    if model.get("transformer_path") or quantize == "fp8":
+        parts["transformer"] = files.load_transformer(model.get("transformer_path"), folder, dtype, quantize)
+    source = TextEncoderSource(folder, model.get("text_encoder_path"), dtype)
+    if folder is None:
+        pipeline = QwenImagePipeline(scheduler=files.scheduler(), tokenizer=files.tokenizer(
+            comfyui, [model.get(k) for k in PARTS]), **parts)
+    else:
+        try:
+            with quiet_loading():
+                pipeline = QwenImagePipeline.from_pretrained(folder, torch_dtype=dtype,
+                                                             local_files_only=True, **parts)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"model.path: could not load a Qwen-Image pipeline from {folder}: {error}") from error
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    pipeline.text_encoder_source = source
+    return pipeline
+
+
+@dataclass(frozen=True)
+class TextEncoderSource:
+    """Where the pipeline's Qwen2.5-VL came from, so it can be freed after encoding (about 16 GB
+    in bf16) and loaded again for the next prompts."""
+    folder: str
+    text_encoder_path: str
+    dtype: torch.dtype
+
+    def load(self):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from . import files
+
+        if self.text_encoder_path:
+            module = files.load_text_encoder(self.text_encoder_path, self.dtype)
+        else:
+            with quiet_loading():
+                module = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    self.folder, subfolder="text_encoder", torch_dtype=self.dtype, local_files_only=True)
+        module.requires_grad_(False)
+        module.eval()
+        return module
