@@ -181,6 +181,13 @@ SCHEMA = {
                                    "empty is off."},
             "preservation_weight": _number(1.0, 0.0, 100.0, "Weight of the preservation loss "
                                            "(train.preservation_class) beside the training loss."),
+            "ema": {"type": "boolean", "default": False, "description":
+                    "Keep an exponential moving average (EMA) of the LoRA weights; samples, "
+                    "checkpoints and the final LoRA use it. Smoother, less overfit results on long "
+                    "runs; on short runs it lags the training."},
+            "ema_decay": _number(0.999, 0.0, 0.99999, "How slowly the EMA (train.ema) follows the "
+                                 "training: each update keeps this share of it (after a warm-up). "
+                                 "0.999 averages about the last 1000 steps."),
             "resume": {"type": "boolean", "default": True,
                        "description": "Continue from the newest kept checkpoint of the run."},
         }),

@@ -19,6 +19,7 @@ from ..runs import choose_run_folder
 from ..runs.fingerprint import dataset_fingerprint
 from ..sampling import prompts_with_trigger
 from .checkpoints import load_resume_state, resume as fit_and_load
+from .ema import make_ema
 from .metrics import versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
@@ -165,6 +166,7 @@ class Trainable:
     to_kohya: object         # the family's kohya key map of this model
     compute_dtype: torch.dtype
     uses_guidance: bool
+    ema: object              # train.ema's AdapterEMA, or NoEMA (core/trainer/ema.py)
 
 
 def lora_and_optimizer(session, planned, folder, model):
@@ -198,22 +200,23 @@ def lora_and_optimizer(session, planned, folder, model):
     # this transformer) need the model's own forward, or float32 latents meet a bf16 VAE.
     unwrapped = accelerator.unwrap_model(trainable, keep_fp32_wrapper=False)
     vars(unwrapped).pop("forward", None)  # unwrap rebinds the original; the class method is it
+    ema = make_ema(train_cfg, parameters + text.parameters)  # the trained weights' own order
     if folder.resume is not None:
-        resume(session, folder, accelerator.unwrap_model(trainable), text.encoders, optimizer, scheduler)
+        resume(session, folder, accelerator.unwrap_model(trainable), text.encoders, optimizer, scheduler, ema)
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(trainable))
     if accelerator.is_main_process:
         write_run_config(session, planned, folder, model.sizes)
     return Trainable(trainable, parameters, text, optimizer, scheduler, to_kohya,
                      family.compute_dtype(pipeline),  # asked once: diffusers walks every module
-                     family.uses_guidance(pipeline))
+                     family.uses_guidance(pipeline), ema)
 
 
-def resume(session, folder, model, text_encoders, optimizer, scheduler):
+def resume(session, folder, model, text_encoders, optimizer, scheduler, ema):
     """Loads the newest complete checkpoint that fits this model and optimizer (checked first,
     core/trainer/checkpoints.py; a misfit is skipped by name for the one before it), and sets
     folder.resume to what was loaded (None: training starts at step 0)."""
     step, refused = fit_and_load(folder.run, folder.resume, model, text_encoders, optimizer,
-                                 scheduler, session.config["train"]["optimizer"])
+                                 scheduler, session.config["train"]["optimizer"], ema)
     for message in refused:
         session.warn(message)
     folder.resume = (step, None) if step else None
