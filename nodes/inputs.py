@@ -204,6 +204,8 @@ class LoRALabConfigureLoRA:
         "text_encoder_lr": setting("train.text_encoder_lr", step=0.000001, round=False),
         "preservation_class": setting("train.preservation_class"),
         "preservation_weight": setting("train.preservation_weight", step=0.05, round=False),
+        "ema": setting("train.ema"),
+        "ema_decay": setting("train.ema_decay", step=0.0001, round=False),
     }
 
     @classmethod
