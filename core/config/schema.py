@@ -118,6 +118,13 @@ SCHEMA = {
             "regularization_weight": _number(1.0, 0.0, 100.0, "Loss weight of the regularization "
                                              "images beside the training images (kohya's "
                                              "prior_loss_weight)."),
+            "mask_folder": {"type": "string", "default": "", "description":
+                            "Masked loss: a folder of grey masks, one per image with the image's "
+                            "name and size; white trains fully, black at dataset.mask_min. Empty is off."},
+            "alpha_mask": {"type": "boolean", "default": False, "description":
+                           "Masked loss from each image's own alpha channel (opaque trains fully)."},
+            "mask_min": _number(0.1, 0.0, 1.0, "Loss weight where the mask is black (OneTrainer's "
+                                "unmasked weight): 0 ignores those pixels, 1 turns masking off."),
         }, required=["folder"]),
         "network": _section({
             "linear": _int(RANK, 1, 1024, f"LoRA rank. Guide: {band(RANK_RECOMMENDED)} for most cases, "

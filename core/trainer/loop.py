@@ -130,6 +130,8 @@ def micro_batch(session, planned, model, trainable, entries, generator):
         others = set(planned.regularization)
         batch["loss_weight"] = torch.tensor([data_cfg["regularization_weight"] if e.image in others
                                              else 1.0 for e in entries])
+    if model.cache.masks:  # masked loss: each latent cell's weight (1 for regularization images)
+        batch["loss_mask"] = torch.stack([model.cache.mask(e.image, e.size) for e in entries])
     if model.class_word:  # preservation: the captions with the class word for the trigger
         batch.update(preservation_batch(texts, data_cfg["trigger_word"], model.class_word,
                                         text.encode, text.encode_base))

@@ -12,6 +12,7 @@ from ..memory import device_memory, resolve_memory_settings
 from ..coach.run_plan import plan_run
 from ..dataset import Cache, image_sizes, model_fingerprint
 from ..dataset.cache import file_digest
+from ..dataset.masks import check_masks, loss_mask, masking
 from ..families import get_family, load_model, model_files
 from ..families.preservation import class_caption
 from ..lora import add_lora, add_text_encoder_lora
@@ -72,6 +73,8 @@ def plan(session):
     """The run plan (before any model loads, so a bad folder fails fast), told as events."""
     planned = plan_run(session.config)
     session.config = planned.config
+    if masking(session.config["dataset"]):  # a missing or misfit mask is named before any model loads
+        check_masks(planned.scan.items, planned.training, session.config["dataset"])
     for name, reason in planned.scan.skipped:
         session.warn(f"skipped {name}: {reason}")
     for name, note in planned.scan.notes:
@@ -146,11 +149,15 @@ def model_and_caches(session, planned, folder, pipeline):
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{model_cfg['quantize']}")
     cache = Cache(os.path.join(folder.run.path, "cache") if data_cfg["cache"] == "disk" else None,
                   folder.digests)
+    trained = set(planned.training) if masking(data_cfg) else set()  # masked loss: their masks
+    make_mask = lambda index, size, shape: (loss_mask(items[index], size, shape, data_cfg)  # noqa: E731
+                                            if index in trained else None)
     rebuilt = cache.fill(items, sizes, captions,  # what is read back from a disk cache is checked
                          encode_image=lambda image: family.encode_image(pipeline, image, device),
                          encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
                          model_key=model_key,
-                         on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+                         on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}),
+                         make_mask=make_mask)
     for message in rebuilt:
         session.warn(message)
     return Model(pipeline, sizes, cache, sample_prompts, class_word)
