@@ -112,3 +112,19 @@ def test_ema_settings_are_the_runs_identity_only_when_on(resolved):
     assert "train.ema" not in off and "train.ema_decay" not in off  # runs from before train.ema resume
     on = run_identity(resolved(train={"ema": True, "ema_decay": 0.5}))
     assert on["train.ema"] is True and on["train.ema_decay"] == 0.5
+
+
+def test_a_skipped_nonfinite_step_leaves_the_ema_alone(make_config, tmp_path, monkeypatch):
+    from loralab.core.families.flux import FAMILY as flux
+    from test_nonfinite import nan_at
+
+    monkeypatch.setattr(flux, "training_loss", nan_at({3}, flux.training_loss))
+    config = _config(make_config, tmp_path, "nan", ema=True)
+    assert train(config).status == "finished"
+    run = RunFolder(config["save"]["output_dir"], "ema")
+    states = {step: load_checkpoint_state(run, step) for step in range(1, STEPS + 1)}
+    assert states[STEPS]["ema"]["optimization_step"] == STEPS - 1
+    applied = [states[step]["lora"] for step in (1, 2, 4, 5)]  # step 3's update was skipped
+    expected = _by_hand(applied)
+    assert all(torch.allclose(states[STEPS]["ema_lora"][k].double(), expected[k], rtol=1e-5, atol=1e-7)
+               for k in expected)
