@@ -26,6 +26,9 @@ class LoRALabLoadDataset:
         "regularization_folder": setting("dataset.regularization_folder"),
         "regularization_ratio": setting("dataset.regularization_ratio", step=0.05),
         "regularization_weight": setting("dataset.regularization_weight", step=0.05),
+        "mask_folder": setting("dataset.mask_folder"),
+        "alpha_mask": setting("dataset.alpha_mask"),
+        "mask_min": setting("dataset.mask_min", step=0.05),
     }
 
     @classmethod
