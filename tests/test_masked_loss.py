@@ -143,3 +143,13 @@ def test_a_missing_or_misfit_mask_is_named(make_config, demo_dataset, tmp_path):
         train(resolve(make_config(train={"steps": 1}, dataset={"alpha_mask": True})))
     assert "no alpha channel" in str(error.value)
     assert not os.path.exists(make_config()["save"]["output_dir"])  # named before a run folder
+
+
+def test_a_changed_mask_starts_a_new_run_folder(make_config, demo_dataset, tmp_path):
+    masks = half_masks(demo_dataset, str(tmp_path / "masks"))
+    raw = make_config(train={"steps": 2}, dataset={"mask_folder": masks})
+    first = train(resolve(raw))
+    assert train(resolve(raw)).status == "already finished"
+    half_masks(demo_dataset, masks, side="right")
+    again = train(resolve(raw))
+    assert again.status == "finished" and again.run_folder != first.run_folder

@@ -2,6 +2,7 @@
 image extension) or the image's own alpha (dataset.alpha_mask). White trains fully, black at
 dataset.mask_min. A mask is read the way its image is (upright, the same cover-and-centre-crop
 to the bucket) and averaged down to the latent's resolution, so it lies where its pixels do."""
+import hashlib
 import os
 
 import torch
@@ -44,6 +45,15 @@ def _mask_image(item, data_cfg):
         raise DatasetError(f"{where} is {mask.size[0]}x{mask.size[1]}, but its image {item.path} is "
                            f"{item.width}x{item.height}: a mask must have its image's size.")
     return mask.convert("L")
+
+
+def with_masks(fingerprint, items, indices, data_cfg, digest):
+    """The dataset `fingerprint` with the bytes of dataset.mask_folder's masks of items[indices]
+    (by `digest(path)`): a changed mask is a changed dataset. (An alpha mask is in its image's.)"""
+    if not data_cfg.get("mask_folder"):
+        return fingerprint
+    masks = [digest(mask_path(items[i].path, data_cfg["mask_folder"])) for i in indices]
+    return hashlib.sha256(":".join([fingerprint, *masks]).encode()).hexdigest()
 
 
 def check_masks(items, indices, data_cfg):

@@ -12,7 +12,7 @@ from ..memory import device_memory, resolve_memory_settings
 from ..coach.run_plan import plan_run
 from ..dataset import Cache, image_sizes, model_fingerprint
 from ..dataset.cache import file_digest
-from ..dataset.masks import check_masks, loss_mask, masking
+from ..dataset.masks import check_masks, loss_mask, masking, with_masks
 from ..families import get_family, load_model, model_files
 from ..families.preservation import class_caption
 from ..lora import add_lora, add_text_encoder_lora
@@ -105,6 +105,7 @@ def run_folder(session, planned, held):
     config, accelerator = session.config, session.accelerator
     digests = {index: file_digest(item.path) for index, item in enumerate(planned.scan.items)}
     fingerprint = dataset_fingerprint(planned.scan, digests)  # the cache keys reuse these digests
+    fingerprint = with_masks(fingerprint, planned.scan.items, planned.training, config["dataset"], file_digest)
     run, started_because = choose_run_folder(
         config["save"]["output_dir"], config["name"], {**config, "dataset_stats": {"fingerprint": fingerprint}},
         config["train"]["resume"])
