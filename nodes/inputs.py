@@ -26,6 +26,9 @@ class LoRALabLoadDataset:
         "regularization_folder": setting("dataset.regularization_folder"),
         "regularization_ratio": setting("dataset.regularization_ratio", step=0.05),
         "regularization_weight": setting("dataset.regularization_weight", step=0.05),
+        "mask_folder": setting("dataset.mask_folder"),
+        "alpha_mask": setting("dataset.alpha_mask"),
+        "mask_min": setting("dataset.mask_min", step=0.05),
     }
 
     @classmethod
@@ -208,6 +211,8 @@ class LoRALabConfigureLoRA:
         "dora": setting("network.dora"),
         "lokr_factor": setting("network.lokr_factor"),
         "lokr_full_rank": setting("network.lokr_full_rank"),
+        "ema": setting("train.ema"),
+        "ema_decay": setting("train.ema_decay", step=0.0001, round=False),
     }
 
     @classmethod

@@ -119,6 +119,13 @@ SCHEMA = {
             "regularization_weight": _number(1.0, 0.0, 100.0, "Loss weight of the regularization "
                                              "images beside the training images (kohya's "
                                              "prior_loss_weight)."),
+            "mask_folder": {"type": "string", "default": "", "description":
+                            "Masked loss: a folder of grey masks, one per image with the image's "
+                            "name and size; white trains fully, black at dataset.mask_min. Empty is off."},
+            "alpha_mask": {"type": "boolean", "default": False, "description":
+                           "Masked loss from each image's own alpha channel (opaque trains fully)."},
+            "mask_min": _number(0.1, 0.0, 1.0, "Loss weight where the mask is black (OneTrainer's "
+                                "unmasked weight): 0 ignores those pixels, 1 turns masking off."),
         }, required=["folder"]),
         "network": _section({
             "type": _choice(NETWORK_TYPES, "lora", "Adapter type, built with peft: lora; lokr (LyCORIS "
@@ -194,6 +201,13 @@ SCHEMA = {
                                    "empty is off."},
             "preservation_weight": _number(1.0, 0.0, 100.0, "Weight of the preservation loss "
                                            "(train.preservation_class) beside the training loss."),
+            "ema": {"type": "boolean", "default": False, "description":
+                    "Keep an exponential moving average (EMA) of the LoRA weights; samples, "
+                    "checkpoints and the final LoRA use it. Smoother, less overfit results on long "
+                    "runs; on short runs it lags the training."},
+            "ema_decay": _number(0.999, 0.0, 0.99999, "How slowly the EMA (train.ema) follows the "
+                                 "training: each update keeps this share of it (after a warm-up). "
+                                 "0.999 averages about the last 1000 steps."),
             "resume": {"type": "boolean", "default": True,
                        "description": "Continue from the newest kept checkpoint of the run."},
         }),

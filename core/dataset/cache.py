@@ -87,6 +87,7 @@ class Cache:
     def __init__(self, folder=None, digests=None):
         self.folder = folder  # None keeps everything in memory only
         self.latents, self.texts = {}, {}
+        self.masks = {}  # (image, size) -> loss weight [1, h, w] with dataset.mask_folder / alpha_mask
         # image index -> sha256 of its bytes; given when the caller has them (the run's
         # fingerprint), so no image is read twice for them
         self.digests = dict(digests or {})
@@ -120,9 +121,11 @@ class Cache:
                 torch.save(value, temporary)
         return value
 
-    def fill(self, items, sizes, captions, encode_image, encode_texts, model_key, on_progress=None):
+    def fill(self, items, sizes, captions, encode_image, encode_texts, model_key, on_progress=None,
+             make_mask=None):
         """Encode every (image, size) and caption that is not cached yet, or whose cache file is
-        refused; returns the notes that name the refused files."""
+        refused; returns the notes that name the refused files. `make_mask(image, size, latent's
+        h, w)` gives an entry's loss mask, or None (masks are cheap: kept in memory only)."""
         keys = {}
         for index, image_sizes in sizes.items():
             digest = self.digests.get(index) or file_digest(items[index].path)
@@ -135,6 +138,9 @@ class Cache:
                 self.latents[entry] = found[entry]
             else:
                 self.latents[entry] = self._store(key, encode_image(load_for_bucket(items[entry[0]].path, entry[1])))
+            mask = make_mask and make_mask(*entry, self.latents[entry].shape[-2:])
+            if mask is not None:
+                self.masks[entry] = mask
             if on_progress:
                 on_progress(done, len(keys))
         keys = {caption: _key(f"text:{model_key}:{caption}") for caption in dict.fromkeys(captions)}
@@ -150,6 +156,11 @@ class Cache:
 
     def latent(self, image, size):
         return self.latents[(image, size)]
+
+    def mask(self, image, size):
+        """The loss mask [1, h, w] of an entry; all ones for one without (a regularization image)."""
+        found = self.masks.get((image, size))
+        return found if found is not None else torch.ones(1, *self.latents[(image, size)].shape[-2:])
 
     def text(self, caption):
         return self.texts[caption]

@@ -132,6 +132,9 @@ def file_metadata(config, step, fmt, kohya_metadata):
             metadata["ss_network_module"] = "lycoris.kohya"
             metadata["ss_network_args"] = json.dumps({"algo": network["type"], **(
                 {"factor": str(network.get("lokr_factor", -1))} if network["type"] == "lokr" else {})})
+    train = config.get("train") or {}
+    if train.get("ema"):  # the weights are the EMA's, not the last step's
+        metadata["loralab_ema_decay"] = str(train["ema_decay"])
     if conv:  # kohya's LoCon settings, also at scale 1; the trained conv alpha is ours again
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv), "conv_alpha": str(conv)})
         metadata["loralab_conv_alpha"] = str(network.get("conv_alpha") or conv)

@@ -20,9 +20,11 @@ Left out, and why:
                  (train.lr_scheduler linear or cosine): there the learning rate of every step
                  depends on the total, so a changed total is a different training
   train.gradient_checkpointing   trades compute for memory; the same weights come out
+  train.ema, train.ema_decay     while train.ema is off (on, they change the saved weights)
   dataset.folder a moved or renamed dataset with the same images and captions is the same data
                  (the fingerprint decides; without one the folder counts)
   dataset.cache  where latents are kept, not what they are
+  dataset.mask_folder, alpha_mask, mask_min   while no mask is used
   save.*         but format and dtype: save_every, max_step_saves_to_keep, output_dir
   sample.*, logging.*, name, versions: what is looked at or logged, not what is trained
 """
@@ -38,6 +40,8 @@ MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "t
               "dtype", "quantize")
 DATASET_EXCLUDED = ("folder", "cache")
 TRAIN_EXCLUDED = ("resume", "steps", "gradient_checkpointing")
+EMA_KEYS = ("ema", "ema_decay")
+MASK_KEYS = ("mask_folder", "alpha_mask", "mask_min")
 STEP_DEPENDENT_SCHEDULES = ("linear", "cosine")
 SAVE_KEYS = ("format", "dtype")
 
@@ -66,10 +70,14 @@ def run_identity(config):
     identity = {f"model.{key}": model.get(key) for key in MODEL_KEYS}
     fingerprint = (config.get("dataset_stats") or {}).get("fingerprint")
     excluded = DATASET_EXCLUDED if fingerprint else ("cache",)
+    if not (dataset.get("mask_folder") or dataset.get("alpha_mask")):  # off: as before masks existed
+        excluded = excluded + MASK_KEYS
     identity.update(_flat("dataset", {k: v for k, v in dataset.items() if k not in excluded}))
     identity["dataset.fingerprint"] = fingerprint
     identity.update(_flat("network", _trained_network(config.get("network"))))
     kept = {k: v for k, v in train.items() if k not in TRAIN_EXCLUDED}
+    if not train.get("ema"):  # off, ema_decay changes nothing: the same run as before train.ema existed
+        kept = {k: v for k, v in kept.items() if k not in EMA_KEYS}
     if train.get("lr_scheduler") in STEP_DEPENDENT_SCHEDULES:
         kept["steps"] = train.get("steps")
     identity.update(_flat("train", kept))

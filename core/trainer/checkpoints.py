@@ -2,7 +2,7 @@
 
 The resume state is two files, never a pickle (a run folder is user-writable; unpickling runs
 whatever code a planted file holds): <name>_<step>.state.safetensors holds the tensors (the
-float32 LoRA weights, the optimizer's state tensors) and <name>_<step>.state.json the rest (step,
+float32 LoRA weights, the optimizer's state tensors, with train.ema the EMA's) and <name>_<step>.state.json the rest (step,
 scheduler state, the optimizer's param groups and plain values) with each tensor as a reference
 into the first. A token in both ties the pair together. They are written first and the LoRA file
 last, each atomically, so a checkpoint whose LoRA file exists is complete. No RNG state is kept:
@@ -22,6 +22,8 @@ from ..io import atomic_path
 from ..lora import file_metadata, file_tensors, load_lora_weights, lora_weights, save_lora_file
 
 STATE_FORMAT = "loralab-resume-state/1"
+REQUIRED = ("lora", "optimizer", "scheduler")
+STATE_KEYS = REQUIRED + ("ema", "ema_lora")   # the EMA's with train.ema
 LARGEST_INTEGER = 2 ** 53  # a step or count beyond this is no training's: float math overflows on it
 
 
@@ -113,10 +115,12 @@ def _join(value, tensors):
 
 # -- save and load ---------------------------------------------------------------------------------
 
-def save_checkpoint(run, step, weights, optimizer, scheduler, config, to_kohya=None):
+def save_checkpoint(run, step, weights, optimizer, scheduler, config, to_kohya=None, ema=None):
     """Writes the resume state (tensors, then JSON) and then the LoRA file; returns its path.
-    Weights that are not finite are refused before any file is written (NonFiniteWeights)."""
-    lora_file = _lora_file(run.checkpoint(step), weights, config, step, to_kohya)  # checked first
+    Weights that are not finite are refused before any file is written (NonFiniteWeights).
+    `ema` (train.ema): (the EMA's state_dict, its weights by name), the LoRA file's weights."""
+    file_weights = ema[1] if ema else weights
+    lora_file = _lora_file(run.checkpoint(step), file_weights, config, step, to_kohya)  # checked first
     tensors = {}
     data = {
         "format": STATE_FORMAT,
@@ -127,6 +131,9 @@ def save_checkpoint(run, step, weights, optimizer, scheduler, config, to_kohya=N
         "optimizer": _split(optimizer.state_dict(), tensors, "optimizer"),
         "scheduler": _split(scheduler.state_dict(), tensors, "scheduler"),
     }
+    if ema:  # the average's own state to resume it, and its weights by name (the file's, in float32)
+        data["ema"] = _split(ema[0], tensors, "ema")
+        data["ema_lora"] = _split(dict(ema[1]), tensors, "ema_lora")
     with atomic_path(run.checkpoint_state(step)) as temporary:
         save_file(tensors, temporary, metadata={"format": STATE_FORMAT, "token": data["token"]})
     with atomic_path(run.checkpoint_state_json(step)) as temporary:
@@ -170,7 +177,7 @@ def _first_nonfinite(value, where):
 
 
 def load_checkpoint_state(run, step):
-    """{"step", "lora", "optimizer", "scheduler"} of the step checkpoint `step`, tensors on the
+    """{"step", "lora", "optimizer", "scheduler"} (and with train.ema "ema", "ema_lora") of the step checkpoint `step`, tensors on the
     CPU. Raises StateError naming the files when they are missing, torn, mismatched, not ours or
     hold a value that is not finite. Never unpickles anything. Whether the state fits the model
     and optimizer is resume()'s check."""
@@ -189,7 +196,7 @@ def load_checkpoint_state(run, step):
             if metadata.get("token") != data.get("token"):
                 raise ValueError("its two files come from different saves")
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        state = {key: _join(data[key], tensors) for key in ("lora", "optimizer", "scheduler")}
+        state = {key: _join(data[key], tensors) for key in STATE_KEYS if key in data or key in REQUIRED}
         if data.get("step") != step:
             raise ValueError(f"it says step {data.get('step')!r}")
         if not isinstance(state["lora"], dict) or not state["lora"]:
@@ -321,6 +328,15 @@ def _reference_optimizer_state(optimizer, optimizer_name):
     return probe.state_dict()["state"]
 
 
+def _fitted_ema(state, ema):
+    """The EMA part of `state` checked against this run's `ema` (None when train.ema is off)."""
+    if not ema.on:
+        return None
+    if "ema" not in state:
+        raise StateError("it holds no EMA of the LoRA weights (train.ema)")
+    return _checked(state["ema"], ema.state_dict(), "ema", exact=True)
+
+
 def _fitted(state, weights, optimizer, scheduler, optimizer_name):
     """The optimizer and scheduler parts of `state`, checked against this run's (see _checked);
     raises StateError or NetworkMismatch when the state does not fit."""
@@ -343,7 +359,7 @@ def _fitted(state, weights, optimizer, scheduler, optimizer_name):
             _checked(state["scheduler"], scheduler.state_dict(), "scheduler"))
 
 
-def resume(run, found, model, text_encoders, optimizer, scheduler, optimizer_name):
+def resume(run, found, model, text_encoders, optimizer, scheduler, optimizer_name, ema):
     """Puts load_resume_state's `found` (step, state) on the model (its LoRA), optimizer and
     schedule, once it is checked against them: every tensor's shape and dtype, every plain
     value's type. A state that does not fit is skipped by name for the one before it; when none
@@ -354,6 +370,7 @@ def resume(run, found, model, text_encoders, optimizer, scheduler, optimizer_nam
         step, state = found
         try:
             optimizer_state, scheduler_state = _fitted(state, weights, optimizer, scheduler, optimizer_name)
+            ema_state = _fitted_ema(state, ema)
         except NetworkMismatch as error:
             raise ResumeError(f"{run.checkpoint(step)} was trained with other network settings "
                               f"({error}). Give this run another name, or set train.resume to "
@@ -366,5 +383,6 @@ def resume(run, found, model, text_encoders, optimizer, scheduler, optimizer_nam
         load_lora_weights(model, state["lora"], text_encoders)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
+        ema.load_state_dict(ema_state)
         return step, warnings
     return 0, warnings

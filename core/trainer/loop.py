@@ -67,7 +67,8 @@ def _train(config, pipeline, on_event, should_stop, held):
                          planned.steps, config=session.config, warnings=session.notes,
                          memory=session.memory)
     if folder.start_step >= planned.steps and folder.run.has_final_lora():  # nothing loads or changes
-        result.status, result.weights = "already finished", folder.resume[1]["lora"]
+        state = folder.resume[1]  # with train.ema, the file's weights are the average's
+        result.status, result.weights = "already finished", state.get("ema_lora", state["lora"])
         session.emit({"type": "done", "status": result.status, "step": result.step, "path": result.lora_path})
         return result
     torch.manual_seed(session.config["train"]["seed"])
@@ -103,8 +104,9 @@ class Watch:
     def sample(self, step):
         session, model = self.session, self.trainable.model
         model.eval()
-        images = sample_images(session.family, self.model.pipeline, self.trainable.text.sample_embeds,
-                               [1.0], session.config["sample"], session.device)
+        with self.trainable.ema.applied():  # train.ema: the samples show the weights saved
+            images = sample_images(session.family, self.model.pipeline, self.trainable.text.sample_embeds,
+                                   [1.0], session.config["sample"], session.device)
         model.train()
         paths = save_samples(self.run.samples(step), images, self.model.sample_prompts)
         session.emit({"type": "sample", "step": step, "paths": paths, "image": images[1.0][0]})
@@ -130,6 +132,8 @@ def micro_batch(session, planned, model, trainable, entries, generator):
         others = set(planned.regularization)
         batch["loss_weight"] = torch.tensor([data_cfg["regularization_weight"] if e.image in others
                                              else 1.0 for e in entries])
+    if model.cache.masks:  # masked loss: each latent cell's weight (1 for regularization images)
+        batch["loss_mask"] = torch.stack([model.cache.mask(e.image, e.size) for e in entries])
     if model.class_word:  # preservation: the captions with the class word for the trigger
         batch.update(preservation_batch(texts, data_cfg["trigger_word"], model.class_word,
                                         text.encode, text.encode_base))
@@ -192,6 +196,7 @@ def step_loop(session, planned, run, model, trainable, watch, should_stop):
         skipped += nonfinite
         if not nonfinite:
             losses.append(step_loss)
+            trainable.ema.update()  # train.ema: follows each update the weights took
         emit({"type": "step", "step": step, "steps": steps, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()})
         if skipped_in_a_row >= train_cfg["max_nonfinite_steps"]:
             stop_for_nonfinite(watch, skipped_in_a_row, step)
@@ -211,8 +216,9 @@ def step_loop(session, planned, run, model, trainable, watch, should_stop):
             losses, window_start = [], time.perf_counter()
         stopping = agreed(accelerator, should_stop())  # a stop asked of any process stops all
         if accelerator.is_main_process and (step % save_cfg["save_every"] == 0 or step == steps or stopping):
-            weights = lora_weights(accelerator.unwrap_model(trainable.model), text.encoders)
-            path = save_checkpoint(run, step, weights, optimizer, scheduler, config, trainable.to_kohya)
+            read = lambda: lora_weights(accelerator.unwrap_model(trainable.model), text.encoders)  # noqa: E731
+            path = save_checkpoint(run, step, read(), optimizer, scheduler, config, trainable.to_kohya,
+                                   ema=trainable.ema.snapshot(read))  # train.ema: the file's weights
             emit({"type": "checkpoint", "step": step, "path": path,
                   "removed": run.rotate(save_cfg["max_step_saves_to_keep"])})
         if watch.sampling and step % sample_cfg["sample_every"] == 0 and step != steps:
@@ -239,7 +245,8 @@ def stop_for_nonfinite(watch, in_a_row, step):
 def finish(session, planned, run, model, trainable, watch):
     """The final LoRA, its last samples and the dataset's finish steps, then the run's verdict."""
     accelerator, config, result = session.accelerator, session.config, watch.result
-    result.weights = lora_weights(accelerator.unwrap_model(trainable.model), trainable.text.encoders)
+    with trainable.ema.applied():  # train.ema: the file holds the average
+        result.weights = lora_weights(accelerator.unwrap_model(trainable.model), trainable.text.encoders)
     if result.status == "finished" and accelerator.is_main_process:
         write_lora(run.final_lora, result.weights, config, result.step, trainable.to_kohya)
         if watch.sampling:

@@ -12,6 +12,7 @@ from ..memory import device_memory, resolve_memory_settings
 from ..coach.run_plan import plan_run
 from ..dataset import Cache, image_sizes, model_fingerprint
 from ..dataset.cache import file_digest
+from ..dataset.masks import check_masks, loss_mask, masking, with_masks
 from ..families import get_family, load_model, model_files
 from ..families.preservation import class_caption
 from ..lora import add_lora, add_text_encoder_lora
@@ -19,6 +20,7 @@ from ..runs import choose_run_folder
 from ..runs.fingerprint import dataset_fingerprint
 from ..sampling import prompts_with_trigger
 from .checkpoints import load_resume_state, resume as fit_and_load
+from .ema import make_ema
 from .metrics import versions
 from .optimizers import make_optimizer, make_scheduler
 from .precision import check_precision
@@ -71,6 +73,8 @@ def plan(session):
     """The run plan (before any model loads, so a bad folder fails fast), told as events."""
     planned = plan_run(session.config)
     session.config = planned.config
+    if masking(session.config["dataset"]):  # a missing or misfit mask is named before any model loads
+        check_masks(planned.scan.items, planned.training, session.config["dataset"])
     for name, reason in planned.scan.skipped:
         session.warn(f"skipped {name}: {reason}")
     for name, note in planned.scan.notes:
@@ -103,6 +107,7 @@ def run_folder(session, planned, held):
     config, accelerator = session.config, session.accelerator
     digests = {index: file_digest(item.path) for index, item in enumerate(planned.scan.items)}
     fingerprint = dataset_fingerprint(planned.scan, digests)  # the cache keys reuse these digests
+    fingerprint = with_masks(fingerprint, planned.scan.items, planned.training, config["dataset"], file_digest)
     run, started_because = choose_run_folder(
         config["save"]["output_dir"], config["name"], {**config, "dataset_stats": {"fingerprint": fingerprint}},
         config["train"]["resume"])
@@ -147,11 +152,15 @@ def model_and_caches(session, planned, folder, pipeline):
     model_key = model_fingerprint(model_files(model_cfg), f"{model_cfg['dtype']}:{model_cfg['quantize']}")
     cache = Cache(os.path.join(folder.run.path, "cache") if data_cfg["cache"] == "disk" else None,
                   folder.digests)
+    trained = set(planned.training) if masking(data_cfg) else set()  # masked loss: their masks
+    make_mask = lambda index, size, shape: (loss_mask(items[index], size, shape, data_cfg)  # noqa: E731
+                                            if index in trained else None)
     rebuilt = cache.fill(items, sizes, captions,  # what is read back from a disk cache is checked
                          encode_image=lambda image: family.encode_image(pipeline, image, device),
                          encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
                          model_key=model_key,
-                         on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}))
+                         on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}),
+                         make_mask=make_mask)
     for message in rebuilt:
         session.warn(message)
     return Model(pipeline, sizes, cache, sample_prompts, class_word)
@@ -167,6 +176,7 @@ class Trainable:
     to_kohya: object         # the family's kohya key map of this model
     compute_dtype: torch.dtype
     uses_guidance: bool
+    ema: object              # train.ema's AdapterEMA, or NoEMA (core/trainer/ema.py)
 
 
 def lora_and_optimizer(session, planned, folder, model):
@@ -200,22 +210,23 @@ def lora_and_optimizer(session, planned, folder, model):
     # this transformer) need the model's own forward, or float32 latents meet a bf16 VAE.
     unwrapped = accelerator.unwrap_model(trainable, keep_fp32_wrapper=False)
     vars(unwrapped).pop("forward", None)  # unwrap rebinds the original; the class method is it
+    ema = make_ema(train_cfg, parameters + text.parameters)  # the trained weights' own order
     if folder.resume is not None:
-        resume(session, folder, accelerator.unwrap_model(trainable), text.encoders, optimizer, scheduler)
+        resume(session, folder, accelerator.unwrap_model(trainable), text.encoders, optimizer, scheduler, ema)
     to_kohya = family.lora_to_kohya(accelerator.unwrap_model(trainable))
     if accelerator.is_main_process:
         write_run_config(session, planned, folder, model.sizes)
     return Trainable(trainable, parameters, text, optimizer, scheduler, to_kohya,
                      family.compute_dtype(pipeline),  # asked once: diffusers walks every module
-                     family.uses_guidance(pipeline))
+                     family.uses_guidance(pipeline), ema)
 
 
-def resume(session, folder, model, text_encoders, optimizer, scheduler):
+def resume(session, folder, model, text_encoders, optimizer, scheduler, ema):
     """Loads the newest complete checkpoint that fits this model and optimizer (checked first,
     core/trainer/checkpoints.py; a misfit is skipped by name for the one before it), and sets
     folder.resume to what was loaded (None: training starts at step 0)."""
     step, refused = fit_and_load(folder.run, folder.resume, model, text_encoders, optimizer,
-                                 scheduler, session.config["train"]["optimizer"])
+                                 scheduler, session.config["train"]["optimizer"], ema)
     for message in refused:
         session.warn(message)
     folder.resume = (step, None) if step else None

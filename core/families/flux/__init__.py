@@ -6,7 +6,7 @@ import torch
 
 from ...lora.files import module_tensors, only_lora_pairs, prefixed
 from ..base import ModelFamily
-from ..loss import weighted_mse
+from ..loss import loss_mask, weighted_mse
 from ..preservation import predict_preserving
 from . import flow, keys
 from .memory import FluxMemory
@@ -170,7 +170,8 @@ class Flux(ModelFamily):
         prediction, preservation = predict_preserving(
             model, velocity, flow.pack(noisy), {"sigmas": sigmas, "text": batch["text"], "pooled": batch["pooled"]},
             batch, train_config.get("preservation_weight", 0.0))
-        return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight")) + preservation
+        return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight"),
+                            mask=loss_mask(batch, target, flow.pack)) + preservation
 
     @staticmethod
     def predict(transformer, packed_noisy, sigmas, text, pooled, height, width, guidance):

@@ -9,7 +9,7 @@ import numpy
 import torch
 
 from ..flux import flow
-from ..loss import weighted_mse
+from ..loss import loss_mask, weighted_mse
 from ..base import ModelFamily
 from ..preservation import predict_preserving
 from .load import load_pipeline
@@ -183,7 +183,8 @@ class QwenImage(ModelFamily):
             model, velocity, flow.pack(noisy),
             {"sigmas": sigmas.to(latents.device), "text": batch["text"], "pooled": batch["pooled"]},
             batch, train_config.get("preservation_weight", 0.0))
-        return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight")) + preservation
+        return weighted_mse(prediction, flow.pack(target), batch.get("loss_weight"),
+                            mask=loss_mask(batch, target, flow.pack)) + preservation
 
     @torch.no_grad()
     def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,

@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from ..base import ModelFamily
-from ..loss import weighted_mse
+from ..loss import loss_mask, weighted_mse
 from ..preservation import predict_preserving
 from . import noise
 
@@ -195,7 +195,8 @@ class UNetFamily(ModelFamily):
         target = noise.target(clean, drawn, cumulative, timesteps, prediction_type)
         gamma = train_config.get("min_snr_gamma")
         weights = noise.min_snr_weights(noise.snr(cumulative, timesteps), gamma, prediction_type) if gamma else None
-        return weighted_mse(prediction, target, weights, batch.get("loss_weight")) + preservation
+        return weighted_mse(prediction, target, weights, batch.get("loss_weight"),
+                            mask=loss_mask(batch, target)) + preservation
 
     @torch.no_grad()
     def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,

@@ -13,7 +13,7 @@ import torch
 from ...lora.files import prefixed
 from ..base import ModelError, ModelFamily, RuleOfThumb
 from ..flux import flow  # Z-Image uses FLUX.1's ae and FLUX.1's flow-matching line
-from ..loss import weighted_mse
+from ..loss import loss_mask, weighted_mse
 from ..preservation import predict_preserving
 from .model import load_pipeline
 
@@ -180,7 +180,8 @@ class ZImage(ModelFamily):
         prediction, preservation = predict_preserving(
             model, predict, noisy, {"sigmas": sigmas, "text": batch["text"], "pooled": batch["pooled"]},
             batch, train_config.get("preservation_weight", 0.0))
-        return weighted_mse(prediction, target, batch.get("loss_weight")) + preservation
+        return weighted_mse(prediction, target, batch.get("loss_weight"),
+                            mask=loss_mask(batch, target)) + preservation
 
     @torch.no_grad()
     def generate(self, pipeline, prompt_embeds, seed, steps, guidance_scale, width, height, device,
