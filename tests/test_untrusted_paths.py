@@ -394,7 +394,8 @@ def test_comfyui_refuses_dataset_and_model_folders_outside_its_folders(server, s
     def refused(prompt):
         status, reply = post(server, prompt)
         assert status == 400 and SECRET not in json.dumps(reply), reply
-        details, = {error["details"] for error in reply["node_errors"][next(iter(reply["node_errors"]))]["errors"]}
+        errors, = reply["node_errors"].values()
+        details, = {error["details"].split(" - ", 1)[1] for error in errors["errors"]}  # "<input> - <why>"
         return details
 
     def prompt_of(name):
