@@ -161,6 +161,9 @@ def cmd_run(args):
     from .workflow_runner.interrupt import handle_ctrl_c, stop_requested
     from .nodes.events import listening
 
+    if args.input_dir:  # where the workflow's dataset folders resolve (LoadDataset's folder)
+        os.environ["LORALAB_INPUT"] = os.path.abspath(args.input_dir)
+        args.comfyui_args += f" --input-directory {shlex.quote(os.environ['LORALAB_INPUT'])}"
     registry = _registry(args)  # first: ComfyUI must see its options before LoRA Lab's nodes ask
     progress, summaries = Progress(), []
 
@@ -310,6 +313,10 @@ def build_parser():
                      help="ComfyUI's own options for that run, e.g. "
                           "\"--base-directory DIR --output-directory DIR\" (--cpu is added "
                           "when there is no CUDA device)")
+    run.add_argument("--input-dir", metavar="DIR",
+                     help="the input folder: a workflow's dataset folders are names inside it, as "
+                          "inside ComfyUI's input folder. Default: $LORALAB_INPUT, else ./input "
+                          "(with --comfyui: ComfyUI's)")
     run.set_defaults(handler=cmd_run)
     train = commands.add_parser("train", help="train a LoRA from one config file")
     train.add_argument("config")

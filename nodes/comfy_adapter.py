@@ -12,7 +12,7 @@ MODEL_FOLDERS = ("diffusers",)  # searched for diffusers folders (model_index.js
 # $LORALAB_MODELS or ./models.
 FILE_FOLDERS = {"diffusion_models": ("diffusion_models", "unet"),
                 "text_encoders": ("text_encoders", "clip"), "vae": ("vae",),
-                "checkpoints": ("checkpoints",)}
+                "checkpoints": ("checkpoints",), "diffusers": ("diffusers",)}
 NO_MODEL = "none"
 PREVIEW_SIZE = 512  # ComfyUI's --preview-size default, used when its args cannot be read
 
@@ -37,6 +37,15 @@ def output_directory():
     """Where run folders and grids go: ComfyUI's output folder, else ./output."""
     folder_paths = _comfy("folder_paths")
     return folder_paths.get_output_directory() if folder_paths else os.path.abspath("output")
+
+
+def input_directory():
+    """Where dataset folders go: ComfyUI's input folder, else $LORALAB_INPUT (`loralab run
+    --input-dir`) or ./input."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths:
+        return folder_paths.get_input_directory()
+    return os.path.abspath(os.environ.get("LORALAB_INPUT") or "input")
 
 
 def loras_directory():
@@ -92,7 +101,8 @@ def comfyui_folder():
 
 
 def file_folders(kind):
-    """The folders that hold single model files of a kind (diffusion_models, text_encoders, vae)."""
+    """The folders that hold models of a kind (diffusion_models, text_encoders, vae: single
+    files; diffusers: model folders)."""
     folder_paths = _comfy("folder_paths")
     if folder_paths:
         return folder_paths.get_folder_paths(kind)

@@ -12,9 +12,39 @@ from .values import BaseModel, DatasetSettings, TrainingSettings
 CATEGORY = "LoRA Lab"
 
 
+def named_folder(label, name, builtins, roots, missing):
+    """(the folder for the config, None) or (None, a one-line problem naming the input): a
+    built-in name as is, else a folder inside one of `roots` (ComfyUI's folders for it). An
+    absolute path, `..` or a link leading out gets the same refusal whether or not it exists."""
+    from ..core.io import UnsafePath, folder_inside
+
+    problem = path_problem(label, name)
+    if problem:
+        return None, problem
+    if name in builtins:
+        return name, None
+    try:
+        folder = folder_inside(roots, name, label)
+    except UnsafePath as error:
+        return None, str(error)
+    return (folder, None) if folder else (None, f"{label}: {missing(name)}")
+
+
+def dataset_folder(label, name):
+    """named_folder for LoadDataset's folders: built-in names, or ComfyUI's input folder (as its
+    own LoadImageDataSetFromFolder reads); headless $LORALAB_INPUT or ./input."""
+    root = comfy_adapter.input_directory()
+    return named_folder(label, name, BUILTIN_DATASETS, [root], lambda name: (
+        f"dataset folder {name!r} not found in the input folder {root}. Put the folder of images "
+        "with same-name caption files there and give its name (headless: loralab run "
+        "--input-dir DIR), or builtin:demo to try."))
+
+
 class LoRALabLoadDataset:
     SETTINGS = {
-        "folder": setting("dataset.folder"),
+        "folder": setting("dataset.folder", tooltip=(
+            f"{field('dataset.folder')['description']} By name, inside ComfyUI's input folder "
+            "(my_dataset for input/my_dataset), or builtin:demo.")),
         "caption_ext": setting("dataset.caption_ext"),
         "trigger_word": setting("dataset.trigger_word"),
         "repeats": setting("dataset.repeats"),
@@ -23,7 +53,9 @@ class LoRALabLoadDataset:
     }
     OPTIONAL_SETTINGS = {  # after the others, so saved UI workflows keep their order
         "validation_images": setting("dataset.validation_images"),
-        "regularization_folder": setting("dataset.regularization_folder"),
+        "regularization_folder": setting("dataset.regularization_folder", tooltip=(
+            f"{field('dataset.regularization_folder')['description']} A folder inside ComfyUI's "
+            "input folder; empty: none.")),
         "regularization_ratio": setting("dataset.regularization_ratio", step=0.05),
         "regularization_weight": setting("dataset.regularization_weight", step=0.05),
         "mask_folder": setting("dataset.mask_folder"),
@@ -45,26 +77,38 @@ class LoRALabLoadDataset:
     def IS_CHANGED(cls, folder, **_):
         """The folder's listing with sizes and times, so ComfyUI reruns (and TrainLoRA after it)
         when images or captions change under the same path."""
-        folder = os.path.expanduser(folder)
-        if not os.path.isdir(folder):
+        path, _problem = dataset_folder("folder", folder)
+        if path is None or not os.path.isdir(path):
             return folder
+        folder = path
         return [(entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
                 for entry in sorted(os.scandir(folder), key=lambda e: e.name) if entry.is_file()]
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder):
-        problem = path_problem("folder", folder)
-        if problem:
-            return problem
-        if folder in BUILTIN_DATASETS or os.path.isdir(os.path.expanduser(folder)):
-            return True
-        return (f"dataset folder not found: {folder!r}. Give the path of a folder of images "
-                "with same-name caption files (or builtin:demo to try).")
+    def folders(cls, folder, regularization_folder=""):
+        """{widget: folder} resolved inside the input folder; ValueError names the input."""
+        found = {"folder": dataset_folder("folder", folder)}
+        if regularization_folder != "":
+            found["regularization_folder"] = dataset_folder("regularization_folder", regularization_folder)
+        problems = [problem for _, problem in found.values() if problem]
+        if problems:
+            raise ValueError(problems[0])
+        return {widget: path for widget, (path, _) in found.items()}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder, regularization_folder=""):
+        """Dataset folders resolve only inside the input folder: checked before anything runs."""
+        try:
+            cls.folders(folder, regularization_folder)
+        except ValueError as error:
+            return str(error)
+        return True
 
     def load(self, **values):
         from ..core.coach.plan import plan_report
 
         section = checked(config_from({**self.SETTINGS, **self.OPTIONAL_SETTINGS}, values))["dataset"]
+        section.update(self.folders(section["folder"], section.get("regularization_folder", "")))
         # the run plan with what this node knows: held-out and regularization images included
         return DatasetSettings(section), plan_report(section["folder"], {"dataset": section}) + self.fit(section)
 
@@ -83,7 +127,9 @@ class LoRALabLoadDataset:
 class LoRALabLoadBaseModel:
     SETTINGS = {
         "family": setting("model.family"),
-        "path": setting("model.path"),
+        "path": setting("model.path", tooltip=(
+            f"{field('model.path')['description']} By name, inside ComfyUI's models/diffusers "
+            "(or builtin:tiny-flux).")),
         "dtype": setting("model.dtype"),
         "quantize": setting("model.quantize"),
     }
@@ -141,14 +187,22 @@ class LoRALabLoadBaseModel:
                         f"({', '.join(comfy_adapter.file_folders(kind))}). Put the file there "
                         "(headless: set LORALAB_MODELS to a ComfyUI models folder), or pick none.")
         path = (path or "").strip() if isinstance(path, str) or path is None else path
-        problem = path_problem("path", path)
-        if problem:
-            return problem
-        if not path or path in BUILTIN_MODELS or os.path.isdir(os.path.expanduser(path)):
+        if path == "":
             return True  # an empty path is checked when the node runs, with the files
-        return (f"model folder not found: {path!r}. Give the local diffusers folder of the base "
-                "model (the one holding model_index.json), or builtin:tiny-flux to try, or leave "
-                "it empty and pick a checkpoint (SDXL/SD1.5) or the four FLUX.1 files.")
+        _, problem = cls.model_folder(path)
+        return problem or True
+
+    @staticmethod
+    def model_folder(path):
+        """named_folder for `path`: a built-in name, or a folder inside ComfyUI's diffusers
+        folders (headless $LORALAB_MODELS/diffusers or ./models/diffusers)."""
+        roots = comfy_adapter.file_folders("diffusers")
+        return named_folder("path", path, BUILTIN_MODELS, roots, lambda name: (
+            f"model folder {name!r} not found in ComfyUI's diffusers folders ({', '.join(roots)}). "
+            "Put the base model's diffusers folder (the one holding model_index.json) there and "
+            "give its name (headless: set LORALAB_MODELS to a ComfyUI models folder), or "
+            "builtin:tiny-flux to try, or leave it empty and pick a checkpoint (SDXL/SD1.5) or "
+            "the four FLUX.1 files."))
 
     @classmethod
     def model_section(cls, family, path, comfyui_model=comfy_adapter.NO_MODEL, **files):
@@ -156,8 +210,9 @@ class LoRALabLoadBaseModel:
         problem = cls.VALIDATE_INPUTS(path, **files)
         if problem is not True:
             raise ValueError(problem)
-        section = {"family": family,
-                   "path": (path or "").strip() or comfy_adapter.model_choice_path(comfyui_model)}
+        path = (path or "").strip()
+        section = {"family": family, "path": cls.model_folder(path)[0] if path else
+                   comfy_adapter.model_choice_path(comfyui_model)}
         for widget, (kind, key) in {**cls.FILES, **cls.LATER_FILES}.items():
             section[key] = comfy_adapter.file_choice_path(kind, files.get(widget, comfy_adapter.NO_MODEL))
         return section  # what the family needs of it is checked by the config's rules

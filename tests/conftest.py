@@ -29,9 +29,14 @@ from loralab.core.families.flux.tiny import build_tiny_flux  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# Node inputs name folders inside ComfyUI's folders (headless: $LORALAB_INPUT, $LORALAB_MODELS):
+# the session's demo dataset and tiny model are built there, and the nodes get their names.
+INPUT, MODELS = "input", "models"
+
+
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
-    return build_tiny_flux(str(tmp_path_factory.mktemp("models") / "tiny-flux"))
+    return build_tiny_flux(str(tmp_path_factory.getbasetemp() / MODELS / "diffusers" / "tiny-flux"))
 
 
 # ComfyUI's source (read-only): its tokenizers are what single-file FLUX.1 models use.
@@ -126,13 +131,23 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("data") / "demo"), count=6)
+    return make_demo_dataset(str(tmp_path_factory.getbasetemp() / INPUT / "demo"), count=6)
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     # builtin:tiny-flux and builtin:demo are built into a test-session folder, never into ~/.cache
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path_factory.getbasetemp() / "loralab-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def node_folders(tmp_path_factory):
+    """Nodes called in this process find demo_dataset as "demo" and tiny_flux as "tiny-flux"
+    (session-wide, so module fixtures that call nodes see it too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORALAB_INPUT", str(tmp_path_factory.getbasetemp() / INPUT))
+        patch.setenv("LORALAB_MODELS", str(tmp_path_factory.getbasetemp() / MODELS))
+        yield
 
 
 FAST = {
@@ -183,7 +198,9 @@ def train_in_processes(raw, folder, port, processes=2):
 
 def run_cli(*args, timeout=300, **kwargs):
     """`loralab ...` as a real subprocess. Unless given an env, it runs without LORALAB_COMFYUI:
-    that names a ComfyUI for the integration tests, and would make `loralab run` run its nodes."""
+    that names a ComfyUI for the integration tests, and would make `loralab run` run its nodes;
+    nor the in-process tests' LORALAB_INPUT and LORALAB_MODELS (its input folder: ./input)."""
     command = [sys.executable, "-m", "loralab.cli", *args]
-    kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "LORALAB_COMFYUI"})
+    kwargs.setdefault("env", {k: v for k, v in os.environ.items()
+                              if k not in ("LORALAB_COMFYUI", "LORALAB_INPUT", "LORALAB_MODELS")})
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)

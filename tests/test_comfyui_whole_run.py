@@ -7,7 +7,10 @@ comfyui_env.py); ComfyUI gets a temporary --base-directory, so the user's models
 outputs are left alone."""
 import json
 import os
+import shutil
 import subprocess
+
+import pytest
 
 import loralab
 
@@ -17,7 +20,7 @@ from conftest import run_cli
 PACK = os.path.dirname(os.path.abspath(loralab.__file__))
 
 
-def run_whole(workflow, tmp_path):
+def run_whole(workflow, tmp_path, *options):
     """`loralab run --comfyui` with ComfyUI's Python; this checkout is importable as `loralab`
     through a link, so nothing needs installing into ComfyUI's environment."""
     folder, python = comfyui_or_skip()
@@ -28,13 +31,29 @@ def run_whole(workflow, tmp_path):
     path.write_text(json.dumps(workflow))
     base = tmp_path / "comfyui-base"
     command = [python, "-m", "loralab.cli", "run", str(path), "--comfyui", folder,
-               "--comfyui-args", f"--base-directory {base}"]
+               "--comfyui-args", f"--base-directory {base}", *options]
     env = {**os.environ, "PYTHONPATH": str(packages)}
     env.pop("LORALAB_COMFYUI", None)  # the flag alone must be enough
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path,
                           env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done, base
+
+
+def test_with_comfyui_the_input_dir_is_comfyuis_input_folder(tmp_path, demo_dataset):
+    """`loralab run --comfyui --input-dir DIR`: ComfyUI's input folder is DIR, and LoadDataset's
+    folder a name inside it, as in ComfyUI; /etc is refused there too."""
+    shutil.copytree(demo_dataset, tmp_path / "data" / "mine")
+    workflow = {"1": {"class_type": "LoRALabLoadDataset", "inputs": {
+                    "folder": "mine", "caption_ext": "txt", "trigger_word": "sks", "repeats": 1,
+                    "resolution": "64", "caption_dropout_rate": 0.0}},
+                "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    done, _ = run_whole(workflow, tmp_path, "--input-dir", str(tmp_path / "data"))
+    assert "images: 6 found" in done.stdout
+    workflow["1"]["inputs"]["folder"] = "/etc"
+    (tmp_path / "etc").mkdir()
+    with pytest.raises(AssertionError, match="folder: '/etc' is an absolute path"):
+        run_whole(workflow, tmp_path / "etc", "--input-dir", str(tmp_path / "data"))
 
 
 def test_a_comfyui_folder_that_is_not_one_is_named(tmp_path):

@@ -78,12 +78,13 @@ def test_the_folder_loads_under_another_name_as_comfyui_loads_custom_nodes():
             del sys.modules[name]
 
 
-def test_load_dataset_changes_when_the_folder_does(demo_dataset, tmp_path):
+def test_load_dataset_changes_when_the_folder_does(demo_dataset, tmp_path, monkeypatch):
     folder = tmp_path / "data"
     shutil.copytree(demo_dataset, folder)
-    before = NODES["LoRALabLoadDataset"].IS_CHANGED(folder=str(folder))
+    monkeypatch.setenv("LORALAB_INPUT", str(tmp_path))
+    before = NODES["LoRALabLoadDataset"].IS_CHANGED(folder="data")
     (folder / "image_000.txt").write_text("a new caption, longer than before")
-    assert NODES["LoRALabLoadDataset"].IS_CHANGED(folder=str(folder)) != before
+    assert NODES["LoRALabLoadDataset"].IS_CHANGED(folder="data") != before
 
 
 @pytest.mark.parametrize("class_type", sorted(NODES))
@@ -148,7 +149,7 @@ def test_widget_defaults_resolve_to_the_config_defaults():
 def test_bad_widget_values_name_the_config_key(demo_dataset):
     with pytest.raises(ConfigError, match="dataset.resolution"):
         call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                      "folder": demo_dataset, "resolution": "512,big"})
+                                      "folder": "demo", "resolution": "512,big"})
     with pytest.raises(ConfigError, match="train.lr"):
         call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"), "lr": 3.0})
 
@@ -162,15 +163,16 @@ def test_the_family_is_read_from_the_files_and_a_wrong_one_is_refused(tiny_flux)
     with pytest.raises(ConfigError, match="model.family = sdxl, but model.path .* is a flux model"):
         resolve({"model": {"family": "sdxl", "path": tiny_flux}, "dataset": {"folder": "x"}})
     with pytest.raises(ValueError, match="is a flux model"):  # a node called directly
-        call("LoRALabLoadBaseModel", family="sdxl", path=tiny_flux, dtype="fp32", quantize="none")
-    problem = NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="/nowhere/FLUX.1-dev")
-    assert "model folder not found" in problem and "/nowhere/FLUX.1-dev" in problem
+        call("LoRALabLoadBaseModel", family="sdxl", path="tiny-flux", dtype="fp32", quantize="none")
+    problem = NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="FLUX.1-dev")
+    assert "model folder 'FLUX.1-dev' not found in ComfyUI's diffusers folders" in problem
+    assert "is an absolute path" in NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="/nowhere/FLUX.1-dev")
     assert NODES["LoRALabLoadBaseModel"].VALIDATE_INPUTS(path="builtin:tiny-flux") is True
 
 
 def test_dataset_report_counts_images_and_gives_the_guides_steps(demo_dataset):
     dataset, report = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                                   "folder": demo_dataset, "repeats": 2})
+                                                   "folder": "demo", "repeats": 2})
     assert dataset.section["repeats"] == 2 and dataset.section["resolution"] == [512, 768, 1024]
     assert "images: 6 found" in report and "6 images x 2 repeats / batch 1 = 12" in report
     assert "at least 15-20" in report  # the guide's advice for a small dataset
@@ -198,10 +200,10 @@ def trained(tiny_flux, demo_dataset, tmp_path_factory):
     working folder (./output) stays a temporary one while the module runs."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path_factory.mktemp("nodes"))
-        base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
+        base, = call("LoRALabLoadBaseModel", family="flux", path="tiny-flux", dtype="fp32",
                      quantize="none")
         dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                                  "folder": demo_dataset, "trigger_word": "sks",
+                                                  "folder": "demo", "trigger_word": "sks",
                                                   "resolution": "64"})
         config, = call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"),
                                                  **FAST_SETTINGS})
@@ -315,7 +317,10 @@ def comfyui(tmp_path, monkeypatch):
             seen.patched.append((model, lora, sm, sc)) or ("patched", model), None)),
         "folder_paths": types.SimpleNamespace(
             get_output_directory=lambda: str(tmp_path / "comfy_output"),
-            get_folder_paths=lambda kind: [folder(kind)],
+            get_input_directory=lambda: os.environ["LORALAB_INPUT"],  # the session's input folder
+            # a second diffusers folder (extra_model_paths.yaml) holds the session's tiny-flux
+            get_folder_paths=lambda kind: [folder(kind)] + (
+                [os.path.join(os.environ["LORALAB_MODELS"], kind)] if kind == "diffusers" else []),
             get_filename_list=lambda kind: sorted(os.listdir(folder(kind)))),
     }
     for name, module in modules.items():
@@ -334,7 +339,7 @@ def comfyui(tmp_path, monkeypatch):
 
 def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tiny_flux, tmp_path):
     optional = NODES["LoRALabLoadBaseModel"].INPUT_TYPES()["optional"]
-    assert optional["comfyui_model"][0] == ["none", "diffusers/FLUX.1-dev"]
+    assert optional["comfyui_model"][0] == ["none", "diffusers/FLUX.1-dev", "diffusers/tiny-flux"]
     assert optional["diffusion_model"][0] == ["none", "flux1-dev.safetensors"]
     assert optional["clip_l"][0] == optional["t5"][0] == ["none", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
     assert optional["vae"][0] == ["none", "ae.safetensors"]
@@ -342,8 +347,8 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
     load = NODES["LoRALabLoadBaseModel"].model_section
     assert load("flux", "", "diffusers/FLUX.1-dev")["path"] == str(
         tmp_path / "models" / "diffusers" / "FLUX.1-dev")
-    assert load("flux", tiny_flux, "diffusers/FLUX.1-dev")["path"] == tiny_flux
-    single = load("flux", tiny_flux, diffusion_model="flux1-dev.safetensors")
+    assert load("flux", "tiny-flux", "diffusers/FLUX.1-dev")["path"] == tiny_flux
+    single = load("flux", "tiny-flux", diffusion_model="flux1-dev.safetensors")
     assert single["transformer_path"] == str(tmp_path / "models" / "diffusion_models" / "flux1-dev.safetensors")
     four = load("flux", "", diffusion_model="flux1-dev.safetensors", clip_l="clip_l.safetensors",
                 t5="t5xxl_fp16.safetensors", vae="ae.safetensors")
@@ -352,7 +357,7 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
         call("LoRALabLoadBaseModel", family="flux", path="", dtype="bf16", quantize="none",
              diffusion_model="flux1-dev.safetensors")
     with pytest.raises(ValueError, match="vae: 'nothing.safetensors' is not in ComfyUI's vae folders"):
-        load("flux", tiny_flux, vae="nothing.safetensors")
+        load("flux", "tiny-flux", vae="nothing.safetensors")
     # Qwen-Image's text encoder: its own widget, after the SD settings (saved workflows keep their order)
     assert list(optional)[-1] == "text_encoder" and optional["text_encoder"][0] == optional["t5"][0]
     qwen = load("qwen_image", "", diffusion_model="flux1-dev.safetensors", text_encoder="t5xxl_fp16.safetensors",
@@ -368,10 +373,10 @@ def test_inside_comfyui_the_pipeline_is_loaded_moved_and_trained_outside_inferen
     move = torch.nn.Module.to
     monkeypatch.setattr(torch.nn.Module, "to", lambda module, *args, **kwargs: (
         moves.append(torch.is_inference_mode_enabled()), move(module, *args, **kwargs))[1])
-    base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
+    base, = call("LoRALabLoadBaseModel", family="flux", path="tiny-flux", dtype="fp32",
                  quantize="none")
     dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                              "folder": demo_dataset, "resolution": "64"})
+                                              "folder": "demo", "resolution": "64"})
     config, = call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"),
                                              **FAST_SETTINGS, "steps": 2})
     call("LoRALabSampleGrid", base_model=base, prompts="a photo", strengths="0", seed=1,
@@ -385,10 +390,10 @@ def test_inside_comfyui_the_pipeline_is_loaded_moved_and_trained_outside_inferen
 
 def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(
         comfyui, tiny_flux, demo_dataset, tmp_path):
-    base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32",
+    base, = call("LoRALabLoadBaseModel", family="flux", path="tiny-flux", dtype="fp32",
                  quantize="none")
     dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                              "folder": demo_dataset, "resolution": "64"})
+                                              "folder": "demo", "resolution": "64"})
     config, = call("LoRALabConfigureLoRA", **{**widget_defaults("LoRALabConfigureLoRA"),
                                              **FAST_SETTINGS, "steps": 5, "sample_every": 2})
     inputs = dict(base_model=base, dataset=dataset, config=config, name="cancelled", resume=True)

@@ -24,10 +24,10 @@ UNSUPPORTED_ON_CPU = {("fp16", "bf16")}
 def test_every_precision_pair_samples_before_during_and_after_training(
         model_dtype, train_dtype, tiny_flux, demo_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype=model_dtype,
+    base, = call("LoRALabLoadBaseModel", family="flux", path="tiny-flux", dtype=model_dtype,
                  quantize="none")
     dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                              "folder": demo_dataset, "resolution": "64"})
+                                              "folder": "demo", "resolution": "64"})
     config, = call("LoRALabConfigureLoRA", **{
         **widget_defaults("LoRALabConfigureLoRA"), "steps": 2, "optimizer": "adamw",
         "train_dtype": train_dtype, "sample_every": 1, "sample_width": 64, "sample_height": 64,
@@ -86,11 +86,12 @@ def test_the_shipped_defaults_train_and_sample(tiny_flux, demo_dataset, tmp_path
 def test_a_node_failure_is_one_line_naming_the_node_and_what_to_change(
         demo_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "no-model").mkdir()  # a folder, but not a diffusers one
-    base, = call("LoRALabLoadBaseModel", family="flux", path=str(tmp_path / "no-model"),
+    monkeypatch.setenv("LORALAB_MODELS", str(tmp_path))
+    (tmp_path / "diffusers" / "no-model").mkdir(parents=True)  # a folder, but not a diffusers one
+    base, = call("LoRALabLoadBaseModel", family="flux", path="no-model",
                  dtype="bf16", quantize="none")
     dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                              "folder": demo_dataset, "resolution": "64"})
+                                              "folder": "demo", "resolution": "64"})
     config, = call("LoRALabConfigureLoRA", **widget_defaults("LoRALabConfigureLoRA"))
     with pytest.raises(NodeError) as error:
         call("LoRALabTrainLoRA", base_model=base, dataset=dataset, config=config, name="x",

@@ -222,9 +222,9 @@ def test_configure_lora_offers_preservation_as_optional_widgets_and_train_lora_c
                                              "preservation_class": "star", "preservation_weight": 0.5})
     assert config.sections["train"]["preservation_class"] == "star"
     assert config.sections["train"]["preservation_weight"] == 0.5
-    base, = call("LoRALabLoadBaseModel", family="flux", path=tiny_flux, dtype="fp32", quantize="none")
+    base, = call("LoRALabLoadBaseModel", family="flux", path="tiny-flux", dtype="fp32", quantize="none")
     dataset, _ = call("LoRALabLoadDataset", **{**widget_defaults("LoRALabLoadDataset"),
-                                              "folder": demo_dataset, "resolution": "64"})
+                                              "folder": "demo", "resolution": "64"})
     with pytest.raises(Exception, match=r"train.preservation_class = \"star\" needs dataset.trigger_word"):
         call("LoRALabTrainLoRA", base_model=base, dataset=dataset, config=config, name="x", resume=True)
 

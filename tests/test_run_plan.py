@@ -3,6 +3,7 @@ a dataset with held-out images (dataset.validation_images) and regularization im
 plan` (a real subprocess), LoadDataset's report, the trainer's "plan" event and the run summary
 give the same steps and steps per epoch, and these are what the trainer's batches hold."""
 import json
+import os
 import re
 
 import pytest
@@ -42,7 +43,8 @@ def numbers_of(text):
     return int(per_epoch.group(2)), int(per_epoch.group(1))
 
 
-def test_plan_report_trainer_and_summary_agree(folders, tiny_flux, tmp_path):
+def test_plan_report_trainer_and_summary_agree(folders, tiny_flux, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORALAB_INPUT", os.path.dirname(folders[0]))
     raw = {"name": "agree", "model": {"path": tiny_flux, "dtype": "fp32"},
            "dataset": dataset_section(folders),
            "train": {"batch_size": 2, "dtype": "fp32", "optimizer": "adamw", "gradient_checkpointing": False},
@@ -54,8 +56,8 @@ def test_plan_report_trainer_and_summary_agree(folders, tiny_flux, tmp_path):
     assert "held out for the validation loss: 2" in cli.stdout and "regularization images: 4" in cli.stdout
     assert numbers_of(cli.stdout) == (STEPS, STEPS_PER_EPOCH)
 
-    node = loralab.NODE_CLASS_MAPPINGS["LoRALabLoadDataset"]()
-    section = dataset_section(folders)
+    node = loralab.NODE_CLASS_MAPPINGS["LoRALabLoadDataset"]()  # names inside the input folder
+    section = {**dataset_section(folders), "folder": "stars", "regularization_folder": "shapes"}
     _, report = node.load(**{**section, "resolution": "64", "caption_ext": "txt", "repeats": 1,
                              "caption_dropout_rate": 0.05, "regularization_weight": 1.0})
     # the node knows only the dataset: at the default batch 1, a step per entry

@@ -119,6 +119,80 @@ def test_headless_model_files_resolve_only_inside_the_model_folders(tmp_path, se
     assert refusal("../../home/secret.safetensors") == refusal("../../home/nothing.safetensors") == same
 
 
+# -- LoadDataset's folders and LoadBaseModel's path: names inside the input and diffusers folders -----
+
+def hostile_folders(input_dir, secret):
+    """Dataset folder names a hostile workflow tries: {name: the name it mirrors, or None}; a
+    refusal must read the same for both (no existence oracle)."""
+    (input_dir / "out").symlink_to(secret)  # a link inside the input folder leading out
+    (input_dir / "gone").symlink_to(secret / "nothing")
+    return {"/etc": "/nothing-here", str(secret): str(secret / "nothing"), "../home": "../nothing",
+            "out": "gone", "mine/../../home": "mine/../../nothing"}
+
+
+def dataset_refusal(prompt_of, name, run):
+    """The refusal of LoadDataset's folder `name`, with the name itself and the folders blanked."""
+    return run(prompt_of(name)).replace(repr(name), "NAME")
+
+
+def test_headless_dataset_folders_resolve_only_inside_the_input_folder(tmp_path, secret, monkeypatch,
+                                                                      demo_dataset):
+    """Headless (loralab run --input-dir, $LORALAB_INPUT, else ./input) LoadDataset's folders
+    are names inside the input folder, as in ComfyUI: /etc, an absolute path, `..` or a link
+    leading out is refused in one line naming the input, the same whether or not it exists."""
+    input_dir = tmp_path / "input"
+    shutil.copytree(demo_dataset, input_dir / "mine")
+    monkeypatch.setenv("LORALAB_INPUT", str(input_dir))
+    prompt = quickstart()
+    prompt["2"]["inputs"]["folder"] = "mine"
+    assert validate(prompt, NODE_CLASS_MAPPINGS)  # a folder inside the input folder runs
+
+    def refused(prompt):
+        with pytest.raises(WorkflowError) as error:
+            validate(prompt, NODE_CLASS_MAPPINGS)
+        assert "\n" not in str(error.value).strip() and SECRET not in str(error.value)
+        return str(error.value)
+
+    for widget in ("folder", "regularization_folder"):
+        def prompt_of(name):
+            changed = quickstart()
+            changed["2"]["inputs"].update({"folder": "mine", widget: name})
+            return changed
+        for name, twin in hostile_folders(input_dir, secret).items():
+            said = dataset_refusal(prompt_of, name, refused)
+            assert f"(LoRALabLoadDataset), input 'folder, regularization_folder': {widget}: NAME " in said
+            assert said == dataset_refusal(prompt_of, twin, refused)  # same, existing or not
+        for link in ("out", "gone"):
+            os.remove(input_dir / link)
+    mirrored = refused(quickstart(path=str(tmp_path)))  # LoadBaseModel's path: the same rule
+    assert f"input 'checkpoint, clip_l, diffusion_model, path, t5, vae': path: {str(tmp_path)!r} is " \
+           "an absolute path" in mirrored
+
+
+def test_loralab_run_refuses_a_dataset_outside_its_input_dir_and_trains_one_inside(tmp_path, demo_dataset):
+    """`loralab run --input-dir DIR`: the workflow's dataset folder is a name inside DIR. /etc is
+    refused before anything runs (no output folder); a folder inside DIR plans and trains."""
+    shutil.copytree(demo_dataset, tmp_path / "data" / "mine")
+    prompt = quickstart()
+    prompt["2"]["inputs"]["folder"] = "/etc"
+    (tmp_path / "etc.json").write_text(json.dumps(prompt))
+    done = run_cli("run", str(tmp_path / "etc.json"), "--input-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == ("error: node 2 'Demo dataset (drawn locally)' (LoRALabLoadDataset), input 'folder, "
+                                   "regularization_folder': folder: '/etc' is an absolute path; give "
+                                   "a name inside the folder")
+    assert not (tmp_path / "output").exists()
+
+    prompt["2"]["inputs"]["folder"] = "mine"
+    prompt["3"]["inputs"].update(steps=2, sample_every=0, save_every=2)
+    prompt["6"]["inputs"].update(steps=1, strengths="1", prompts="a photo")
+    (tmp_path / "mine.json").write_text(json.dumps(prompt))
+    done = run_cli("run", str(tmp_path / "mine.json"), "--input-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "output" / "quickstart" / "config.json").read_text())
+    assert config["dataset"]["folder"] == str(tmp_path / "data" / "mine")
+
+
 # -- a folder that holds no run is never taken over; a finished run needs a readable LoRA -------------
 
 @pytest.fixture(scope="module")
@@ -307,6 +381,39 @@ def test_comfyui_refuses_compare_runs_outside_its_output_folder(server):
     assert status == 400 and SECRET not in json.dumps(reply)
     details = {error["details"].split(" - ", 1)[1] for error in reply["node_errors"]["1"]["errors"]}
     assert details == {f"runs: {victim!r} is an absolute path; give a name inside the folder"}
+
+
+def test_comfyui_refuses_dataset_and_model_folders_outside_its_folders(server, secret, demo_dataset):
+    """The real ComfyUI's /prompt: LoadDataset's folders resolve only inside its input folder
+    (<base>/input) and LoadBaseModel's path only inside models/diffusers, refused with the one
+    line `loralab run` gives, the same whether or not the folder exists."""
+    input_dir = server.base / "input"
+    if not (input_dir / "mine").exists():
+        shutil.copytree(demo_dataset, input_dir / "mine")
+
+    def refused(prompt):
+        status, reply = post(server, prompt)
+        assert status == 400 and SECRET not in json.dumps(reply), reply
+        errors, = reply["node_errors"].values()
+        details, = {error["details"].split(" - ", 1)[1] for error in errors["errors"]}  # "<input> - <why>"
+        return details
+
+    def prompt_of(name):
+        prompt = quickstart()
+        prompt["2"]["inputs"]["folder"] = name
+        return prompt
+
+    for name, twin in hostile_folders(input_dir, secret).items():
+        said = dataset_refusal(prompt_of, name, refused)
+        assert said.startswith("folder: NAME ") and said == dataset_refusal(prompt_of, twin, refused)
+    assert refused(prompt_of("/etc")) == "folder: '/etc' is an absolute path; give a name inside the folder"
+    assert refused(quickstart(path="/etc")) == "path: '/etc' is an absolute path; give a name inside the folder"
+    assert refused(quickstart(path="../input/mine")).startswith("path: '../input/mine' leaves the folder")
+    prompt = prompt_of("mine")
+    prompt["3"]["inputs"].update(steps=1, sample_every=0)
+    prompt["6"]["inputs"].update(steps=1, strengths="1", prompts="a photo")
+    status, reply = post(server, prompt)
+    assert status == 200, reply  # a folder inside the input folder is accepted
 
 
 def test_comfyui_model_file_dropdowns_refuse_paths_with_one_message(server):

@@ -59,10 +59,10 @@ def test_the_load_dataset_node_takes_it_as_an_optional_widget(demo_dataset):
 
     node = loralab.NODE_CLASS_MAPPINGS["LoRALabLoadDataset"]
     assert "validation_images" in node.INPUT_TYPES()["optional"]
-    settings, report = node().load(folder=demo_dataset, caption_ext="txt", trigger_word="sks", repeats=1,
+    settings, report = node().load(folder="demo", caption_ext="txt", trigger_word="sks", repeats=1,
                                    resolution="64", caption_dropout_rate=0.0, validation_images=2)
     assert settings.section["validation_images"] == 2
-    settings, _ = node().load(folder=demo_dataset, caption_ext="txt", trigger_word="sks", repeats=1,
+    settings, _ = node().load(folder="demo", caption_ext="txt", trigger_word="sks", repeats=1,
                               resolution="64", caption_dropout_rate=0.0)  # a workflow saved without it
     assert resolve({"model": {"path": "m", "family": "flux"},
                     "dataset": settings.section})["dataset"]["validation_images"] == 0

@@ -152,8 +152,9 @@ def test_flux_dev_workflow_without_the_model_fails_before_running_naming_the_pat
     assert ("node 1 'FLUX.1-dev (ComfyUI's model files)' (LoRALabLoadBaseModel), input 'checkpoint, "
             "clip_l, diffusion_model, path, t5, text_encoder, vae': diffusion_model: 'flux1-dev.safetensors' is not in "
             "ComfyUI's diffusion_models folders") in done.stderr
-    assert ("node 2 'My dataset (edit folder)' (LoRALabLoadDataset), input 'folder': dataset "
-            "folder not found: '/path/to/my_dataset'") in done.stderr
+    assert ("node 2 'My dataset (edit folder)' (LoRALabLoadDataset), input 'folder, "
+            "regularization_folder': folder: dataset folder 'my_dataset' not found in the input "
+            f"folder {tmp_path / 'input'}") in done.stderr
     assert not (tmp_path / "output").exists()
 
 

@@ -57,6 +57,16 @@ def inside(root, name, label):
     return path
 
 
+def folder_inside(roots, name, label):
+    """The folder `name` names inside the first of `roots` that holds it, or None when none does.
+    UnsafePath when the name would leave them, whether or not what it names exists."""
+    for root in roots:
+        path = inside(root, name, label)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
 def open_fd(path, flags, follow_links=False, max_bytes=None, mode=0o666):
     """os.open(path, flags) for a regular file: never through a link (unless follow_links), never
     a FIFO (no wait for a writer), a device or a folder, at most `max_bytes` long, and never one
