@@ -55,6 +55,28 @@ def comfyui_or_skip():
     return folder, comfyui_python_or_skip()
 
 
+# The start of every check script the tests run in ComfyUI's Python (the scripts name it first):
+# the job (a JSON file, the last argument), ComfyUI's own argument parsing on the CPU, the
+# modules that load and map LoRAs, and every warning ComfyUI logs caught in `warnings`.
+COMFYUI_HEAD = r'''
+import json, logging, sys
+job = json.load(open(sys.argv[-1]))
+sys.argv = ["check", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.lora, comfy.lora_convert, comfy.model_detection, comfy.sd, comfy.sd1_clip, comfy.sdxl_clip
+import comfy.supported_models, comfy.utils
+from safetensors.torch import load_file, save_file
+
+warnings = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger().addHandler(Catch()); logging.getLogger().setLevel(logging.WARNING)
+'''
+
+
 # -- a ComfyUI server (conftest.py's `server`, one per session) ------------------------------------
 
 STARTED = "To see the GUI go to"

@@ -18,7 +18,7 @@ from loralab.core.families.flux.keys import transformer_to_bfl
 from loralab.core.families.unet import keys as unet_keys
 from loralab.core.lora import add_lora, file_tensors, lora_weights
 
-from comfyui_env import comfyui_python_or_skip, comfyui_source
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,21 +29,8 @@ NETWORKS = {
     "dora": {"type": "lora", "dora": True},
 }
 
-SCRIPT = r'''
-import json, logging, sys
-jobs = json.load(open(sys.argv[-1]))
-sys.argv = ["check", "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.lora, comfy.lora_convert, comfy.model_detection, comfy.supported_models
-from safetensors.torch import load_file, save_file
-
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch()); logging.getLogger().setLevel(logging.WARNING)
+SCRIPT = COMFYUI_HEAD + r'''
+jobs = job
 
 reports = {}
 for job in jobs:

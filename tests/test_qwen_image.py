@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import COMFYUI_SOURCE, run_cli
-from comfyui_env import comfyui_python_or_skip, comfyui_source
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
@@ -155,20 +155,8 @@ def test_lora_learns_and_loads_whole_in_diffusers(trained, tiny_qwen):
     assert learned <= 0.85 * base, (base, learned)
 
 
-COMFYUI_SCRIPT = r'''
-import json, logging, sys
-lora_paths, config = json.load(open(sys.argv[-1]))
-sys.argv = ["check", "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch, comfy.lora, comfy.lora_convert, comfy.model_detection, comfy.supported_models
-from safetensors.torch import load_file, save_file
-
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch()); logging.getLogger().setLevel(logging.WARNING)
+COMFYUI_SCRIPT = COMFYUI_HEAD + r'''
+lora_paths, config = job
 
 # ComfyUI's Qwen-Image at the tiny widths its detection does not read (it reads in_channels and
 # the block count, and assumes 24 heads of 128 and a 3584-wide text)

@@ -21,27 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.families.unet import keys
 
-from comfyui_env import comfyui_python_or_skip, comfyui_source
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source
 from test_sd_files import FAMILIES, peft_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = r'''
-import json, logging, sys
-jobs, shape_jobs = json.load(open(sys.argv[-1]))
-sys.argv = ["check", "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.lora, comfy.lora_convert, comfy.model_detection, comfy.sd1_clip, comfy.sdxl_clip
-import comfy.supported_models, comfy.utils
-from safetensors.torch import load_file, save_file
-
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch()); logging.getLogger().setLevel(logging.WARNING)
+SCRIPT = COMFYUI_HEAD + r'''
+jobs, shape_jobs = job
 
 reports = {}
 for args in jobs:

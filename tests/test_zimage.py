@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.demo.dataset import make_demo_dataset
 
-from comfyui_env import comfyui_python_or_skip, comfyui_source, skip
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source, skip
 from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,22 +158,8 @@ def test_file_loads_whole_in_diffusers(trained):
     assert len(modules) == 7 * (LAYERS + 2 + 2), sorted(modules)
 
 
-COMFYUI_SCRIPT = r'''
-import json, logging, sys
-job = json.load(open(sys.argv[-1]))
+COMFYUI_SCRIPT = COMFYUI_HEAD + r'''
 config = job["config"]
-sys.argv = ["check", "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.lora, comfy.lora_convert, comfy.model_detection, comfy.sd, comfy.supported_models, comfy.utils
-from safetensors.torch import load_file, save_file
-
-warnings = []
-class Catch(logging.Handler):
-    def emit(self, record):
-        warnings.append(record.getMessage())
-logging.getLogger().addHandler(Catch()); logging.getLogger().setLevel(logging.WARNING)
 
 # ComfyUI's Z-Image (NextDiT as model_detection configures it at dim 3840), at the tiny sizes
 unet_config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "qk_norm": True,
