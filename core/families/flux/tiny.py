@@ -84,8 +84,7 @@ def _t5_tokenizer():
 
 def build_tiny_flux(folder, preset="tiny", seed=0):
     """Write a random FLUX.1 diffusers folder of the given preset size; return the folder."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           FluxTransformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     shape = PRESETS[preset]
@@ -102,13 +101,7 @@ def build_tiny_flux(folder, preset="tiny", seed=0):
         vocab_size=len(t5_tokenizer), d_model=shape["text_dim"], d_ff=shape["text_dim"] * 2,
         d_kv=16, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=shape["latent_channels"],
-        block_out_channels=shape["vae_channels"], layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(shape["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(shape["vae_channels"]),
-        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159)
+    vae = tiny_ae(shape)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=shape["latent_channels"] * 4,
         num_layers=shape["layers"], num_single_layers=shape["single_layers"],
@@ -321,3 +314,17 @@ def write_real_width_files(folder, seed=0):
     files.write_streaming(paths["vae"], [(b, s, bf16, _random(s, b)) for b, (_, s) in mapping.items()],
                           {single_files.VAE_GROUPS_KEY: "32"})
     return paths
+
+
+def tiny_ae(shape):
+    """FLUX.1's ae (AutoencoderKL with FLUX.1's shift and scale, no quant convs), tiny; Z-Image
+    uses the same ae."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=shape["latent_channels"],
+        block_out_channels=shape["vae_channels"], layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(shape["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(shape["vae_channels"]),
+        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159)

@@ -54,16 +54,10 @@ def write_tokenizer(folder, max_length=64):
 
 
 def tiny_vae(shape):
-    """FLUX.1's ae (AutoencoderKL with its shift and scale, no quant convs), tiny."""
-    from diffusers import AutoencoderKL
+    """FLUX.1's ae, tiny: Z-Image decodes with FLUX.1's."""
+    from ..flux.tiny import tiny_ae
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=shape["latent_channels"],
-        block_out_channels=shape["vae_channels"], layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(shape["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(shape["vae_channels"]),
-        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159)
+    return tiny_ae(shape)
 
 
 def build_tiny(folder, preset="tiny", seed=0):
