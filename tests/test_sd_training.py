@@ -21,12 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # sd_models and dataset: conftest.py's (session fixtures: other modules train on them too)
 
 
-def run(folder, dataset, output, family, steps=50, network=None, **model):
+def run(folder, dataset, output, family, steps=50, network=None, lr=6e-3, resolution=64, **model):
     config = resolve({
         "name": f"learn_{family}", "model": {"path": folder, "dtype": "fp32", **model},
         "network": network or {},
-        "dataset": {"folder": dataset, "trigger_word": "sks", "resolution": [64], "caption_dropout_rate": 0.0},
-        "train": {"steps": steps, "lr": 6e-3, "optimizer": "adamw", "dtype": "fp32",
+        "dataset": {"folder": dataset, "trigger_word": "sks", "resolution": [resolution], "caption_dropout_rate": 0.0},
+        "train": {"steps": steps, "lr": lr, "optimizer": "adamw", "dtype": "fp32",
                   "gradient_checkpointing": False},
         "save": {"save_every": 1000, "output_dir": str(output)},
         "sample": {"sample_every": 0}})
@@ -51,11 +51,11 @@ def ddpm_loss(pipeline, latents, text, added, target="epsilon"):
     return sum(losses) / len(losses)
 
 
-def training_batch(pipeline, family, dataset):
-    """Latents, text and (SDXL) pooled text + size conditioning of the training images, made by
-    diffusers' own pipeline pieces."""
+def training_batch(pipeline, family, dataset, size=64):
+    """Latents, text and (SDXL) pooled text + size conditioning of the training images (at
+    size x size px), made by diffusers' own pipeline pieces."""
     items = scan_folder(dataset, "txt", "sks").items
-    pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(load_for_bucket(i.path, (64, 64)),
+    pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(load_for_bucket(i.path, (size, size)),
                                                                       dtype="float32")).permute(2, 0, 1)
                           for i in items]) / 127.5 - 1
     with torch.no_grad():
@@ -65,7 +65,7 @@ def training_batch(pipeline, family, dataset):
             text, _ = pipeline.encode_prompt(captions, "cpu", 1, False)
             return latents, text, None
         text, _, pooled, _ = pipeline.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
-    time_ids = torch.tensor([[96, 96, 0, 0, 64, 64]] * len(items), dtype=torch.float32)  # demo: 96 px
+    time_ids = torch.tensor([[96, 96, 0, 0, size, size]] * len(items), dtype=torch.float32)  # demo: 96 px
     return latents, text, {"text_embeds": pooled, "time_ids": time_ids}
 
 
