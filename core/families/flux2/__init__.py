@@ -36,6 +36,7 @@ class Flux2Klein(ModelFamily):
     name = "flux2"
     title = "FLUX.2 klein"
     pipeline_classes = ("Flux2KleinPipeline",)
+    single_files_text = "a diffusers folder (model.path): ComfyUI's single files are not read yet"
     LORA_TARGETS = LORA_TARGETS
     KOHYA_METADATA = {"ss_base_model_version": "flux2", "ss_network_module": "networks.lora"}
     SIZE_MULTIPLE = 16  # the VAE's 8 x the 2x2 patches
