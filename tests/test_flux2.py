@@ -7,10 +7,14 @@ tokenizer from ComfyUI's source. Checked against independent references:
   (encode_prompt, _patchify_latents, the VAE's batch-norm statistics, _pack_latents, the ids)
   after `load_lora_weights`, falls by >= 15%;
 - our prompt encoding is the pipeline's;
-- diffusers loads the file with every key taken, as it was saved, and only block layers.
+- diffusers loads the file with every key taken, as it was saved, and only block layers;
+- ComfyUI's own LoRA loader (comfy.lora with its FLUX key map, in ComfyUI's Python, on ComfyUI's
+  Flux2 model built at the tiny sizes) uses every key, and its weight deltas, q/k/v as slices of
+  ComfyUI's fused qkv, equal diffusers' fused ones.
 """
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from safetensors.torch import load_file
 
 from loralab.core.demo.dataset import make_demo_dataset
 
-from comfyui_env import comfyui_source, skip
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source, skip
 from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,3 +170,63 @@ def test_file_loads_whole_in_diffusers_with_block_layers_only(trained):
     modules = {k.split(".lora_")[0] for k in loaded}  # ComfyUI has names only for the blocks' layers
     assert all(m.startswith(("transformer_blocks.", "single_transformer_blocks.")) for m in modules), sorted(modules)
     assert len(modules) == 12 * LAYERS + 2 * SINGLE_LAYERS, sorted(modules)
+
+
+COMFYUI_SCRIPT = COMFYUI_HEAD + r'''
+# ComfyUI's Flux2 (as model_detection configures a FLUX.2 transformer), at the tiny sizes
+unet_config = {"image_model": "flux2", "mlp_ratio": 3.0, "theta": 2000, "global_modulation": True,
+               "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False, "default_ref_method": "index",
+               "ref_index_scale": 10.0, "txt_ids_dims": [3], "patch_size": 1, "vec_in_dim": None,
+               "guidance_embed": False, "yak_mlp": False, "txt_norm": False, **job["config"]}
+model = comfy.supported_models.Flux2(unet_config).get_model({})
+key_map = comfy.lora.model_lora_keys_unet(model, {})
+weights = model.state_dict()
+warnings.clear()
+patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(load_file(job["lora"])), key_map)
+deltas = {}
+for target, patch in patches.items():
+    key, offset = target if isinstance(target, tuple) else (target, None)
+    base = deltas.get(key, torch.zeros_like(weights[key], dtype=torch.float32))
+    deltas[key] = comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, None)], base, key)
+# back to diffusers' names by ComfyUI's own map: q, k and v are slices of its fused qkv
+named = {}
+for diffusers_name, to in comfy.utils.flux_to_diffusers(unet_config, output_prefix="diffusion_model.").items():
+    key, piece = (to[0], to[1]) if isinstance(to, tuple) else (to, None)
+    if key in deltas:
+        named[diffusers_name] = deltas[key] if piece is None else deltas[key].narrow(*piece)
+save_file({k: v.clone() for k, v in named.items()}, job["out"])  # FLUX.1 names share keys
+print(json.dumps({"warnings": list(warnings), "targets": len(patches), "comfy_keys": sorted(deltas)}))
+'''
+
+
+def test_comfyui_uses_every_key_with_diffusers_deltas(trained, tmp_path):
+    python, comfyui = comfyui_python_or_skip(), comfyui_source()
+    folder, _, lora = trained
+    config = {"in_channels": LATENT * 4, "out_channels": LATENT * 4, "hidden_size": HEADS * HEAD_DIM,
+              "num_heads": HEADS, "axes_dim": list(AXES), "context_in_dim": 3 * TEXT_DIM, "depth": LAYERS,
+              "depth_single_blocks": SINGLE_LAYERS}
+    job = {"config": config, "lora": lora, "out": str(tmp_path / "deltas.safetensors")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    result = subprocess.run([python, "-c", COMFYUI_SCRIPT, str(tmp_path / "job.json")], cwd=comfyui,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.path.abspath(comfyui), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    used = json.loads(result.stdout.strip().splitlines()[-1])
+    comfy = load_file(job["out"])
+    assert not [w for w in used["warnings"] if "not loaded" in w or "lora" in w.lower()], used["warnings"]
+    assert used["targets"] == sum(1 for k in load_file(lora) if ".lora_A." in k)
+    assert any(k.endswith("img_attn.qkv.weight") for k in used["comfy_keys"])
+
+    # diffusers' deltas: the weights after fuse_lora less before
+    pipeline = _pipeline(folder)
+    before = {k: v.clone() for k, v in pipeline.transformer.state_dict().items()}
+    pipeline.load_lora_weights(lora)
+    pipeline.fuse_lora(lora_scale=1.0)
+    after = {k.replace(".base_layer", ""): v for k, v in pipeline.transformer.state_dict().items()}
+    expected = {k: after[k] - v for k, v in before.items() if not torch.equal(after[k], v)}
+    assert len(expected) == used["targets"]  # diffusers took every module of the file
+    comfy = {k: v for k, v in comfy.items() if k in before}  # the map also names FLUX.1's modules
+    changed = {k for k, v in comfy.items() if v.abs().max() > 0}
+    assert changed == set(expected), sorted(changed ^ set(expected))
+    for key in expected:
+        assert torch.allclose(comfy[key], expected[key], rtol=1e-4, atol=1e-6), key
