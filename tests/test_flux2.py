@@ -35,7 +35,8 @@ QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
 
 
 def build_klein(folder):
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer_files = os.path.join(comfyui_source(), "comfy", "text_encoders", "qwen25_tokenizer")
