@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
     config = {"name": "k", "model": {"path": folder, "dtype": "fp32"},
               "dataset": {"folder": data, "trigger_word": "sks", "resolution": [64], "caption_dropout_rate": 0.0},
               "network": {"linear": 4},
-              "train": {"steps": 120, "lr": 4e-3, "optimizer": "adamw", "dtype": "fp32"},
+              "train": {"steps": 250, "lr": 1e-2, "optimizer": "adamw", "dtype": "fp32"},
               "save": {"output_dir": str(root / "out"), "save_every": 1000}, "sample": {"sample_every": 0}}
     with open(root / "config.json", "w") as f:
         json.dump(config, f)
