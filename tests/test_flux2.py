@@ -231,3 +231,12 @@ def test_comfyui_uses_every_key_with_diffusers_deltas(trained, tmp_path):
     assert changed == set(expected), sorted(changed ^ set(expected))
     for key in expected:
         assert torch.allclose(comfy[key], expected[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_the_coach_warns_of_training_a_distilled_klein(trained, tmp_path):
+    from loralab.core.families.flux2 import FAMILY as flux2
+
+    assert flux2.advice({"path": trained[0]}) == []  # our klein is base (is_distilled false)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
+    (message,) = flux2.advice({"path": str(tmp_path)})
+    assert "step-distilled" in message and "FLUX.2-klein-base" in message
