@@ -55,8 +55,8 @@ SCHEMA = {
                  "default": "my_lora",
                  "description": "Run name: the run folder and the LoRA file are named after it."},
         "model": _section({
-            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5, Z-Image or Qwen-Image; auto reads it "
-                              "from the model's files."),
+            "family": _choice(FAMILIES, "auto", "Model family: FLUX.1, SDXL, SD1.5, Z-Image, Qwen-Image or "
+                              "FLUX.2 klein; auto reads it from the model's files."),
             "path": {"type": ["string", "null"], "minLength": 1, "default": None, "description":
                      "Local diffusers folder of the base model. Not needed when the single files "
                      "below are given (FLUX.1: the four files; SDXL/SD1.5: a checkpoint)."},

@@ -8,7 +8,7 @@ import os
 
 from .base import MemoryModel, ModelError, ModelFamily, RuleOfThumb
 
-NAMES = ("flux", "sdxl", "sd15", "zimage", "qwen_image")
+NAMES = ("flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2")
 
 
 @functools.cache

@@ -3,7 +3,7 @@ the quickstart runs on a fresh machine with no download (the built-in datasets: 
 
 `builtin:tiny-flux` is the pretrained shapes model (core/families/flux/shapes), which draws
 what it is asked; `builtin:random-flux`, `small-flux`, `tiny-sdxl`, `tiny-sd15` and
-`tiny-qwen-image` are random
+`tiny-qwen-image`, `tiny-zimage` and `tiny-flux2` are random
 weights of the same kind, for tries and tests that need only speed."""
 import functools
 import hashlib
@@ -13,7 +13,7 @@ BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux"
                   "builtin:small-flux": ("flux", "small"),
                   "builtin:tiny-sdxl": ("sdxl", "tiny"), "builtin:tiny-sd15": ("sd15", "tiny"),
                   "builtin:tiny-qwen-image": ("qwen_image", "tiny"),
-                  "builtin:tiny-zimage": ("zimage", "tiny")}
+                  "builtin:tiny-zimage": ("zimage", "tiny"), "builtin:tiny-flux2": ("flux2", "tiny")}
 
 
 def cache_root():
