@@ -165,7 +165,7 @@ def test_headless_dataset_folders_resolve_only_inside_the_input_folder(tmp_path,
         for link in ("out", "gone"):
             os.remove(input_dir / link)
     mirrored = refused(quickstart(path=str(tmp_path)))  # LoadBaseModel's path: the same rule
-    assert f"input 'checkpoint, clip_l, diffusion_model, path, t5, vae': path: {str(tmp_path)!r} is " \
+    assert f"input 'checkpoint, clip_l, diffusion_model, path, t5, text_encoder, vae': path: {str(tmp_path)!r} is " \
            "an absolute path" in mirrored
 
 
