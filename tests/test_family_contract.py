@@ -14,9 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = [name for name, value in vars(ModelFamily).items()
            if inspect.isfunction(value) and not name.startswith("_")]
 # What a family must implement itself: the base raises NotImplementedError for these.
-OWN = ["load", "trainable_model", "encoders_to_device", "to_device", "free_text_encoders",
-       "remove_lora", "lora_to_diffusers", "lora_to_kohya", "encode_prompts", "encode_image",
-       "training_loss", "generate", "make_tiny"]
+# (trainable_model, to_device, free_text_encoders and remove_lora have the transformer
+# pipelines' defaults, which FLUX.1 and the UNets override.)
+OWN = ["load", "encoders_to_device", "lora_to_diffusers", "lora_to_kohya", "encode_prompts",
+       "encode_image", "training_loss", "generate", "make_tiny"]
+
+
+def test_the_transformer_defaults_are_overridden_where_the_pipeline_differs():
+    for name in ("flux", "sd15", "sdxl"):
+        for member in ("to_device", "free_text_encoders", "remove_lora"):
+            assert getattr(type(get_family(name)), member) is not getattr(ModelFamily, member), (name, member)
 
 
 @pytest.mark.parametrize("name", NAMES)

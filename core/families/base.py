@@ -112,9 +112,11 @@ class ModelFamily:
         """Text tokens the model reads per caption."""
         return pipeline.tokenizer.model_max_length
 
+    # The defaults below are the transformer pipelines' (Z-Image, Qwen-Image, FLUX.2): one
+    # `transformer`, one `vae` and a `text_encoder` that is dropped after caching.
     def trainable_model(self, pipeline):
         """The module the LoRA goes on (FLUX: the transformer)."""
-        raise NotImplementedError
+        return pipeline.transformer
 
     def compute_dtype(self, pipeline):
         """The dtype batches are cast to for the trainable model."""
@@ -130,16 +132,19 @@ class ModelFamily:
 
     def to_device(self, pipeline, device):
         """The VAE and the trainable model on `device`, for training and sampling."""
-        raise NotImplementedError
+        pipeline.vae.to(device)
+        self.trainable_model(pipeline).to(device)
 
     def free_text_encoders(self, pipeline):
-        """Drops the text encoders after encoding; encode_prompts loads them again."""
-        raise NotImplementedError
+        """Drops the text encoders after encoding (the large part of these pipelines);
+        encode_prompts loads them again."""
+        pipeline.register_modules(text_encoder=None)
 
     # -- the LoRA and its file -------------------------------------------------------------------
     def remove_lora(self, pipeline):
         """Takes every LoRA layer off the trainable model (and any text encoder)."""
-        raise NotImplementedError
+        if getattr(pipeline.transformer, "peft_config", None):
+            pipeline.transformer.unload_lora()
 
     def lora_targets(self, network) -> dict:
         """peft LoraConfig arguments (target_modules, and rank_pattern/alpha_pattern where some

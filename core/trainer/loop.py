@@ -185,13 +185,7 @@ def step_loop(session, planned, run, model, trainable, watch, should_stop):
         step_loss = accelerator.reduce(torch.tensor([sum(step_losses) / accumulation], device=device),
                                        "mean").item()  # over every micro-step of every process
         nonfinite = agreed(accelerator, not (math.isfinite(step_loss) and torch.isfinite(grad_norm)))
-        if nonfinite and accelerator.scaler is None:  # the weights never see a NaN
-            optimizer.zero_grad(set_to_none=True)
-        else:  # (fp16: the grad scaler skips an overflowing step itself and lowers its scale)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite = accelerator.optimizer_step_was_skipped
+        nonfinite = apply_update(accelerator, optimizer, scheduler, nonfinite)
         skipped_in_a_row = skipped_in_a_row + 1 if nonfinite else 0
         skipped += nonfinite
         if not nonfinite:
@@ -216,11 +210,7 @@ def step_loop(session, planned, run, model, trainable, watch, should_stop):
             losses, window_start = [], time.perf_counter()
         stopping = agreed(accelerator, should_stop())  # a stop asked of any process stops all
         if accelerator.is_main_process and (step % save_cfg["save_every"] == 0 or step == steps or stopping):
-            read = lambda: lora_weights(accelerator.unwrap_model(trainable.model), text.encoders)  # noqa: E731
-            path = save_checkpoint(run, step, read(), optimizer, scheduler, config, trainable.to_kohya,
-                                   ema=trainable.ema.snapshot(read))  # train.ema: the file's weights
-            emit({"type": "checkpoint", "step": step, "path": path,
-                  "removed": run.rotate(save_cfg["max_step_saves_to_keep"])})
+            save_step(session, run, trainable, step)
         if watch.sampling and step % sample_cfg["sample_every"] == 0 and step != steps:
             watch.sample(step)
         result.step = step
@@ -228,6 +218,28 @@ def step_loop(session, planned, run, model, trainable, watch, should_stop):
             result.status, result.lora_path = "interrupted", run.checkpoint(step)
             emit({"type": "interrupted", "step": step, "path": result.lora_path})
             break
+
+
+def apply_update(accelerator, optimizer, scheduler, nonfinite):
+    """The optimizer and schedule step, unless the loss or gradients were non-finite; whether
+    the update was skipped."""
+    if nonfinite and accelerator.scaler is None:  # the weights never see a NaN
+        optimizer.zero_grad(set_to_none=True)
+        return True
+    # (fp16: the grad scaler skips an overflowing step itself and lowers its scale)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.optimizer_step_was_skipped
+
+
+def save_step(session, run, trainable, step):
+    """A step checkpoint (train.ema: the EMA's weights in the file), then the rotation."""
+    read = lambda: lora_weights(session.accelerator.unwrap_model(trainable.model), trainable.text.encoders)  # noqa: E731
+    path = save_checkpoint(run, step, read(), trainable.optimizer, trainable.scheduler, session.config,
+                           trainable.to_kohya, ema=trainable.ema.snapshot(read))
+    session.emit({"type": "checkpoint", "step": step, "path": path,
+                  "removed": run.rotate(session.config["save"]["max_step_saves_to_keep"])})
 
 
 def stop_for_nonfinite(watch, in_a_row, step):

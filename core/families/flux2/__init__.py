@@ -82,20 +82,9 @@ class Flux2Klein(ModelFamily):
     def text_length(self, pipeline):
         return MAX_TEXT_TOKENS
 
-    def trainable_model(self, pipeline):
-        return pipeline.transformer
-
     def encoders_to_device(self, pipeline, device):
         pipeline.vae.to(device)
         self._text_encoder_on(pipeline, device)
-
-    def to_device(self, pipeline, device):
-        pipeline.vae.to(device)
-        pipeline.transformer.to(device)
-
-    def free_text_encoders(self, pipeline):
-        """Qwen3 (4B or 8B) is dropped after encoding; encode_prompts loads it again."""
-        pipeline.register_modules(text_encoder=None)
 
     @staticmethod
     def _text_encoder_on(pipeline, device):
@@ -110,10 +99,6 @@ class Flux2Klein(ModelFamily):
                                                            local_files_only=True)
             pipeline.register_modules(text_encoder=encoder.requires_grad_(False).eval())
         pipeline.text_encoder.to(device)
-
-    def remove_lora(self, pipeline):
-        if getattr(pipeline.transformer, "peft_config", None):
-            pipeline.transformer.unload_lora()
 
     def lora_to_diffusers(self, weights):
         """`transformer.` + peft's names: diffusers' Flux2LoraLoaderMixin and ComfyUI (its FLUX

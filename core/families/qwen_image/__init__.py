@@ -89,9 +89,6 @@ class QwenImage(ModelFamily):
     def text_length(self, pipeline):
         return TEXT_LENGTH
 
-    def trainable_model(self, pipeline):
-        return pipeline.transformer
-
     def load(self, model, quantize="none", comfyui=None):
         """The Qwen-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's files."""
         return load_pipeline(model, quantize, comfyui)
@@ -104,18 +101,6 @@ class QwenImage(ModelFamily):
         for part in (pipeline.vae, pipeline.text_encoder):
             if part is not None:
                 part.to(device)
-
-    def to_device(self, pipeline, device):
-        pipeline.vae.to(device)
-        pipeline.transformer.to(device)
-
-    def free_text_encoders(self, pipeline):
-        """Qwen2.5-VL 7B (about 16 GB in bf16) is dropped after encoding; encode_prompts loads it again."""
-        pipeline.register_modules(text_encoder=None)
-
-    def remove_lora(self, pipeline):
-        if getattr(pipeline.transformer, "peft_config", None):
-            pipeline.transformer.unload_lora()
 
     def lora_to_diffusers(self, weights):
         """diffusers' own names, `transformer.` + peft's: both diffusers' QwenImage loader and

@@ -100,30 +100,15 @@ class ZImage(ModelFamily):
         longest = getattr(pipeline.tokenizer, "model_max_length", MAX_TEXT_TOKENS) or MAX_TEXT_TOKENS
         return min(MAX_TEXT_TOKENS, longest)
 
-    def trainable_model(self, pipeline):
-        return pipeline.transformer
-
     def encoders_to_device(self, pipeline, device):
         pipeline.vae.to(device)
         self._text_encoder_on(pipeline, device)
-
-    def to_device(self, pipeline, device):
-        pipeline.vae.to(device)
-        pipeline.transformer.to(device)
-
-    def free_text_encoders(self, pipeline):
-        """Qwen3-4B (about 8 GB in bf16) is dropped after encoding; encode_prompts loads it again."""
-        pipeline.register_modules(text_encoder=None)
 
     @staticmethod
     def _text_encoder_on(pipeline, device):
         if pipeline.text_encoder is None:
             pipeline.register_modules(text_encoder=pipeline.text_encoder_source.load())
         pipeline.text_encoder.to(device)
-
-    def remove_lora(self, pipeline):
-        if getattr(pipeline.transformer, "peft_config", None):
-            pipeline.transformer.unload_lora()
 
     def lora_to_diffusers(self, weights):
         """`transformer.` + peft's names: diffusers' ZImageLoraLoaderMixin and ComfyUI (its Lumina2
