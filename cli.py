@@ -223,11 +223,30 @@ def cmd_plan(args):
     config["model"] = {**model, "family": resolve({**config, "model": model})["model"]["family"]}
     print(plan_report(args.dataset, config))
     if args.vram is not None:
-        from .core.config import with_defaults
-        from .core.memory import fit_report
-
-        print(fit_report(with_defaults(config), int(args.vram * 2**30)))
+        print(fit_text(config, args.vram, named=bool(args.family or model["path"] != "-"
+                                                     or model.get("transformer_path") or model.get("checkpoint_path"))))
     return 0
+
+
+def fit_text(config, vram, named):
+    """`plan --vram`: the named family's peak per quantize mode at 512 and 1024 px and its fit
+    per card size; with no family named, every family's fit per card size."""
+    from .core.config import with_defaults
+    from .core.families import get_family
+    from .core.memory import card_table, fit_report
+
+    families = [config["model"]["family"]] if named else FAMILY_NAMES
+    parts = []
+    if named:
+        resolutions = sorted({512, 1024, *config.get("dataset", {}).get("resolution", [])})
+        parts.append(fit_report(with_defaults(config), int(vram * 2**30), resolutions))
+    for family in families:
+        sized = with_defaults({**config, "model": {**config["model"], "family": family}})
+        parts.append(card_table(sized, yours_gb=vram))
+        if sized["model"]["path"] == "-" and not sized["model"].get("transformer_path"):  # no model given
+            parts += [card_table({**sized, "model": {**sized["model"], "path": size}}, yours_gb=vram)
+                      for size in get_family(family).memory.other_sizes]
+    return "\n".join(parts)
 
 
 def cmd_runs_list(args):
@@ -348,8 +367,9 @@ def build_parser():
     plan.add_argument("--transformer", help="a single-file FLUX.1 transformer (ComfyUI's "
                       "diffusion_models) whose shapes the memory estimate reads")
     plan.add_argument("--vram", type=float, metavar="GB",
-                      help="GPU memory in GiB: print the estimated peak per model.quantize mode and "
-                           "gradient checkpointing, and which fit")
+                      help="GPU memory in GiB: the cheapest settings that fit (model.quantize, gradient "
+                           "checkpointing, train.offload_blocks) at 8, 12, 16, 24, 48 GB and yours, for each "
+                           "family or the one named; for a named family also the peak of each quantize mode")
     plan.set_defaults(handler=cmd_plan)
     runs = commands.add_parser("runs", help="list, compare, pin and export runs").add_subparsers(dest="runs_command", required=True)
     runs_list = runs.add_parser("list", help="name, date, model, steps, final and best loss, warnings")

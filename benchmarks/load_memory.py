@@ -22,6 +22,10 @@ real VAE) the same way.
 Z-Image (core/families/zimage/tiny.py `write_real_width_files`): a transformer of dim 3840 / 30
 heads with one main layer and one refiner of each kind, in ComfyUI's layout, and a Qwen3 of
 Qwen3-4B's widths with one layer, loaded by core/families/zimage/single_files.py.
+FLUX.2 klein (core/families/flux2/tiny.py `write_real_width_files`): a transformer of klein 4B's
+widths (3072 wide, 24 heads, 7680-wide text; diffusers' klein-4b config) with one double and one
+single block in BFL's names, and the FLUX.2 VAE at its real size, loaded by
+core/families/flux2/files.py (its Qwen3 is Z-Image's row).
 
 Rows: the transformer, CLIP-L, T5 and VAE loaded in bf16 (their load dtype, bound relative to
 their bf16 bytes); the transformer with quantize "fp8" (block linears in float8: bound relative to
@@ -43,7 +47,8 @@ PARTS = [("transformer", "none"), ("transformer", "fp8"), ("clip_l", "none"), ("
          ("vae", "none"), ("pipeline", "none"),
          ("qwen_image:transformer", "none"), ("qwen_image:transformer", "fp8"),
          ("qwen_image:text_encoder", "none"), ("qwen_image:vae", "none"),
-         ("zimage_transformer", "none"), ("zimage_text_encoder", "none")]
+         ("zimage_transformer", "none"), ("zimage_text_encoder", "none"),
+         ("flux2_transformer", "none"), ("flux2_vae", "none")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +143,15 @@ def child(slot, quantize, paths, dtype_name):
         print(json.dumps({"added": meter.added, "after": meter.after, "held": _held_bytes(loaded),
                           "method": meter.method, "seconds": time.perf_counter() - started}))
         return
+    if slot.startswith("flux2_"):  # FLUX.2 klein's files (core/families/flux2/files.py)
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel  # noqa: F401
+
+        from loralab.core.families.flux2 import files as flux2_files
     with PeakMeter() as meter:
-        if slot.startswith("zimage_"):  # Z-Image's transformer (ComfyUI's layout) and Qwen3
+        if slot.startswith("flux2_"):
+            loaded = {"flux2_transformer": flux2_files.load_transformer, "flux2_vae": flux2_files.load_vae}[slot](
+                paths[slot], dtype)
+        elif slot.startswith("zimage_"):  # Z-Image's transformer (ComfyUI's layout) and Qwen3
             load = zimage_files.load_transformer if slot == "zimage_transformer" else zimage_files.load_text_encoder
             loaded = load(paths[slot], dtype)
         elif slot == "pipeline":
@@ -162,7 +174,7 @@ def child(slot, quantize, paths, dtype_name):
 
 
 def _file_bytes(path):
-    from loralab.core.families.flux.files import read_header
+    from loralab.core.families.parts.files import read_header
 
     tensors, _ = read_header(path)
     return sum(info["data_offsets"][1] - info["data_offsets"][0] for info in tensors.values())
@@ -180,7 +192,7 @@ def main(argv=None):
                         help="load dtype (the bound is relative to the bytes loaded in it)")
     parser.add_argument("--only", help="comma-separated rows: transformer,transformer-fp8,clip_l,t5,vae,pipeline,"
                                        "qwen_image:transformer,qwen_image:transformer-fp8,qwen_image:text_encoder,"
-                                       "qwen_image:vae,zimage_transformer,zimage_text_encoder")
+                                       "qwen_image:vae,zimage_transformer,zimage_text_encoder,flux2_transformer,flux2_vae")
     parser.add_argument("--child", nargs=3, metavar=("SLOT", "QUANTIZE", "PATHS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -188,22 +200,29 @@ def main(argv=None):
         return child(slot, quantize, json.loads(paths), args.dtype)
 
     from loralab.core.families.flux.tiny import write_real_width_files
+    from loralab.core.families.flux2.tiny import write_real_width_files as flux2_files
+    from loralab.core.families.qwen_image.tiny import write_real_width_files as qwen_image_files
     from loralab.core.families.zimage.tiny import write_real_width_files as write_zimage_files
 
+    rows = [(s, q) for s, q in PARTS if not args.only or
+            (s + ("-fp8" if q == "fp8" else "")) in args.only.split(",")]
     folder = args.folder or tempfile.mkdtemp(prefix="loralab-load-memory-")
     started = time.perf_counter()
-    paths = write_real_width_files(folder)
-    from loralab.core.families.qwen_image.tiny import write_real_width_files as qwen_image_files
-
-    paths.update({f"qwen_image:{k}": v for k, v in qwen_image_files(os.path.join(folder, "qwen_image")).items()})
-    paths.update(write_zimage_files(folder))
+    paths = {}
+    writers = (("qwen_image:", lambda: {f"qwen_image:{k}": v for k, v in
+                                         qwen_image_files(os.path.join(folder, "qwen_image")).items()}),
+               ("zimage_", lambda: write_zimage_files(folder)),
+               ("flux2_", lambda: flux2_files(os.path.join(folder, "flux2"))),
+               ("", lambda: write_real_width_files(folder)))  # FLUX.1's rows: the rest
+    for start, write in writers:  # only the files of the rows asked for
+        if any(s.startswith(start) and not any(s.startswith(w) for w, _ in writers if w and w != start)
+               for s, _ in rows):
+            paths.update(write())
     print(f"files in {folder} ({time.perf_counter() - started:.0f} s to write): "
           + ", ".join(f"{k} {_mib(os.path.getsize(p))} MiB" for k, p in paths.items()), flush=True)
     env = dict(os.environ)
     comfyui = env.setdefault("LORALAB_COMFYUI", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                              "..", "..", "shared", "comfyui"))
-    rows = [(s, q) for s, q in PARTS if not args.only or
-            (s + ("-fp8" if q == "fp8" else "")) in args.only.split(",")]
     header = (f"{'part':<28}{'file MiB':>10}{'held MiB':>10}{'peak added MiB':>16}{'ratio':>7}"
               f"{'after MiB':>11}{'seconds':>9}  bound {BOUND}x")
     print(header)

@@ -192,6 +192,16 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def free_comfyui_models():
+    """Before LoRA Lab puts a base model on the accelerator: ComfyUI's model management unloads
+    every model it holds there (ComfyUI's own trainer asks the same, through load_models_gpu with
+    all memory required), so the two never share the card; it empties the allocator's cache when
+    it unloaded something. Headless there is nothing to free."""
+    management = _comfy("comfy.model_management")
+    if management:
+        management.unload_all_models()
+
+
 def free_device_memory(pipeline):
     """Inside ComfyUI, moves a LoRA Lab pipeline to the CPU so ComfyUI's own models get the GPU
     back. Headless nothing else needs it, so it stays where it is for the next node."""
@@ -199,6 +209,36 @@ def free_device_memory(pipeline):
     if management:
         pipeline.to("cpu")
         management.soft_empty_cache()
+
+
+def forget_pipeline():
+    """After the last reference to a pipeline is dropped: its memory goes back now (a pipeline's
+    modules can hold reference cycles, which only the collector frees), and the accelerator's
+    cached blocks with it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    _give_back_freed_ram()
+    management = _comfy("comfy.model_management")
+    if management:
+        management.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _give_back_freed_ram():
+    """glibc keeps freed blocks below its mmap threshold (a model's many small weights) in the
+    thread's arena; a model loaded next from a memory-mapped file (ComfyUI's) cannot reuse them, so
+    they go back to the system (malloc_trim; other C libraries: nothing to do)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # -- ComfyUI models -----------------------------------------------------------------------------

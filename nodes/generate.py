@@ -5,6 +5,7 @@ import os
 from ..core.config.strengths import MAX_STRENGTHS, STRENGTH_RANGE, parse_strengths
 from . import comfy_adapter
 from .errors import one_line_errors
+from .graph_use import HIDDEN_INPUTS
 from .images import image_tensor
 from .output_files import numbered_file
 from .schema_widgets import checked, config_from, setting, widget_inputs
@@ -34,7 +35,8 @@ class LoRALabSampleGrid:
                              **widgets},
                 "optional": {"lora": ("LORALAB_LORA", {
                     "tooltip": "The LoRA to compare with the base model; without it, only the "
-                               "base model's column is drawn."})}}
+                               "base model's column is drawn."})},
+                "hidden": HIDDEN_INPUTS}
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("grid",)
@@ -44,6 +46,18 @@ class LoRALabSampleGrid:
     DESCRIPTION = ("One labelled grid: rows are prompts ([trigger] replaced), columns LoRA "
                    "strengths, all from the same seed. Saved as a PNG in the output folder.")
 
+    @staticmethod
+    def _draw(base_model, strengths, sample_config, trained, trigger_word, title):
+        """The grid; the pipeline is named only here, so the caller can free it afterwards."""
+        from ..core.memory import caption_device
+        from ..core.sampling import strength_grid
+
+        pipeline, family, device = base_model.pipeline(), base_model.family, comfy_adapter.torch_device()
+        text_device = caption_device(family, pipeline, base_model.section.get("encode_on", "auto"), device)
+        return strength_grid(family, pipeline, sample_config["prompts"], strengths, sample_config, device,
+                             lora=trained, trigger_word=trigger_word, title=title,
+                             text_device=text_device)[0]
+
     @classmethod
     def VALIDATE_INPUTS(cls, strengths):
         try:
@@ -52,13 +66,11 @@ class LoRALabSampleGrid:
             return str(error)
         return True
 
-    def sample(self, base_model, prompts, strengths, lora=None, **values):
+    def sample(self, base_model, prompts, strengths, lora=None, prompt=None, unique_id=None, **values):
         with one_line_errors("LoRA Lab SampleGrid"):
-            return self._sample(base_model, prompts, strengths, lora, **values)
+            return self._sample(base_model, prompts, strengths, lora, (prompt, unique_id), **values)
 
-    def _sample(self, base_model, prompts, strengths, lora=None, **values):
-        from ..core.sampling import strength_grid
-
+    def _sample(self, base_model, prompts, strengths, lora, graph_place, **values):
         sample_config = checked(config_from(self.SETTINGS, {"prompts": prompts, **values}))["sample"]
         if not sample_config["prompts"]:
             raise ValueError("prompts is empty: give one prompt per line")
@@ -66,13 +78,10 @@ class LoRALabSampleGrid:
         title = (f"{lora.name} step {lora.step}" if lora else "base model") + f", seed {values['seed']}"
         try:
             with comfy_adapter.outside_inference_mode():  # it moves the pipeline
-                grid, _ = strength_grid(base_model.family, base_model.pipeline(),
-                                        sample_config["prompts"], parse_strengths(strengths),
-                                        sample_config, comfy_adapter.torch_device(), lora=trained,
-                                        trigger_word=lora.trigger_word if lora else "",
-                                        title=title)
+                grid = self._draw(base_model, parse_strengths(strengths), sample_config, trained,
+                                  lora.trigger_word if lora else "", title)
         finally:
-            base_model.release_device()
+            base_model.release_after(*graph_place)
         output = comfy_adapter.output_directory()
         path = numbered_file(output, f"{lora.name if lora else 'base_model'}/grid", ".png")
         grid.save(path)

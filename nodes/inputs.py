@@ -145,6 +145,7 @@ class LoRALabLoadBaseModel:
              "checkpoint": ("checkpoints", "checkpoint_path")}
     # file widgets added later stand after SD_SETTINGS, so saved UI workflows keep their order
     LATER_FILES = {"text_encoder": ("text_encoders", "text_encoder_path")}
+    LATER_SETTINGS = {"encode_on": setting("model.encode_on")}  # after them, for the same reason
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -159,7 +160,7 @@ class LoRALabLoadBaseModel:
                     "default": comfy_adapter.NO_MODEL, "tooltip":
                     "A diffusers folder from ComfyUI's models/diffusers, used when path is empty."}),
                     **file_widgets(cls.FILES), **widget_inputs(cls.SD_SETTINGS),
-                    **file_widgets(cls.LATER_FILES)}}
+                    **file_widgets(cls.LATER_FILES), **widget_inputs(cls.LATER_SETTINGS)}}
 
     RETURN_TYPES = ("LORALAB_BASE_MODEL",)
     RETURN_NAMES = ("base_model",)
@@ -221,7 +222,8 @@ class LoRALabLoadBaseModel:
         files = {widget: values.pop(widget) for widget in list(values)
                  if widget in self.FILES or widget in self.LATER_FILES}
         section = {**self.model_section(family, path, comfyui_model, **files), "dtype": dtype,
-                   "quantize": quantize, **config_from(self.SD_SETTINGS, values).get("model", {})}
+                   "quantize": quantize,
+                   **config_from({**self.SD_SETTINGS, **self.LATER_SETTINGS}, values).get("model", {})}
         # resolved here, so the family read from the files ("auto") travels with the model
         return (BaseModel(resolve({**PLACEHOLDERS, "model": section})["model"]),)
 

@@ -6,6 +6,7 @@ from ..core.config import resolve
 from ..workflow_runner import interrupt
 from . import comfy_adapter, events
 from .errors import one_line_errors
+from .graph_use import HIDDEN_INPUTS
 from .images import image_tensor
 from .output_files import check_prefix, numbered_file, path_problem
 from .schema_widgets import config_from, setting, widget_inputs
@@ -47,7 +48,8 @@ class LoRALabTrainLoRA:
         return {"required": {"base_model": ("LORALAB_BASE_MODEL",),
                              "dataset": ("LORALAB_DATASET",),
                              "config": ("LORALAB_CONFIG",),
-                             **widget_inputs(cls.SETTINGS)}}
+                             **widget_inputs(cls.SETTINGS)},
+                "hidden": HIDDEN_INPUTS}  # the graph: is the base model used after training?
 
     RETURN_TYPES = ("LORALAB_LORA", "IMAGE", "STRING")
     RETURN_NAMES = ("lora", "loss_plot", "summary")
@@ -64,11 +66,11 @@ class LoRALabTrainLoRA:
         """The run name names a folder and files: checked before anything runs."""
         return path_problem("name", name, cls.NAME_RESERVE, one_name=True) or True
 
-    def train(self, base_model, dataset, config, name, resume):
+    def train(self, base_model, dataset, config, name, resume, prompt=None, unique_id=None):
         with one_line_errors("LoRA Lab TrainLoRA"):
-            return self._train(base_model, dataset, config, name, resume)
+            return self._train(base_model, dataset, config, name, resume, (prompt, unique_id))
 
-    def _train(self, base_model, dataset, config, name, resume):
+    def _train(self, base_model, dataset, config, name, resume, graph_place):
         # imported here: peft and diffusers take seconds, and ComfyUI imports every pack at start
         from ..core.coach.summary import run_summary
         from ..core.runs import RunFolder
@@ -81,19 +83,20 @@ class LoRALabTrainLoRA:
         raw.update(model=base_model.section, dataset=dataset.section)
         raw["save"] = {**raw.get("save", {}), "output_dir": comfy_adapter.output_directory()}
         resolved = resolve(raw)
-        pipeline, family = base_model.pipeline(resolved), base_model.family
-        try:
+        family = base_model.family
+        try:  # no name holds the pipeline here, so release() can free it
             with comfy_adapter.outside_inference_mode():
-                result = train(resolved, pipeline=pipeline, on_event=TrainingProgress(),
-                               should_stop=stop_requested)
+                result = train(resolved, pipeline=base_model.pipeline(resolved),
+                               on_event=TrainingProgress(), should_stop=stop_requested)
+            to_kohya = family.lora_to_kohya(family.trainable_model(base_model.loaded))
         finally:
-            base_model.release_device()
+            base_model.release_after(*graph_place)
         if result.status == "interrupted":
             comfy_adapter.raise_if_interrupted()
         metrics = RunFolder(*os.path.split(result.run_folder)).read_metrics()  # may be <name>-2
         lora = TrainedLoRA(name, result.weights, resolved, result.step, result.status,
                            result.lora_path, result.run_folder,
-                           to_kohya=family.lora_to_kohya(family.trainable_model(pipeline)))
+                           to_kohya=to_kohya)
         summary = run_summary(result, metrics)
         events.publish({"type": "summary", "name": name, "text": summary})
         return lora, image_tensor(loss_plot(metrics, title=f"{name} loss")), summary

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..core.families import load_model
 from . import comfy_adapter
+from .graph_use import used_later
 
 
 @dataclass
@@ -25,6 +26,7 @@ class BaseModel:
     section: dict
     _pipeline: object = field(default=None, repr=False)
     _quantize: str = field(default=None, repr=False)    # what the loaded pipeline was loaded with
+    used_by: set = field(default_factory=set, repr=False)  # the ids of the nodes that used it
 
     @property
     def family(self):
@@ -35,13 +37,20 @@ class BaseModel:
     def pipeline(self, config=None):
         """The loaded pipeline. quantize "auto" is chosen for `config` (the resolved training
         config; else the defaults, whose estimate covers sampling too) on ComfyUI's device; a
-        different choice than the loaded one reloads."""
+        different choice than the loaded one reloads. ComfyUI's own models leave the accelerator
+        first: this pipeline is about to use it."""
         quantize = self.quantize_for(config)
+        comfy_adapter.free_comfyui_models()
         if self._pipeline is None or quantize != self._quantize:
-            self._pipeline = None  # the old one goes before the new one loads
+            self.forget()  # the old one goes before the new one loads
             with comfy_adapter.outside_inference_mode():  # TrainLoRA may train on them
                 self._pipeline = load_model(self.section, quantize, comfy_adapter.comfyui_folder())
             self._quantize = quantize
+        return self._pipeline
+
+    @property
+    def loaded(self):
+        """The pipeline if it is loaded, else None (nothing loads)."""
         return self._pipeline
 
     def quantize_for(self, config=None):
@@ -52,12 +61,22 @@ class BaseModel:
         device = comfy_adapter.torch_device()
         return resolve_memory_settings(config, device_memory(device), device.type)[0]
 
-    def release_device(self):
-        """Gives the accelerator back to ComfyUI between nodes; bitsandbytes-quantized weights
-        cannot move, so those stay."""
-        if self._pipeline is not None and self._quantize not in ("nf4", "int8"):
+    def release_after(self, prompt, node_id):
+        """After node `node_id` of the graph `prompt` (ComfyUI's hidden inputs; both nodes take
+        the base model as `base_model`) used the pipeline: when a later node uses it, it stays, off
+        the accelerator (bitsandbytes-quantized weights cannot move, so those stay); else it is
+        freed, RAM and accelerator, and loads again if anything asks."""
+        self.used_by.add(str(node_id))
+        if not used_later(prompt, node_id, "base_model", self.used_by):
+            self.forget()
+        elif self._pipeline is not None and self._quantize not in ("nf4", "int8"):
             with comfy_adapter.outside_inference_mode():
                 comfy_adapter.free_device_memory(self._pipeline)
+
+    def forget(self):
+        if self._pipeline is not None:
+            self._pipeline = self._quantize = None
+            comfy_adapter.forget_pipeline()
 
 
 @dataclass(eq=False)

@@ -21,7 +21,7 @@ os.environ.setdefault("LORALAB_DEMO_SEEDS", "2")
 import pytest  # noqa: E402
 
 import loralab  # noqa: E402
-from comfyui_env import Server, comfyui_or_skip  # noqa: E402
+from comfyui_env import Server, comfyui_or_skip, comfyui_source, skip  # noqa: E402
 from loralab.core.config import resolve  # noqa: E402
 from loralab.core.demo.dataset import make_demo_dataset  # noqa: E402
 from loralab.core.families.flux.tiny import build_tiny_flux  # noqa: E402
@@ -94,6 +94,34 @@ def dataset(tmp_path_factory):
     return make_demo_dataset(str(tmp_path_factory.mktemp("sd-learn") / "data"), count=3)
 
 
+# Qwen3's chat template, reduced to one user message (the real one adds no system message)
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                  "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen3_tokenizer():
+    """The real Qwen tokenizer from ComfyUI's source (its qwen25_tokenizer: Qwen3's vocabulary
+    too) with Qwen3's chat template: the tiny Z-Image's and FLUX.2 klein's (test_zimage.py,
+    test_flux2.py)."""
+    from transformers import Qwen2Tokenizer
+
+    files = os.path.join(comfyui_source(), "comfy", "text_encoders", "qwen25_tokenizer")
+    if not os.path.isfile(os.path.join(files, "vocab.json")):
+        skip(f"the Qwen tokenizer comes from ComfyUI's source; not found at {files}")
+    tokenizer = Qwen2Tokenizer.from_pretrained(files)
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen3(model_class, **sizes):
+    """A random Qwen3 text encoder (transformers' `model_class`: Qwen3Model or Qwen3ForCausalLM)
+    of the real vocabulary, 2 attention heads and 1 key-value head, at the given sizes."""
+    from transformers import Qwen3Config
+
+    return model_class(Qwen3Config(vocab_size=151936, num_attention_heads=2, num_key_value_heads=1, **sizes))
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A real ComfyUI server with the pack in custom_nodes, one for the session (its start takes
@@ -150,6 +178,50 @@ def node_folders(tmp_path_factory):
         yield
 
 
+# -- pytest-xdist (pyproject: -n auto --dist loadgroup): each worker is a session of its own -------
+
+# Tests that run for minutes (matched in their ids): under xdist their groups start first, so that
+# neither worker is left running one of them alone at the end.
+LONGEST = ("test_demo_concept.py::test_the_shipped_quickstart", "test_kill_anywhere.py::")
+
+
+def _group(item):
+    """The xdist group of a test that shares a costly fixture, else None: every test of the real
+    ComfyUI server (a minute to start) in one group; a module's tests that share a fixture of the
+    module's own (scope "module") in the module's group."""
+    module = item.nodeid.split("::")[0]
+    if "server" in item.fixturenames:
+        return "comfyui-server"
+    if any(defs[-1].scope == "module" and defs[-1].baseid == module
+           for defs in item._fixtureinfo.name2fixturedefs.values()):
+        return module
+    return None
+
+
+def pytest_collection_modifyitems(items):
+    """Under xdist, a grouped test's id ends in "@group", the form that xdist's loadgroup reads
+    (set here: xdist 3.8's xdist_group mark sets item._nodeid, which pytest 9 no longer reads).
+    The queue (--no-loadscope-reorder: in collection order) holds the longest groups first, then
+    the other groups, then single tests, so that the last units handed out are short."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    groups = {item.nodeid: _group(item) for item in items}
+    longest = {groups[item.nodeid] or item.nodeid for item in items if any(key in item.nodeid for key in LONGEST)}
+    items.sort(key=lambda item: 0 if (groups[item.nodeid] or item.nodeid) in longest else 1 if groups[item.nodeid] else 2)
+    for item in items:
+        if groups[item.nodeid] and "@" not in item.nodeid:
+            _set_id(item, f"{item.nodeid}@{groups[item.nodeid]}")
+
+
+def _set_id(item, nodeid):
+    try:  # pytest 9 keeps a node's id in _id; pytest 8 in _nodeid (where xdist sets it)
+        from _pytest.nodeid import coerce_node_id
+    except ImportError:
+        item._nodeid = nodeid
+    else:
+        item._id = coerce_node_id(nodeid)
+
+
 FAST = {
     "model": {"dtype": "fp32"},
     "dataset": {"trigger_word": "sks", "resolution": [64]},
@@ -185,15 +257,20 @@ def resolved(make_config):
     return lambda **sections: resolve(make_config(**sections))
 
 
-def train_in_processes(raw, folder, port, processes=2):
+def torchrun(*args, processes=2, timeout=300):
+    """torchrun ARGS with `processes` CPU processes on a port of its own choosing (--standalone):
+    two tests running at once (pytest-xdist's workers) never race for a fixed port."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(processes), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_processes(raw, folder, processes=2):
     """`loralab train` of the raw config `raw` (written to `folder`) under torchrun with
     `processes` CPU processes: accelerate's DDP."""
     path = folder / f"{raw['name']}.json"
     path.write_text(json.dumps(raw))
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-         "--master_port", str(port), "-m", "loralab.cli", "train", str(path)],
-        capture_output=True, text=True, timeout=300)
+    return torchrun("-m", "loralab.cli", "train", path, processes=processes)
 
 
 def run_cli(*args, timeout=300, **kwargs):
@@ -204,3 +281,14 @@ def run_cli(*args, timeout=300, **kwargs):
     kwargs.setdefault("env", {k: v for k, v in os.environ.items()
                               if k not in ("LORALAB_COMFYUI", "LORALAB_INPUT", "LORALAB_MODELS")})
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def train_cli(config, folder, timeout=600, **kwargs):
+    """`loralab train` of `config` written to folder/config.json, which must finish: (the
+    completed process, the LoRA file its last line names)."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    result = run_cli("train", os.path.join(folder, "config.json"), timeout=timeout, **kwargs)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result, json.loads(result.stdout.strip().splitlines()[-1])["lora"]
+

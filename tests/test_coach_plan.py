@@ -136,6 +136,13 @@ def test_rank_band(good, rank, level):
     assert (advice.level if advice else None) == level
 
 
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_rank_band_is_the_guides_for_lora_only(good, kind):
+    """A LoKr's rank is a factor's, a LoHa's is squared: the LoRA bands would mislead there."""
+    assert "rank_band" not in rules(good, network={"type": kind, "linear": 2})
+    assert rules(good, network={"type": "lora", "linear": 2})["rank_band"].level == "warning"
+
+
 def test_batch_size_above_one_repeats_the_guides_reasons(good):
     message = rules(good, train={"batch_size": 4})["batch_size"].message
     for reason in ("less stably", "fine detail", "memory"):

@@ -150,7 +150,8 @@ def test_a_run_name_with_a_newline_or_too_long_is_refused_in_one_line(name, said
 def test_a_transformer_file_whose_metadata_is_not_json_loads_as_without_it(tiny_flux, tmp_path):
     from safetensors.torch import load_file, save_file as save_torch
 
-    from loralab.core.families.flux.files import AXES_METADATA_KEY, read_header, transformer_config
+    from loralab.core.families.flux.file_layout import transformer_config
+    from loralab.core.families.parts.files import AXES_METADATA_KEY, read_header
     from loralab.core.families.flux.tiny import write_comfyui_files
 
     source = write_comfyui_files(tiny_flux)["transformer"]

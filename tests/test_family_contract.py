@@ -121,3 +121,51 @@ def test_the_name_check_sees_one(tmp_path):
     path.write_text('"""if family == "flux": a docstring may say it."""\n# so may a comment: "sdxl"\n'
                     f'MULTIPLE = {{"{NAMES[0]}": 16}}\nif family != "{NAMES[-1]}":\n    pass\n')
     assert [line.split(": ")[0].rsplit(":", 1)[1] for line in family_names_in_code([str(path)])] == ["3", "4"]
+
+
+# The one shared base a family folder may import: SDXL and SD1.5 are one UNetFamily (unet/).
+SHARED_BASES = {"sdxl": {"unet"}, "sd15": {"unet"}}
+FAMILIES_DIR = os.path.join(ROOT, "core", "families")
+
+
+def cross_family_imports(root=ROOT):
+    """(file, line, imported module) of every import from one folder of core/families/ into
+    another (parts/, the machinery families share, is a folder no family owns and imports none),
+    read by AST as tests/test_layers.py reads them."""
+    from test_layers import imported
+
+    base = os.path.join(root, "core", "families")
+    folders = {d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "__init__.py"))}
+    found = []
+    for folder in sorted(folders):
+        for dirpath, _, files in os.walk(os.path.join(base, folder)):
+            for file in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(dirpath, file)
+                for line, module, ours, _ in imported(path, root):
+                    parts = module.split(".")
+                    if not ours or parts[:2] != ["core", "families"] or len(parts) < 3:
+                        continue
+                    other = parts[2]
+                    if other in folders and other != folder and other != "parts" and \
+                            other not in SHARED_BASES.get(folder, ()):
+                        found.append((os.path.relpath(path, root), line, module))
+    return found
+
+
+def test_family_folders_do_not_import_each_other():
+    """A new family is one new folder: what several families use lives in core/families/parts/."""
+    assert cross_family_imports() == []
+
+
+def test_the_cross_family_check_sees_one(tmp_path):
+    for folder, text in (("alpha", "from ..beta.files import x\n"), ("beta", "x = 1\n"),
+                         ("parts", "from ..alpha import y\n")):
+        os.makedirs(tmp_path / "core" / "families" / folder)
+        (tmp_path / "core" / "families" / folder / "__init__.py").write_text("")
+        (tmp_path / "core" / "families" / folder / "files.py").write_text(text)
+    (tmp_path / "core" / "__init__.py").write_text("")
+    (tmp_path / "core" / "families" / "__init__.py").write_text("")
+    found = cross_family_imports(str(tmp_path))
+    assert [(path, module) for path, _, module in found] == [
+        (os.path.join("core", "families", "alpha", "files.py"), "core.families.beta.files"),
+        (os.path.join("core", "families", "parts", "files.py"), "core.families.alpha")]

@@ -29,7 +29,7 @@ def test_block_linears_are_what_fp8_stores():
     from diffusers import FluxTransformer2DModel
     from torch import nn
 
-    from loralab.core.families.flux.fp8 import is_block_linear
+    from loralab.core.families.parts.fp8 import is_block_linear
 
     with init_empty_weights():
         model = FluxTransformer2DModel(num_layers=19, num_single_layers=38, guidance_embeds=True)
@@ -62,23 +62,30 @@ def test_fp8_without_checkpointing_costs_less_than_bf16():
             assert fp8 == estimate_peak(config, "int8", checkpointing, resolution)
 
 
-def test_512_fits_12_gib_with_nf4_only():
+def test_512_on_12_gib_offloads_fp8_blocks_before_a_4_bit_base():
+    """lower.py's order: fp8 and checkpointing, then offloaded blocks (only speed), then nf4
+    (which changes what the LoRA learns against); nf4 alone fits where nothing is offloaded."""
     config = dev_config(dataset={"resolution": [512]})
     assert fits(estimate_peak(config, "nf4", True, 512), 12 * GIB)
     assert not fits(estimate_peak(config, "fp8", True, 512), 12 * GIB)
-    assert resolve_memory_settings(config, 12 * GIB, "cuda")[:2] == ("nf4", True)
+    quantize, checkpointing, offload, _ = resolve_memory_settings(config, 12 * GIB, "cuda")
+    assert (quantize, checkpointing) == ("fp8", True) and 0 < offload < 57
+    assert fits(estimate_peak(config, "fp8", True, 512, offload), 12 * GIB)
+    assert not fits(estimate_peak(config, "fp8", True, 512, offload - 1), 12 * GIB)  # the fewest
+    kept = dev_config(dataset={"resolution": [512]}, train={"offload_blocks": 0})
+    assert resolve_memory_settings(kept, 12 * GIB, "cuda")[:3] == ("nf4", True, 0)
 
 
 def test_checkpointing_stays_off_when_the_step_fits_without_it():
     config = dev_config(dataset={"resolution": [512]})
-    quantize, checkpointing, notes = resolve_memory_settings(config, 80 * GIB, "cuda")
-    assert (quantize, checkpointing) == ("none", False) and "auto" in notes[0]
+    quantize, checkpointing, offload, notes = resolve_memory_settings(config, 80 * GIB, "cuda")
+    assert (quantize, checkpointing, offload) == ("none", False, 0) and "auto" in notes[0]
     # 32 GiB: bf16 fits only with checkpointing, which auto prefers to a quantized base
     assert resolve_memory_settings(config, 32 * GIB, "cuda")[:2] == ("none", True)
 
 
 def test_auto_on_a_cpu_is_none_without_checkpointing():
-    assert resolve_memory_settings(dev_config(), None, "cpu")[:2] == ("none", False)
+    assert resolve_memory_settings(dev_config(), None, "cpu")[:3] == ("none", False, 0)
 
 
 def test_explicit_values_pass_through():
@@ -87,15 +94,16 @@ def test_explicit_values_pass_through():
 
 
 def test_does_not_fit_names_the_settings_in_order():
-    config = dev_config(network={"linear": 64}, train={"batch_size": 2},
+    config = dev_config(network={"linear": 64}, train={"batch_size": 2, "offload_blocks": 0},
                         model={"path": None, "quantize": "none"})
     with pytest.raises(DoesNotFit) as raised:
         resolve_memory_settings(config, 16 * GIB, "cuda")
     message = str(raised.value)
     assert isinstance(raised.value, ValueError) and "does not fit" in message
-    order = [message.index(s) for s in ("model.quantize fp8", "model.quantize int8",
-                                        "train.batch_size 1")]  # batch 1 costs the LoRA less than 512 px
+    order = [message.index(s, message.index("To fit")) for s in (
+        "train.gradient_checkpointing true", "model.quantize fp8", "train.offload_blocks")]
     assert order == sorted(order) and "To fit" in message and "dataset.resolution" not in message
+    assert "model.quantize int8" not in message  # one byte, as fp8: it saves nothing more
     with pytest.raises(DoesNotFit, match="more memory is needed"):
         resolve_memory_settings(dev_config(), 2 * GIB, "cuda")
 
@@ -108,15 +116,18 @@ def test_before_a_run_and_after_an_out_of_memory_the_same_list_in_the_same_order
     config = dev_config(network={"linear": 64}, train={"batch_size": 2, "optimizer": "adamw",
                                                        "gradient_checkpointing": False},
                         model={"path": None, "quantize": "none", "dtype": "fp32"})
-    everything = [change for change, _ in leaner_steps(config, flux.memory.quantize_modes)]
-    assert everything[:4] == ["model.quantize fp8", "model.quantize int8", "model.quantize nf4",
-                              "train.gradient_checkpointing true"]
+    blocks = FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"]  # 19 + 38
+    everything = [change for change, _ in leaner_steps(config, flux.memory.quantize_modes, blocks=blocks)]
+    assert everything[:4] == ["train.gradient_checkpointing true", "model.quantize fp8",
+                              "train.offload_blocks 57", "model.quantize nf4"]
     assert everything[-3:] == ["network.linear 16", "network.linear 8", "network.linear 4"]
     advice = out_of_memory_advice(config, RuntimeError("CUDA out of memory."))
     assert [advice.index(f"set {change} (about") for change in everything] == sorted(
         advice.index(f"set {change} (about") for change in everything)
     applied, fit = suggestions(config, 12 * GIB)
-    assert fit and [change for change, _ in applied] == everything[:len(applied)]
+    named = lambda changes: [change.rsplit(" ", 1)[0] for change in changes]  # noqa: E731
+    # the same settings in the same order; the offloading step names the fewest blocks that fit
+    assert fit and named(change for change, _ in applied) == named(everything[:len(applied)])
     assert len(applied) < len(everything)
 
 

@@ -22,29 +22,22 @@ from safetensors.torch import load_file
 
 from loralab.core.demo.dataset import make_demo_dataset
 
-from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source, skip
-from conftest import run_cli
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source
+from conftest import qwen3_tokenizer, run_cli, tiny_qwen3, train_cli
+from fp8_training import assert_fp8_trains_as_unquantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HEADS, HEAD_DIM, AXES, LAYERS, SINGLE_LAYERS, TEXT_DIM, LATENT = 2, 16, (4, 4, 4, 4), 1, 2, 16, 8
-# Qwen3's chat template, reduced to one user message (the real one adds no system message)
-QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-                  "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
 def build_klein(folder):
     from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
                            Flux2Transformer2DModel)
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    tokenizer_files = os.path.join(comfyui_source(), "comfy", "text_encoders", "qwen25_tokenizer")
-    if not os.path.isfile(os.path.join(tokenizer_files, "vocab.json")):
-        skip(f"the Qwen tokenizer comes from ComfyUI's source; not found at {tokenizer_files}")
+    tokenizer = qwen3_tokenizer()
     torch.manual_seed(0)
-    tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_files)
-    tokenizer.chat_template = QWEN3_TEMPLATE
     vae = AutoencoderKLFlux2(latent_channels=LATENT, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     vae.bn.running_mean.uniform_(-0.3, 0.3)  # batch-norm statistics that are not the identity
@@ -52,33 +45,34 @@ def build_klein(folder):
     pipeline = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
         # 27 layers: the pipeline stacks hidden states 9, 18 and 27
-        text_encoder=Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=TEXT_DIM, intermediate_size=32,
-                                                  num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
-                                                  head_dim=8, tie_word_embeddings=True)),
+        text_encoder=tiny_qwen3(Qwen3ForCausalLM, hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=27,
+                                head_dim=8, tie_word_embeddings=True),
         tokenizer=tokenizer,
         transformer=Flux2Transformer2DModel(in_channels=LATENT * 4, num_layers=LAYERS, num_single_layers=SINGLE_LAYERS,
                                             attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
-                                            joint_attention_dim=3 * TEXT_DIM, timestep_guidance_channels=32,
+                                            joint_attention_dim=3 * TEXT_DIM, timestep_guidance_channels=256,
                                             axes_dims_rope=AXES, guidance_embeds=False))
     pipeline.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def model(tmp_path_factory):
+    """(the tiny model's folder, three drawn training images): built once for this file."""
     root = tmp_path_factory.mktemp("flux2")
-    folder = build_klein(str(root / "model"))
-    data = make_demo_dataset(str(root / "data"), count=3)
+    return build_klein(str(root / "model")), make_demo_dataset(str(root / "data"), count=3)
+
+
+@pytest.fixture(scope="module")
+def trained(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux2-trained")
+    folder, data = model
     config = {"name": "k", "model": {"path": folder, "dtype": "fp32"},
               "dataset": {"folder": data, "trigger_word": "sks", "resolution": [64], "caption_dropout_rate": 0.0},
               "network": {"linear": 4},
               "train": {"steps": 250, "lr": 1e-2, "optimizer": "adamw", "dtype": "fp32"},
               "save": {"output_dir": str(root / "out"), "save_every": 1000}, "sample": {"sample_every": 0}}
-    with open(root / "config.json", "w") as f:
-        json.dump(config, f)
-    result = run_cli("train", str(root / "config.json"), timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    lora = json.loads(result.stdout.strip().splitlines()[-1])["lora"]
+    _, lora = train_cli(config, str(root))
     return folder, data, lora
 
 
@@ -240,3 +234,8 @@ def test_the_coach_warns_of_training_a_distilled_klein(trained, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
     (message,) = flux2.advice({"path": str(tmp_path)})
     assert "step-distilled" in message and "FLUX.2-klein-base" in message
+
+
+def test_a_short_fp8_run_trains_the_lora_the_unquantized_run_does(model, tmp_path):
+    """model.quantize fp8 (the blocks' linears as Float8Linear) on the CPU: see fp8_training.py."""
+    assert_fp8_trains_as_unquantized(*model, tmp_path)

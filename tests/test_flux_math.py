@@ -4,7 +4,7 @@ import math
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from loralab.core.families.flux import flow
+from loralab.core.families.parts import flow
 from loralab.core.families.flux.model import load_transformer_file
 from loralab.core.families.flux.tiny import write_single_file
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loralab.core.families.flux.fp8 import Float8Linear
+from loralab.core.families.parts.fp8 import Float8Linear
 
 
 class Reference(nn.Linear):

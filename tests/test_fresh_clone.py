@@ -117,12 +117,12 @@ def make_venv(folder) -> str:
     return python
 
 
-def shrink_installed_quickstart(python):
+def shrink_installed_quickstart(python, env):
     """The installed quickstart.json with the steps and the grid made tiny, so this stays quick:
     the shipped sizes are trained by test_workflows.py's quickstart test."""
     path = subprocess.run([python, "-c", "import loralab, os; print(os.path.join("
                            "os.path.dirname(loralab.__file__), 'workflows', 'quickstart.json'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+                          capture_output=True, text=True, check=True, env=env).stdout.strip()
     with open(path, encoding="utf-8") as handle:
         workflow = json.load(handle)
     for node in workflow.values():
@@ -148,16 +148,17 @@ def test_pip_install_of_a_clone_gives_a_loralab_that_runs_the_quickstart_by_name
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-3000:]
     shutil.rmtree(clone)  # a copy was installed, not a link: nothing may need the clone now
 
+    # as a user's shell has it: not a developer's PYTHONPATH to a checkout
+    env = {k: v for k, v in os.environ.items() if k not in ("LORALAB_COMFYUI", "PYTHONPATH")}
     where = subprocess.run([python, "-c", "import loralab.workflow_runner as w; print(w.__file__)"],
-                           capture_output=True, text=True, cwd=tmp_path)
+                           capture_output=True, text=True, cwd=tmp_path, env=env)
     site = os.path.realpath(tmp_path / "venv")
     assert where.returncode == 0, where.stderr
     assert os.path.realpath(where.stdout.strip()).startswith(site + os.sep), where.stdout
-    shrink_installed_quickstart(python)
+    shrink_installed_quickstart(python, env)  # env: else a PYTHONPATH's checkout is shrunk
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("LORALAB_COMFYUI", "PYTHONPATH")}
     done = subprocess.run([str(tmp_path / "venv" / "bin" / "loralab"), "run", "quickstart"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

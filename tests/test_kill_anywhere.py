@@ -145,15 +145,16 @@ def test_kill_anywhere_then_the_rerun_trains_the_same_lora(make_config, tmp_path
     # -- the same config in another folder, killed again and again --------------------------------------
     killed_path, run = write_config("killed")
     rng = random.Random(7)
-    # ("tmp", pattern): kill as soon as a new temporary whose final name matches appears (a save in
-    # progress); ("startup", f): f * the reference's start-up time after launch (imports, model
-    # load, resume, cleaning, config.json); ("train", f): f * 40% of the remaining steps' time
-    # after training starts (so the run never finishes early). The last kill lands while the final
-    # LoRA is written; the rerun must then finish from the last step checkpoint.
-    kills = ([("tmp", r"\.state\.safetensors$"), ("tmp", r"\.state\.json$"),
-              ("tmp", rf"{NAME}_\d{{9}}\.safetensors$"), ("tmp", r""),
-              ("startup", rng.uniform(0.3, 1.0))]
-             + [("train", rng.random()) for _ in range(3)])
+    # One kill in each stage that writes: ("tmp", pattern): as soon as a new temporary whose final
+    # name matches appears, i.e. in that file's save: a checkpoint's three files in their order,
+    # and the first write of a launch (config.json, or the resumed metrics); ("startup", f):
+    # f * the reference's start-up time after launch (imports, model load, resume, cleaning);
+    # ("train", f): f * 40% of the remaining steps' time after training starts (so the run never
+    # finishes early), anywhere in a step. The last kill lands while the final LoRA is written;
+    # the rerun must then finish from the last step checkpoint.
+    kills = [("tmp", r"\.state\.safetensors$"), ("tmp", r"\.state\.json$"),
+             ("tmp", rf"{NAME}_\d{{9}}\.safetensors$"), ("tmp", r""),
+             ("startup", rng.uniform(0.3, 1.0)), ("train", rng.random())]
     rng.shuffle(kills)
     kills.append(("tmp", rf"-{NAME}\.safetensors$"))
 

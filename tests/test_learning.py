@@ -9,7 +9,7 @@ from loralab.core.config import resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
 from loralab.core.demo.dataset import make_demo_dataset
 from loralab.core.families.flux import FAMILY as flux
-from loralab.core.families.flux import flow
+from loralab.core.families.parts import flow
 from loralab.core.trainer import train
 
 

@@ -4,14 +4,13 @@ saved file, gradient accumulation under two processes against one process, and t
 against diffusers' kohya loader."""
 import io
 import json
-import subprocess
-import sys
 
 import numpy
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.optimization import get_scheduler
+from conftest import torchrun
 from safetensors.torch import load_file
 from test_lora_file import transformer_output
 
@@ -109,9 +108,7 @@ def test_accumulation_on_two_processes_equals_one_process_with_twice_the_micro_s
     two = make_config(name="two", **{**common, "train": {**common["train"], "gradient_accumulation_steps": 2}})
     path = tmp_path / "two.json"
     path.write_text(json.dumps(two))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         "29547", "-m", "loralab.cli", "train", str(path)], capture_output=True, text=True, timeout=300)
+    done = torchrun("-m", "loralab.cli", "train", path)
     assert done.returncode == 0, done.stderr[-3000:]
     one = resolve(make_config(name="one", **{**common, "train": {**common["train"],
                                                                   "gradient_accumulation_steps": 4}}))

@@ -9,7 +9,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from loralab.core.families.flux import FAMILY as flux
-from loralab.core.families.flux import flow, keys
+from loralab.core.families.flux import keys
+from loralab.core.families.parts import flow
 from loralab.core.lora import add_lora, load_lora_weights, read_lora_file
 from loralab.core.trainer import train, write_lora
 

@@ -14,7 +14,8 @@ from diffusers import FluxPipeline
 from loralab.core.config import resolve
 from loralab.core.dataset import DatasetError, scan_folder
 from loralab.core.families.builtin import resolve_model_path
-from loralab.core.families.flux import FAMILY as flux, flow
+from loralab.core.families.flux import FAMILY as flux
+from loralab.core.families.parts import flow
 from loralab.core.families.loss import loss_mask, weighted_mse
 from loralab.core.trainer import train
 

@@ -284,7 +284,8 @@ class InterruptProcessingException(BaseException):
 @pytest.fixture
 def comfyui(tmp_path, monkeypatch):
     """Stand-ins of the ComfyUI functions the adapter calls, recording what they get."""
-    seen = types.SimpleNamespace(progress=[], patched=[], interrupt_at=None, interrupted=False)
+    seen = types.SimpleNamespace(progress=[], patched=[], interrupt_at=None, interrupted=False,
+                                 unloaded=[])
     models = tmp_path / "models"
 
     class ProgressBar:
@@ -312,6 +313,7 @@ def comfyui(tmp_path, monkeypatch):
             processing_interrupted=lambda: seen.interrupted,
             throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
             get_torch_device=lambda: torch.device("cpu"),
+            unload_all_models=lambda: seen.unloaded.append(len(seen.progress)),
             soft_empty_cache=lambda: seen.progress.append("freed")),
         "comfy.sd": types.SimpleNamespace(load_lora_for_models=lambda model, clip, lora, sm, sc: (
             seen.patched.append((model, lora, sm, sc)) or ("patched", model), None)),
@@ -359,7 +361,8 @@ def test_comfyui_model_folders_are_listed_and_a_non_empty_path_wins(comfyui, tin
     with pytest.raises(ValueError, match="vae: 'nothing.safetensors' is not in ComfyUI's vae folders"):
         load("flux", "tiny-flux", vae="nothing.safetensors")
     # Qwen-Image's text encoder: its own widget, after the SD settings (saved workflows keep their order)
-    assert list(optional)[-1] == "text_encoder" and optional["text_encoder"][0] == optional["t5"][0]
+    assert list(optional)[-2:] == ["text_encoder", "encode_on"]  # model.encode_on came later still
+    assert optional["text_encoder"][0] == optional["t5"][0]
     qwen = load("qwen_image", "", diffusion_model="flux1-dev.safetensors", text_encoder="t5xxl_fp16.safetensors",
                 vae="ae.safetensors")
     assert qwen["text_encoder_path"] == str(tmp_path / "models" / "text_encoders" / "t5xxl_fp16.safetensors")
@@ -404,6 +407,7 @@ def test_inside_comfyui_training_shows_progress_stops_on_cancel_and_resumes(
     assert (run / "cancelled_000000003.safetensors").is_file()  # saved at the step it stopped
     assert not (run / "cancelled.safetensors").exists()
     assert comfyui.progress.pop() == "freed"  # the GPU goes back to ComfyUI after training
+    assert comfyui.unloaded[0] == 0  # ComfyUI's models were unloaded before training began
     previews = [p for _, _, p in comfyui.progress if p is not None]
     assert previews and all(p[0] == "JPEG" and isinstance(p[1], Image.Image) and p[2] == 256
                             for p in previews)

@@ -3,11 +3,10 @@ the metrics, and enough of them in a row stop the run; with several processes ev
 and stops together (a NaN on one rank of two, no hang)."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import torch
+from conftest import torchrun
 
 from loralab.core.runs import RunFolder
 from loralab.core.trainer import train
@@ -74,9 +73,7 @@ def test_a_nan_on_one_rank_of_two_stops_both_without_a_hang(make_config, tmp_pat
     config_path, script = tmp_path / "ddp.json", tmp_path / "nan_on_rank_one.py"
     config_path.write_text(json.dumps(raw))
     script.write_text(RANK_ONE_NAN)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         "29541", str(script), str(config_path)], capture_output=True, text=True, timeout=240)
+    done = torchrun(script, config_path, timeout=240)
     # both processes end with the run's exit status 1 ("stopped: nan"), which torchrun reports
     assert done.returncode == 1 and "exitcode  : 1" in done.stderr, done.stderr[-3000:]
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -110,7 +110,7 @@ def test_a_node_failure_is_one_line_naming_the_node_and_what_to_change(
         def pipeline(self):
             raise KeyError("transformer")
 
-        def release_device(self):
+        def release_after(self, prompt, node_id):
             pass
 
     with pytest.raises(NodeError, match=r"SampleGrid failed \(KeyError\).*traceback is in the ComfyUI log"):

@@ -13,7 +13,7 @@ from loralab.core.config import ConfigError, resolve
 from loralab.core.dataset import load_for_bucket, scan_folder
 from loralab.core.families import get_family
 from loralab.core.families.flux import FAMILY as flux
-from loralab.core.families.flux import flow
+from loralab.core.families.parts import flow
 from loralab.core.families.preservation import class_caption
 from loralab.core.lora import add_lora
 from loralab.core.runs import RunFolder
@@ -237,7 +237,7 @@ def test_two_processes_train_with_preservation_and_gradient_checkpointing(make_c
     blocks with the LoRA on, after the base prediction had it off."""
     raw = make_config(name="ddp_keep", dataset={"resolution": [32], "caption_dropout_rate": 0.5},
                       train={"steps": 6, "preservation_class": "star", "gradient_checkpointing": True})
-    result = train_in_processes(raw, tmp_path, 29541)
+    result = train_in_processes(raw, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     run = RunFolder(resolve(raw)["save"]["output_dir"], "ddp_keep")
     assert os.path.isfile(run.final_lora) and run.read_metrics()[-1]["skipped_steps"] == 0

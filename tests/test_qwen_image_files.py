@@ -14,7 +14,7 @@ import torch
 from diffusers import QwenImagePipeline
 
 from loralab.core.families import ModelError, detect_family, get_family, load_model
-from loralab.core.families.flux.fp8 import Float8Linear
+from loralab.core.families.parts.fp8 import Float8Linear
 from loralab.core.families.qwen_image import files
 from loralab.core.families.qwen_image.tiny import build_tiny_qwen_image, write_comfyui_files
 

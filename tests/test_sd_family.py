@@ -11,7 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from loralab.core.families.sd15 import FAMILY as sd15
 from loralab.core.families.sdxl import FAMILY as sdxl
-from loralab.core.families.flux.tiny import _write_clip_tokenizer
+from loralab.core.families.parts.tiny import write_clip_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
 
@@ -47,7 +47,7 @@ def _unet(family_name):
 def _pipeline(family_name, folder):
     """A tiny random pipeline of the real layout: an 8x VAE, a two-level UNet, CLIP encoders."""
     torch.manual_seed(0)
-    tokenizer = _write_clip_tokenizer(str(folder / "tokenizer"))
+    tokenizer = write_clip_tokenizer(str(folder / "tokenizer"))
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
                         norm_num_groups=8, latent_channels=4, scaling_factor=0.13025)

@@ -59,13 +59,14 @@ def with_tiny_values(api, family, checkpoint=None):
     return api
 
 
-def with_tiny_widgets(ui, family):
-    """The UI workflow with TINY's values put into its LoRA Lab nodes' widgets_values, in the
-    editor's order (a "control after generate" choice saved after a seed)."""
+def with_tiny_widgets(ui, family, values_of=None):
+    """The UI workflow with TINY's values (or values_of(class_type, family)'s) put into its LoRA
+    Lab nodes' widgets_values, in the editor's order (a "control after generate" choice saved
+    after a seed)."""
     for node in ui["nodes"]:
         if node["type"] not in NODES:
             continue  # ComfyUI's own nodes are skipped headless
-        values, index = tiny_values(node["type"], family), 0
+        values, index = (values_of or tiny_values)(node["type"], family), 0
         for spec in (s for s in declared_inputs(NODES[node["type"]]) if s.is_widget):
             if spec.name in values:
                 node["widgets_values"][index] = values[spec.name]

@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
-from loralab.core.families.flux import files, single_files
-from loralab.core.families.flux.fp8 import Float8Linear
+from loralab.core.families import describe_file
+from loralab.core.families.flux import file_layout, single_files
+from loralab.core.families.parts import files
+from loralab.core.families.parts.fp8 import Float8Linear
 from loralab.core.families.flux.model import ModelError, load_pipeline
 from loralab.core.families.flux.tiny import write_comfyui_files
 
@@ -124,7 +126,7 @@ def test_fp8_lora_trains_on_the_cpu(tiny_flux):
 
 def test_config_read_from_the_file(comfy_files, tmp_path):
     tensors, metadata = files.read_header(comfy_files["transformer"])
-    config = files.transformer_config(tensors, metadata)
+    config = file_layout.transformer_config(tensors, metadata)
     assert (config["num_layers"], config["num_single_layers"], config["guidance_embeds"]) == (2, 2, True)
     assert (config["attention_head_dim"], config["num_attention_heads"]) == (16, 4)
     # schnell: no guidance_in; and one block fewer
@@ -135,7 +137,7 @@ def test_config_read_from_the_file(comfy_files, tmp_path):
                if not k.startswith(("guidance_in.", "double_blocks.1.", "single_blocks.1."))}
     path = str(tmp_path / "schnell.safetensors")
     save_file(schnell, path, metadata=metadata)
-    assert files.describe(path) == "a FLUX.1 transformer (schnell)"
+    assert describe_file(path) == "a FLUX.1 transformer (schnell)"
     model = single_files.load_part("transformer", path, F32)
     assert (model.config.num_layers, model.config.num_single_layers, model.config.guidance_embeds) == (1, 1, False)
     assert not single_files.scheduler_for(False).config.use_dynamic_shifting
@@ -171,6 +173,6 @@ def test_diffusers_keys_behind_comfyuis_prefix(folder_pipeline, tmp_path):
     reference = folder_pipeline.transformer.state_dict()
     path = str(tmp_path / "prefixed-diffusers.safetensors")
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in reference.items()}, path)
-    assert files.describe(path) == "a FLUX.1 transformer (dev)"
+    assert describe_file(path) == "a FLUX.1 transformer (dev)"
     loaded = single_files.load_part("transformer", path, F32).state_dict()
     assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)

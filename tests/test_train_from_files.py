@@ -254,6 +254,7 @@ def test_run_records_the_quantize_auto_resolved_to(cli_run):
     with open(os.path.join(cli_run["run_folder"], "config.json")) as f:
         recorded = json.load(f)
     assert recorded["model"]["quantize"] == "none", recorded["model"]
+    assert recorded["train"]["offload_blocks"] == 0, recorded["train"]  # auto offloads nothing on a CPU
 
 
 def test_fp8_lora_has_the_bf16_lora_keys_and_loads_into_diffusers(cli_run, fp8_file_run, quantized_run,

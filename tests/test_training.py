@@ -164,7 +164,7 @@ def test_cli_reports_a_file_that_is_not_an_sd_checkpoint_in_one_line(tmp_path):
 def test_two_processes_train_data_parallel(make_config, tmp_path):
     """torchrun with two CPU processes: accelerate's DDP, the same loop and files as one process."""
     raw = make_config(name="ddp", train={"steps": 4}, save={"save_every": 2})
-    result = train_in_processes(raw, tmp_path, 29533)
+    result = train_in_processes(raw, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1 and reports[0]["step"] == 4 and reports[0]["status"] == "finished"

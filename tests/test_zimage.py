@@ -20,37 +20,29 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.demo.dataset import make_demo_dataset
 
-from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source, skip
-from conftest import run_cli
+from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source
+from conftest import qwen3_tokenizer, run_cli, tiny_qwen3, train_cli
+from fp8_training import assert_fp8_trains_as_unquantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIM, HEADS, AXES, LAYERS, TEXT_DIM, LATENT = 96, 3, [8, 12, 12], 2, 32, 16
-# Qwen3's chat template, reduced to one user message (the real one adds no system message)
-QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-                  "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
 def build_zimage(folder):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
-    tokenizer_files = os.path.join(comfyui_source(), "comfy", "text_encoders", "qwen25_tokenizer")
-    if not os.path.isfile(os.path.join(tokenizer_files, "vocab.json")):
-        skip(f"the Qwen tokenizer comes from ComfyUI's source; not found at {tokenizer_files}")
+    tokenizer = qwen3_tokenizer()
     torch.manual_seed(0)
-    tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_files)
-    tokenizer.chat_template = QWEN3_TEMPLATE
     pipeline = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=AutoencoderKL(latent_channels=LATENT, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                           use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
                           shift_factor=0.1159),
-        text_encoder=Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=TEXT_DIM, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                            head_dim=16)),
+        text_encoder=tiny_qwen3(Qwen3Model, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                                head_dim=16),
         tokenizer=tokenizer,
         transformer=ZImageTransformer2DModel(in_channels=LATENT, dim=DIM, n_layers=LAYERS, n_refiner_layers=2,
                                              n_heads=HEADS, n_kv_heads=HEADS, cap_feat_dim=TEXT_DIM, axes_dims=AXES,
@@ -60,20 +52,22 @@ def build_zimage(folder):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def model(tmp_path_factory):
+    """(the tiny model's folder, three drawn training images): built once for this file."""
     root = tmp_path_factory.mktemp("zimage")
-    folder = build_zimage(str(root / "model"))
-    data = make_demo_dataset(str(root / "data"), count=3)
+    return build_zimage(str(root / "model")), make_demo_dataset(str(root / "data"), count=3)
+
+
+@pytest.fixture(scope="module")
+def trained(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zimage-trained")
+    folder, data = model
     config = {"name": "z", "model": {"path": folder, "dtype": "fp32"},
               "dataset": {"folder": data, "trigger_word": "sks", "resolution": [64], "caption_dropout_rate": 0.0},
               "network": {"linear": 4},
               "train": {"steps": 120, "lr": 4e-3, "optimizer": "adamw", "dtype": "fp32"},
               "save": {"output_dir": str(root / "out"), "save_every": 1000}, "sample": {"sample_every": 0}}
-    with open(root / "config.json", "w") as f:
-        json.dump(config, f)
-    result = run_cli("train", str(root / "config.json"), timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    lora = json.loads(result.stdout.strip().splitlines()[-1])["lora"]
+    _, lora = train_cli(config, str(root))
     return folder, data, lora
 
 
@@ -300,7 +294,7 @@ def test_comfyui_files_load_as_the_folder(trained, comfyui_files):
 
 def test_a_file_of_another_kind_is_refused_naming_the_setting(comfyui_files):
     from loralab.core.families.zimage import FAMILY as zimage
-    from loralab.core.families.zimage import ModelError
+    from loralab.core.families.base import ModelError
 
     swapped = {**_files_model(comfyui_files), "text_encoder_path": comfyui_files["vae"]}
     with pytest.raises(ModelError, match=r"model\.text_encoder_path: .*ae\.safetensors looks like an autoencoder"):
@@ -321,13 +315,9 @@ def test_train_from_comfyui_files(comfyui_files, trained, tmp_path):
               "dataset": {"folder": data, "trigger_word": "sks", "resolution": [64]}, "network": {"linear": 4},
               "train": {"steps": 4, "optimizer": "adamw", "dtype": "fp32"},
               "save": {"output_dir": str(tmp_path), "save_every": 1000}, "sample": {"sample_every": 0}}
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(config, f)
-    result = run_cli("train", str(tmp_path / "config.json"), timeout=600,
-                     env={**os.environ, "LORALAB_COMFYUI": comfyui_source()})  # the tokenizer's source
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    result, lora = train_cli(config, str(tmp_path),
+                             env={**os.environ, "LORALAB_COMFYUI": comfyui_source()})  # the tokenizer's source
     assert "looks like Z-Image Turbo" in result.stdout  # the coach's warning, at the run's start
-    lora = json.loads(result.stdout.strip().splitlines()[-1])["lora"]
     assert set(load_file(lora)) == set(load_file(from_folder))
     pipeline = _pipeline(folder)
     pipeline.load_lora_weights(lora, adapter_name="files")
@@ -362,3 +352,8 @@ def test_the_base_model_node_takes_comfyuis_three_files(comfyui_files, monkeypat
     (model,) = LoRALabLoadBaseModel().load("auto", "", "fp32", "auto", **names)
     assert model.section["family"] == "zimage"
     assert model.section["text_encoder_path"] == comfyui_files["text_encoder"]
+
+
+def test_a_short_fp8_run_trains_the_lora_the_unquantized_run_does(model, tmp_path):
+    """model.quantize fp8 (the blocks' linears as Float8Linear) on the CPU: see fp8_training.py."""
+    assert_fp8_trains_as_unquantized(*model, tmp_path)

@@ -125,6 +125,8 @@ def lr_band(scan, config):
 
 
 def rank_band(scan, config):
+    if config["network"].get("type", "lora") != "lora":  # the guide's bands are LoRA ranks; a LoKr
+        return None                                      # or LoHa of the same rank holds another size
     rank = config["network"]["linear"]
     if not RANK_BAND[0] <= rank <= RANK_BAND[1]:
         side = ("low: it saves memory but learns little detail" if rank < RANK_BAND[0]

@@ -23,9 +23,12 @@ value and what is allowed.
 NOTES = """## Notes
 
 - `model.family`: a family that does not match the files is refused.
-- `model.quantize: auto` picks the least saving mode whose estimate fits the GPU with 10%
-  headroom (`none` on a CPU); `train.gradient_checkpointing: auto` is on only when the estimate
-  needs it (off on a CPU). `loralab plan DATASET --vram GB` prints the estimates.
+- `model.quantize`, `train.gradient_checkpointing` and `train.offload_blocks: auto` are chosen
+  together from the estimate, with 10% headroom: gradient checkpointing first, then fp8, then as
+  few offloaded blocks as fit, then nf4 (core/memory/lower.py's one list; on a CPU nothing is
+  quantized, checkpointed or offloaded). An `offload_blocks` larger than the model's blocks is
+  refused. `loralab plan DATASET --vram GB` prints the estimates
+  ([measurements](measurements.md#offloading-and-the-fit-per-card)).
 - `train.steps` empty: the guide's steps for the number of training images
   ([guide, section 4](training-guide.md#4-steps-epochs-and-the-plan)); regularization images add
   `dataset.regularization_ratio` entries per training entry to each epoch, so the steps grow

@@ -83,6 +83,11 @@ SCHEMA = {
                                 "whose estimate fits the device (none on a CPU); fp8 stores float8 "
                                 "weights computed in bf16; nf4/int8 use bitsandbytes (CUDA). FLUX.1 "
                                 "only; SDXL/SD1.5 are not quantized."),
+            "encode_on": _choice(["auto", "device", "cpu"], "auto", "Where captions are encoded "
+                                 "before training: device (the GPU, then the text encoders are freed "
+                                 "before the trained model comes on); cpu (never on the GPU: slower "
+                                 "caching, for cards too small for the text encoder); auto is device "
+                                 "when the text encoder fits beside nothing else, cpu otherwise."),
             "prediction_type": _choice(PREDICTION_TYPES, "auto", "SDXL/SD1.5: what the UNet predicts; "
                                        "auto reads it from the model (v_prediction for v-pred "
                                        "checkpoints such as NoobAI-XL V-Pred)."),
@@ -180,6 +185,13 @@ SCHEMA = {
                                        "default": "auto", "description":
                                        "Trade compute for memory; auto turns it on only when the "
                                        "memory estimate needs it."},
+            "offload_blocks": {"type": ["string", "integer"], "pattern": r"^auto\Z", "minimum": 0,
+                               "maximum": 1000, "default": "auto", "description":
+                               "Blocks of the trained model kept in CPU memory and copied to the GPU "
+                               "just before their forward and backward (block swapping, as musubi-"
+                               "tuner's blocks_to_swap): less VRAM, slower steps, the same LoRA. 0 "
+                               "is off; auto offloads only as many as the memory estimate needs "
+                               "(none on a CPU)."},
             "seed": _int(42, 0, 2**32 - 1, "Seed of noise, timesteps, caption dropout and order."),
             "timestep_type": _choice(TIMESTEP_TYPES, "sigmoid", "How noise levels are drawn."),
             "guidance": _number(1.0, 0.0, 100.0, "Guidance embedding value while training FLUX.1-dev."),

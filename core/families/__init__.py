@@ -75,6 +75,22 @@ def folder_family(path):
     return next((family.name for family in families() if pipeline_class in family.pipeline_classes), None)
 
 
+def describe_file(path):
+    """What a .safetensors file looks like, in words: each family describes its own files, then
+    the parts no one family owns (text encoders, autoencoders, LoRAs: parts/files.py)."""
+    from .parts.files import describe_shared, read_header
+
+    try:
+        tensors, _ = read_header(path)
+    except (OSError, ValueError) as error:
+        return f"not a readable .safetensors file ({error})"
+    for family in families():
+        words = family.describe_file(tensors)
+        if words:
+            return words
+    return describe_shared(tensors)
+
+
 def model_files(model_cfg):
     """The local paths a model section names: its folder (a built-in one is built on first use)
     and its single files."""
@@ -94,5 +110,5 @@ def load_model(model_cfg, quantize, comfyui=None):
     return get_family(model_cfg["family"]).load({**model_cfg, "path": path}, quantize, comfyui)
 
 
-__all__ = ["MemoryModel", "ModelError", "ModelFamily", "NAMES", "RuleOfThumb", "detect_family", "families",
+__all__ = ["MemoryModel", "ModelError", "ModelFamily", "NAMES", "RuleOfThumb", "describe_file", "detect_family", "families",
            "family_or_default", "folder_family", "get_family", "load_model", "model_files", "single_file_keys"]

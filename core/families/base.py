@@ -18,12 +18,15 @@ class MemoryModel:
     headroom, what to lower in which order) are core/memory's; a family gives its shapes.
 
     `shape` is a dict the family fills and reads back; core/memory reads only these keys of it:
-    "parameters" (the trainable model's weights) and "quantizable" (those stored quantized by
-    model.quantize). A family without a measured model uses RuleOfThumb instead."""
+    "parameters" (the trainable model's weights), "quantizable" (those stored quantized by
+    model.quantize: every family's are its blocks' linears), "hidden" (the blocks' width) and, for
+    the default block_parameters, "num_layers" and "num_single_layers". A family without a
+    measured model uses RuleOfThumb instead."""
 
     estimated = True
     quantize_modes = ("none",)       # model.quantize modes it offers, least memory-saving first
     default_source = ""              # the model whose shapes are used when no file is read
+    other_sizes = ()                 # model.path names of its other released sizes, for the plan
 
     def shape(self, model):
         """(shape dict, where it came from) of the trainable model, from the resolved `model`
@@ -35,9 +38,28 @@ class MemoryModel:
         """Parameters of the LoRA the `network` section puts on this model."""
         raise NotImplementedError
 
-    def activation_bytes(self, shape, resolution, batch_size, checkpointing, train_dtype, model_dtype):
-        """Peak activation bytes of one forward + backward at this square resolution."""
+    def activation_bytes(self, shape, resolution, batch_size, checkpointing, train_dtype, model_dtype,
+                         recomputed=0):
+        """Peak activation bytes of one forward + backward at this square resolution. With
+        checkpointing every block is recomputed in backward; without, `recomputed` blocks are
+        (those train.offload_blocks keeps off the device: they keep only their input)."""
         raise NotImplementedError
+
+    def block_parameters(self, shape):
+        """Weights of each block of the trainable model, in forward order: what
+        train.offload_blocks moves off the device. By default the quantizable weights split evenly
+        over num_layers + num_single_layers blocks (the families whose blocks are all alike)."""
+        count = shape["num_layers"] + shape.get("num_single_layers", 0)
+        return [shape["quantizable"] / count] * count
+
+    def tokens(self, shape, resolution):
+        """Tokens (image and text) the blocks read for one image of this square resolution."""
+        raise NotImplementedError
+
+    def flops_per_token(self, shape, tokens):
+        """Forward FLOPs per token: 2 per weight, and attention's 4 x tokens x hidden per block
+        (scores and weighted sum over `tokens` keys)."""
+        return 2 * shape["parameters"] + 4 * tokens * shape["hidden"] * len(self.block_parameters(shape))
 
     def transient_bytes(self, shape, quantize):
         """Dequantized copies alive during a step (one layer's at a time) for this quantize mode."""
@@ -86,6 +108,12 @@ class ModelFamily:
         ValueError when a file of its own keys cannot be what any family loads."""
         return False
 
+    def describe_file(self, tensors):
+        """Words for one of this family's files, from its header ({key: {"dtype", "shape"}}), as
+        in "<path> looks like a FLUX.1 transformer (dev)"; None for a file that is not its own
+        (core/families/__init__.py describe_file asks every family, then the shared parts)."""
+        return None
+
     def advice(self, model):
         """The coach's warnings about the model a `model` section names: a known trap of this
         model (training a distilled one), for the plan and the run's start. None by default."""
@@ -103,6 +131,14 @@ class ModelFamily:
         single files); `quantize` is already resolved from "auto"; `comfyui` is ComfyUI's
         folder, if known (core/ never imports ComfyUI: the node layer passes it)."""
         raise NotImplementedError
+
+    def check_quantize(self, quantize):
+        """ModelError unless `quantize` (model.quantize, resolved) is a mode this family offers."""
+        modes = self.memory.quantize_modes
+        if quantize not in (None, *modes):
+            offered = " or ".join([", ".join(modes[:-1]), modes[-1]] if len(modes) > 1 else modes)
+            raise ModelError(f"model.quantize = {quantize!r}: {self.title or self.name} offers {offered}; "
+                             "set model.quantize to one of them or to \"auto\".")
 
     def size_multiple(self, pipeline) -> int:
         """Image sides must be a multiple of this (the VAE's downscale times any packing)."""
@@ -134,6 +170,14 @@ class ModelFamily:
         """The VAE and the trainable model on `device`, for training and sampling."""
         pipeline.vae.to(device)
         self.trainable_model(pipeline).to(device)
+
+    def offload_blocks(self, model):
+        """The trainable model's blocks that train.offload_blocks may keep in host memory, in
+        forward order (the last ones are offloaded first). Each must run whole in one call and be
+        no larger than what the model's gradient checkpointing recomputes as one (the unit that
+        is fetched again in backward). The transformers' block lists by default."""
+        return [block for name in ("transformer_blocks", "single_transformer_blocks", "layers")
+                for block in getattr(model, name, None) or ()]
 
     def free_text_encoders(self, pipeline):
         """Drops the text encoders after encoding (the large part of these pipelines);

@@ -5,7 +5,8 @@ the fixed costs of a CUDA device. What is the family's (its shapes, its LoRA, it
 its memory model (core/families/<name>/, MemoryModel in core/families/base.py).
 
 The peak of a step is:
-  frozen trainable model (base_bytes: quantized linears, the rest in model.dtype)
+  frozen trainable model (base_bytes: quantized linears, the rest in model.dtype), less the
+    blocks train.offload_blocks keeps in CPU memory but the IN_FLIGHT ones on their way through
   + LoRA weights, gradients and optimizer states (estimate_memory)
   + activations kept for backward + quantization transients (the family's memory model)
   + what else stays on the device (the VAE, for sample images)
@@ -32,6 +33,9 @@ CUDA_ONLY = ("int8", "nf4")      # bitsandbytes
 HEADROOM = 0.10                  # of the device's memory, kept free
 CUDA_CONTEXT = 0.5 * 2**30       # CUDA context, cuBLAS/cuDNN handles: outside torch's allocator
 FRAMEWORK = 0.3 * 2**30          # caching-allocator fragmentation, workspaces, small buffers
+# Offloaded blocks on the device at once: the one computing and the next, prefetched (the
+# mechanism's bound, core/trainer's block swapper). The LoRA's own parameters stay resident.
+IN_FLIGHT = 2
 
 
 def state_bytes(optimizer, rank):
@@ -50,6 +54,20 @@ def base_bytes(shape, quantize, dtype):
         return shape["parameters"] * full
     quantized = min(shape["quantizable"], shape["parameters"])
     return quantized * QUANTIZED_BYTES[quantize] + (shape["parameters"] - quantized) * full
+
+
+def block_bytes(memory, shape, quantize, dtype):
+    """Bytes of each block's weights, in forward order, as stored (quantized or in dtype)."""
+    per_weight = QUANTIZED_BYTES.get(quantize, bytes_per_value(dtype or "bf16"))
+    return [count * per_weight for count in memory.block_parameters(shape)]
+
+
+def offloaded_bytes(blocks, offload_blocks):
+    """Bytes off the device with the last `offload_blocks` of `blocks` (bytes each) in CPU memory
+    (the last, as musubi-tuner's blocks_to_swap; for FLUX.1 the smaller single blocks, so the
+    estimate errs high), less the IN_FLIGHT largest of them that visit the device at once."""
+    moved = blocks[len(blocks) - offload_blocks:] if offload_blocks else []
+    return sum(moved) - sum(sorted(moved)[-IN_FLIGHT:])
 
 
 def parameters(count):
@@ -115,12 +133,14 @@ class PeakEstimate:
     quantize: str
     checkpointing: bool
     resolution: int
-    base: float
+    base: float         # the frozen model's bytes on the device (offloaded blocks excluded)
     lora: float
     activations: float
     transient: float
     vae: float
     fixed: float        # CUDA context + framework overhead (0 on a CPU)
+    offload_blocks: int = 0
+    offloaded: float = 0.0   # the frozen model's bytes kept in CPU memory
 
     @property
     def allocated(self):
@@ -133,24 +153,28 @@ class PeakEstimate:
 
 
 def peak_breakdown(config, quantize, gradient_checkpointing, resolution, shape=None,
-                   device_type="cuda"):
+                   device_type="cuda", offload_blocks=0):
     """PeakEstimate of one training step with these settings (config: defaults-filled)."""
     shape = shape or config_shape(config)
     family = memory_model(config)
     memory = estimate_memory(config, quantize, shape)
     model, train = config["model"], config["train"]
+    blocks = block_bytes(family, shape[0], quantize, model["dtype"])
+    offload_blocks = min(offload_blocks, len(blocks))
+    offloaded = offloaded_bytes(blocks, offload_blocks)
     activations = family.activation_bytes(shape[0], resolution, train["batch_size"], gradient_checkpointing,
-                                          train["dtype"], model["dtype"])
+                                          train["dtype"], model["dtype"], recomputed=offload_blocks)
     resident = family.resident_parameters(shape[0]) * bytes_per_value(model["dtype"])
     fixed = CUDA_CONTEXT + FRAMEWORK if device_type == "cuda" else 0
-    return PeakEstimate(quantize, bool(gradient_checkpointing), resolution, memory.base_bytes,
+    return PeakEstimate(quantize, bool(gradient_checkpointing), resolution, memory.base_bytes - offloaded,
                         memory.lora_bytes, activations, family.transient_bytes(shape[0], quantize),
-                        resident, fixed)
+                        resident, fixed, offload_blocks, offloaded)
 
 
-def estimate_peak(config, quantize, gradient_checkpointing, resolution):
+def estimate_peak(config, quantize, gradient_checkpointing, resolution, offload_blocks=0):
     """Estimated peak bytes on a CUDA device of one training step."""
-    return peak_breakdown(config, quantize, gradient_checkpointing, resolution).total
+    return peak_breakdown(config, quantize, gradient_checkpointing, resolution,
+                          offload_blocks=offload_blocks).total
 
 
 def fits(estimate_bytes, device_bytes):

@@ -39,7 +39,7 @@ IDENTITY_KEY = "identity"
 MODEL_KEYS = ("family", "path", "transformer_path", "clip_l_path", "t5_path", "text_encoder_path", "vae_path",
               "dtype", "quantize")
 DATASET_EXCLUDED = ("folder", "cache")
-TRAIN_EXCLUDED = ("resume", "steps", "gradient_checkpointing")
+TRAIN_EXCLUDED = ("resume", "steps", "gradient_checkpointing", "offload_blocks")  # memory, not math
 EMA_KEYS = ("ema", "ema_decay")
 MASK_KEYS = ("mask_folder", "alpha_mask", "mask_min")
 STEP_DEPENDENT_SCHEDULES = ("linear", "cosine")

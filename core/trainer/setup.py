@@ -1,5 +1,6 @@
 """The stages of a run before its step loop, in order: start (accelerator, memory settings), plan,
 run folder, model and caches, LoRA and optimizer. Each returns what the later ones use."""
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -8,7 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from ..memory import device_memory, resolve_memory_settings
+from ..memory import caption_device, device_memory, resolve_memory_settings
+from ..memory.offload import offload_blocks
 from ..coach.run_plan import plan_run
 from ..dataset import Cache, image_sizes, model_fingerprint
 from ..dataset.cache import file_digest
@@ -60,11 +62,12 @@ def start(config, on_event):
                               cpu=not torch.cuda.is_available())  # cpu: torchrun on CPUs is DDP too
     device = accelerator.device
     check_precision(config["model"]["dtype"], config["train"]["dtype"], device.type, config["model"]["quantize"])
-    # quantize and gradient checkpointing "auto" become what the memory estimate needs on this
-    # device (a run that cannot fit stops here, before loading); the run folder records them.
-    quantize, checkpointing, memory = resolve_memory_settings(config, device_memory(device), device.type)
+    # quantize, gradient checkpointing and offload_blocks "auto" become what the memory estimate
+    # needs on this device (a run that cannot fit stops here, before loading); the run folder
+    # records them.
+    quantize, checkpointing, offload, memory = resolve_memory_settings(config, device_memory(device), device.type)
     config = {**config, "model": {**config["model"], "quantize": quantize},
-              "train": {**config["train"], "gradient_checkpointing": checkpointing}}
+              "train": {**config["train"], "gradient_checkpointing": checkpointing, "offload_blocks": offload}}
     emit = (on_event if accelerator.is_main_process else None) or (lambda event: None)
     return Session(config, accelerator, get_family(config["model"]["family"]), emit, memory=memory)
 
@@ -140,7 +143,10 @@ def model_and_caches(session, planned, folder, pipeline):
     if pipeline is None:
         emit({"type": "status", "message": f"loading {model_cfg['path'] or model_cfg['transformer_path']}"})
         pipeline = load_model(model_cfg, model_cfg["quantize"])
-    family.encoders_to_device(pipeline, device)
+    text_device = text_encoding_device(session, pipeline)
+    family.encoders_to_device(pipeline, text_device)
+    if text_device != device:  # latents still encode on the device (every family's VAE is pipeline.vae)
+        pipeline.vae.to(device)
     items = planned.scan.items
     sizes = image_sizes(items, data_cfg["resolution"], family.size_multiple(pipeline))
     sample_prompts = prompts_with_trigger(config["sample"]["prompts"], data_cfg["trigger_word"])
@@ -157,13 +163,26 @@ def model_and_caches(session, planned, folder, pipeline):
                                             if index in trained else None)
     rebuilt = cache.fill(items, sizes, captions,  # what is read back from a disk cache is checked
                          encode_image=lambda image: family.encode_image(pipeline, image, device),
-                         encode_texts=lambda texts: family.encode_prompts(pipeline, texts, device),
+                         encode_texts=lambda texts: family.encode_prompts(pipeline, texts, text_device),
                          model_key=model_key,
                          on_progress=lambda done, total: emit({"type": "caching", "done": done, "total": total}),
                          make_mask=make_mask)
     for message in rebuilt:
         session.warn(message)
     return Model(pipeline, sizes, cache, sample_prompts, class_word)
+
+
+def text_encoding_device(session, pipeline):
+    """Where the captions are encoded (model.encode_on). A text-encoder LoRA trains the text
+    encoders, so they go on the device; else they are freed before the trained model comes on."""
+    device, setting = session.device, session.config["model"]["encode_on"]
+    if session.config["network"]["text_encoder"]:
+        return device
+    chosen = caption_device(session.family, pipeline, setting, device)
+    if chosen != device:
+        session.emit({"type": "status", "message": f"captions are encoded on the CPU (model.encode_on "
+                                                   f"{setting}): the text encoders stay off the {device.type}"})
+    return chosen
 
 
 @dataclass
@@ -194,9 +213,14 @@ def lora_and_optimizer(session, planned, folder, model):
     else:
         family.free_text_encoders(pipeline)  # their work is done: freed before the transformer comes on
         text = CachedText(model.cache, model.sample_prompts)
-    family.to_device(pipeline, device)
     trainable = family.trainable_model(pipeline)
-    parameters = add_lora(trainable, net_cfg["linear"], net_cfg["linear_alpha"], family.lora_targets(net_cfg), net_cfg)
+    # train.offload_blocks: those blocks' frozen weights stay on the host (before the model moves)
+    offload = offload_blocks(trainable, family.offload_blocks(trainable), train_cfg["offload_blocks"], device,
+                             train_cfg["gradient_checkpointing"])
+    family.to_device(pipeline, device)
+    with offload.weights_on_host() if offload else contextlib.nullcontext():
+        parameters = add_lora(trainable, net_cfg["linear"], net_cfg["linear_alpha"], family.lora_targets(net_cfg),
+                              net_cfg)
     if train_cfg["gradient_checkpointing"]:
         trainable.enable_gradient_checkpointing()
     trainable.train()

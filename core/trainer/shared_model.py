@@ -3,6 +3,8 @@ model's own forward, the same device, mode and gradient checkpointing, every wei
 (Its text encoders are the exception: they are freed after encoding and load again on demand.)"""
 import contextlib
 
+from ..memory.offload import restore as restore_offloaded
+
 
 @contextlib.contextmanager
 def given_back_unchanged(family, pipeline):
@@ -15,6 +17,7 @@ def given_back_unchanged(family, pipeline):
     try:
         yield
     finally:
+        restore_offloaded(model)  # train.offload_blocks: every weight back in its module
         family.remove_lora(pipeline)
         vars(model).pop("forward", None)  # accelerate's mixed-precision wrapper, if still there
         if model.is_gradient_checkpointing and not checkpointing:

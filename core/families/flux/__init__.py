@@ -8,7 +8,8 @@ from ...lora.files import module_tensors, only_lora_pairs, prefixed
 from ..base import ModelFamily
 from ..loss import loss_mask, weighted_mse
 from ..preservation import predict_preserving
-from . import flow, keys
+from ..parts import flow
+from . import keys
 from .memory import FluxMemory
 from .model import load_pipeline
 
@@ -42,12 +43,17 @@ class Flux(ModelFamily):
         path = model.get("transformer_path")
         if not path or not os.path.isfile(os.path.expanduser(path)):
             return False
-        from .files import identify
+        from .file_layout import identify
 
         try:
             return identify(os.path.expanduser(path)) == "flux_transformer"
         except (OSError, ValueError):
             return False
+
+    def describe_file(self, tensors):
+        from .file_layout import describe_file
+
+        return describe_file(tensors)
 
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
         from . import tiny

@@ -3,7 +3,7 @@ linears become bitsandbytes layers one at a time, so the full-precision copy shr
 diffusers' own BitsAndBytesConfig path needs a diffusers folder; ComfyUI's files have none."""
 import torch
 
-from .fp8 import is_block_linear
+from ..parts.fp8 import is_block_linear
 
 
 def quantize_block_linears(model, mode, compute_dtype, device):

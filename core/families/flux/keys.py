@@ -5,6 +5,7 @@ converters: those hard-code FLUX.1's width 3072, so they cannot convert the tiny
 import torch
 
 from ...lora.files import module_tensors, only_lora_pairs
+from ..parts.streaming import swap_halves
 
 # BFL module (inside a block) <- the diffusers modules it fuses, in order.
 DOUBLE_BLOCK = {
@@ -60,12 +61,6 @@ def block_modules(num_double, num_single):
     return pairs
 
 
-def _swap_halves(tensor):
-    # diffusers' AdaLayerNormContinuous orders (scale, shift); BFL's final layer (shift, scale).
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 def _one_to_one(num_double, num_single):
     """(bfl key, diffusers key, swap halves) for every tensor that is not fused: top-level
     weights and biases, and the q/k norms of each block."""
@@ -87,7 +82,7 @@ def transformer_to_bfl(state_dict, num_double, num_single):
     for bfl_key, diffusers_key, swap in _one_to_one(num_double, num_single):
         if diffusers_key in state_dict:  # biases are optional (guidance_in only on dev)
             value = state_dict[diffusers_key]
-            bfl[bfl_key] = _swap_halves(value) if swap else value
+            bfl[bfl_key] = swap_halves(value) if swap else value
     for bfl_name, parts in block_modules(num_double, num_single):
         for suffix in ("weight", "bias"):
             tensors = [state_dict[f"{p}.{suffix}"] for p in parts if f"{p}.{suffix}" in state_dict]
@@ -140,7 +135,7 @@ def bfl_to_transformer(bfl, reference_shapes, num_double, num_single):
     for bfl_key, diffusers_key, swap in _one_to_one(num_double, num_single):
         bfl_key = stored_key(bfl_key, bfl)
         if bfl_key in bfl:
-            diffusers[diffusers_key] = _swap_halves(bfl[bfl_key]) if swap else bfl[bfl_key]
+            diffusers[diffusers_key] = swap_halves(bfl[bfl_key]) if swap else bfl[bfl_key]
     for bfl_name, parts in block_modules(num_double, num_single):
         for suffix in ("weight", "bias"):
             if f"{bfl_name}.{suffix}" not in bfl:

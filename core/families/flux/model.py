@@ -1,27 +1,21 @@
 """Load a FLUX.1 pipeline from local files only: a diffusers folder, single files as ComfyUI
 keeps them (models/diffusion_models, text_encoders, vae) replacing its parts, or the single files
 alone (see single_files.py)."""
-import contextlib
 from dataclasses import dataclass
-import os
-import warnings
 
 import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
 from ..base import ModelError
+from ..parts.files import folder_transformer_files
+from ..parts import loading
+from ..parts.loading import quiet_loading
 
 
 def check_model_folder(path):
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise ModelError(f"model.path: {path} is not a folder. Give a local FLUX.1 diffusers folder "
-                         "(with model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/); "
-                         "`loralab make-tiny-model flux DIR` writes a small one to try.")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ModelError(f"model.path: {path} has no model_index.json, so it is not a diffusers "
-                         "folder. Point it at the folder that holds model_index.json.")
-    return path
+    return loading.check_model_folder(
+        path, "a local FLUX.1 diffusers folder (with model_index.json, transformer/, vae/, text_encoder/, "
+              "text_encoder_2/); `loralab make-tiny-model flux DIR` writes a small one to try.")
 
 
 def load_transformer_file(file_path, folder=None, dtype=torch.bfloat16, quantize="none"):
@@ -50,23 +44,6 @@ def _quantized_transformer(folder, quantize, dtype):
                          "quantization needs a CUDA GPU; set model.quantize to \"none\".") from error
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """No per-file progress bars or renamed-argument notices from diffusers/transformers while
-    loading: our own progress output says what is loading."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()
-    try:
-        import transformers.utils.logging as transformers_logging
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        yield
-
-
 def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", clip_l_path=None,
                   t5_path=None, vae_path=None, comfyui=None):
     """The FLUX.1 pipeline, every part loaded from local files in `dtype`: a diffusers folder
@@ -91,7 +68,7 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", cl
     if transformer_path:
         parts["transformer"] = load_transformer_file(transformer_path, folder, torch_dtype, quantize)
     elif quantize == "fp8":
-        shards = single_files.folder_transformer_files(folder)
+        shards = folder_transformer_files(folder)
         if not shards:
             raise ModelError(f"model.quantize = \"fp8\": {folder}/transformer has no .safetensors "
                              "weights to convert; give model.transformer_path or set model.quantize "

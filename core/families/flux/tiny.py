@@ -10,6 +10,9 @@ import os
 
 import torch
 
+from ..parts.autoencoder import vae_to_bfl
+from ..parts.tiny import CAPTION_WORDS, random_init, scaled_fp8, tiny_ae, write_bfl_vae, write_clip_tokenizer
+
 # Model shapes by preset. "tiny" trains in seconds on a CPU; "small" is FLUX-shaped (same block
 # structure, wider) for the benchmark.
 PRESETS = {
@@ -18,54 +21,6 @@ PRESETS = {
     "small": dict(layers=4, single_layers=8, heads=8, head_dim=32, rope=(8, 12, 12),
                   text_dim=256, clip_dim=128, vae_channels=(32, 64, 64), latent_channels=16),
 }
-
-_WORDS = ("a photo of the in on with and at by cat dog person man woman red blue green black "
-          "white portrait style painting sks ohwx trigger face smiling sitting standing tree "
-          "sky house car street light dark background close up wearing shirt hat glasses").split()
-
-
-def _bytes_to_unicode():
-    # CLIP's byte-level BPE alphabet: printable bytes map to themselves, the rest to 256+.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(code) for code in codes]
-
-
-def _write_clip_tokenizer(folder):
-    from transformers import CLIPTokenizer
-
-    os.makedirs(folder, exist_ok=True)
-    alphabet = _bytes_to_unicode()
-    vocab = {}
-    for char in alphabet:
-        vocab.setdefault(char, len(vocab))
-    for char in alphabet:
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges = []
-    for word in _WORDS:  # merge a few whole words so common captions tokenize compactly
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"),
-                              os.path.join(folder, "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
 
 # T5 tokens the tiny random models read (FLUX.1 reads 512): their captions are a few words, and at
 # 64 px a step attends over 80 tokens in place of 528 (as the shapes model does, shapes/packed.py).
@@ -76,7 +31,7 @@ def _t5_tokenizer():
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + word, -5.0) for word in _WORDS]
+    pieces += [("▁" + word, -5.0) for word in CAPTION_WORDS]
     pieces += [(chr(c), -10.0) for c in range(ord("a"), ord("z") + 1)]
     pieces += [(chr(c), -10.0) for c in range(ord("0"), ord("9") + 1)]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TEXT_LENGTH)
@@ -89,7 +44,7 @@ def build_tiny_flux(folder, preset="tiny", seed=0):
 
     shape = PRESETS[preset]
     torch.manual_seed(seed)
-    clip_tokenizer = _write_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    clip_tokenizer = write_clip_tokenizer(os.path.join(folder, "tokenizer"))
     t5_tokenizer = _t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_tokenizer), hidden_size=shape["clip_dim"],
@@ -139,39 +94,6 @@ def write_single_file(folder, path):
 CLIP_VOCAB, T5_VOCAB = 49408, 32128  # the real tokenizers' vocabularies (ComfyUI's checkout)
 
 
-def _vae_key_to_bfl(key):
-    """A diffusers AutoencoderKL key -> its name in BFL's ae.safetensors (LDM layout)."""
-    import re
-
-    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-    key = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", key)
-    key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
-    for old, new in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
-                     ("to_out.0", "proj_out")):
-        key = key.replace(f"attn_1.{old}.", f"attn_1.{new}.")
-    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
-    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
-    key = re.sub(r"up_blocks\.(\d+)\.resnets\.", r"up.U\1.block.", key)
-    key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", r"up.U\1.upsample.", key)
-    return key
-
-
-def vae_to_bfl(shapes, levels):
-    """{bfl key: (diffusers key, bfl shape)} of an AutoencoderKL (diffusers key -> shape); the
-    decoder's up blocks run in reverse order in BFL's layout, and attention projections are
-    1x1 convolutions there."""
-    import re
-
-    mapping = {}
-    for key, shape in shapes.items():
-        bfl = _vae_key_to_bfl(key)
-        bfl = re.sub(r"up\.U(\d+)\.", lambda m: f"up.{levels - 1 - int(m.group(1))}.", bfl)
-        if ".attn_1." in bfl and bfl.endswith(".weight") and len(shape) == 2:
-            shape = (*shape, 1, 1)
-        mapping[bfl] = (key, tuple(shape))
-    return mapping
-
-
 def _padded_rows(weight, rows, seed):
     """An embedding grown to `rows` (the real vocabulary): its own rows first, then small random
     ones, so the same token ids give the same embeddings."""
@@ -188,7 +110,8 @@ def write_comfyui_files(folder):
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from . import files, single_files
+    from ..parts import files
+    from . import single_files
     from .keys import transformer_to_bfl
 
     out = os.path.join(folder, "comfyui")
@@ -227,45 +150,6 @@ def write_comfyui_files(folder):
     return paths
 
 
-def write_bfl_vae(vae_folder, path):
-    """A diffusers AutoencoderKL folder as BFL's ae.safetensors (ComfyUI's models/vae)."""
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-
-    from . import single_files
-
-    vae = AutoencoderKL.from_pretrained(vae_folder)
-    state = vae.state_dict()
-    mapping = vae_to_bfl({k: v.shape for k, v in state.items()}, len(vae.config.block_out_channels))
-    save_file({b: state[d].reshape(shape).contiguous() for b, (d, shape) in mapping.items()}, path,
-              metadata={single_files.VAE_GROUPS_KEY: str(vae.config.norm_num_groups)})
-    return path
-
-
-def scaled_fp8(weights, block_prefixes):
-    """Weights as ComfyUI writes "scaled fp8": the block linear weights (keys starting with one of
-    `block_prefixes`) in float8_e4m3fn, each with a float32 `<layer>.scale_weight`, and the
-    `scaled_fp8` marker."""
-    from . import files, fp8
-
-    scaled = {files.SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
-    for key, value in weights.items():
-        if key.startswith(block_prefixes) and key.endswith(".weight") and value.dim() == 2:
-            scaled[key], scale = fp8.to_fp8(value)
-            scaled[key[:-len(".weight")] + ".scale_weight"] = scale.reshape(())
-        else:
-            scaled[key] = value
-    return scaled
-
-
-def _random(shape, name):
-    if len(shape) == 1 and "bias" not in name and ("norm" in name or name.endswith(".scale")):
-        return lambda: torch.ones(shape)
-    if len(shape) == 1:
-        return lambda: torch.zeros(shape)
-    return lambda: torch.randn(shape) * 0.02
-
-
 def write_real_width_files(folder, seed=0):
     """FLUX-width single files for the benchmark, random, written tensor by tensor (little RAM):
     a transformer of hidden 3072 / 24 heads with one double and one single block (bf16, BFL
@@ -274,7 +158,9 @@ def write_real_width_files(folder, seed=0):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from . import files, keys, single_files
+    from ..parts import files
+    from ..parts.autoencoder import VAE_GROUPS_KEY
+    from . import keys, single_files
 
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
@@ -301,30 +187,18 @@ def write_real_width_files(folder, seed=0):
         for suffix in ("weight", "bias"):
             part_shapes = [shapes[f"{p}.{suffix}"] for p in parts]
             bfl_shapes[f"{bfl_name}.{suffix}"] = (sum(s[0] for s in part_shapes), *part_shapes[0][1:])
-    files.write_streaming(paths["transformer"], [(k, s, bf16, _random(s, k)) for k, s in bfl_shapes.items()])
+    files.write_streaming(paths["transformer"], [(k, s, bf16, random_init(s, k)) for k, s in bfl_shapes.items()])
 
     clip_shapes = {("text_model." + k if not k.startswith("text_model.") else k): tuple(v.shape)
                    for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
     clip_shapes["text_projection.weight"] = (768, 768)
-    files.write_streaming(paths["clip_l"], [(k, s, bf16, _random(s, k)) for k, s in clip_shapes.items()],
+    files.write_streaming(paths["clip_l"], [(k, s, bf16, random_init(s, k)) for k, s in clip_shapes.items()],
                           {single_files.CLIP_HEADS_KEY: "12"})
     t5_shapes = {k: tuple(v.shape) for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    files.write_streaming(paths["t5"], [(k, s, bf16, _random(s, k)) for k, s in t5_shapes.items()])
+    files.write_streaming(paths["t5"], [(k, s, bf16, random_init(s, k)) for k, s in t5_shapes.items()])
     mapping = vae_to_bfl({k: tuple(v.shape) for k, v in vae.state_dict().items()}, 4)
-    files.write_streaming(paths["vae"], [(b, s, bf16, _random(s, b)) for b, (_, s) in mapping.items()],
-                          {single_files.VAE_GROUPS_KEY: "32"})
+    files.write_streaming(paths["vae"], [(b, s, bf16, random_init(s, b)) for b, (_, s) in mapping.items()],
+                          {VAE_GROUPS_KEY: "32"})
     return paths
 
 
-def tiny_ae(shape):
-    """FLUX.1's ae (AutoencoderKL with FLUX.1's shift and scale, no quant convs), tiny; Z-Image
-    uses the same ae."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=shape["latent_channels"],
-        block_out_channels=shape["vae_channels"], layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(shape["vae_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(shape["vae_channels"]),
-        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159)

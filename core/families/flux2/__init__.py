@@ -13,12 +13,14 @@ import os
 import torch
 
 from ...lora.files import prefixed
-from ..base import ModelError, ModelFamily, RuleOfThumb
-from ..flux import flow  # FLUX.1's noise levels and noisy input: the same flow-matching line
+from ..base import ModelFamily
 from ..loss import loss_mask, weighted_mse
+from ..parts import flow  # FLUX.1's noise levels and noisy input: the same flow-matching line
+from ..parts import fp8
+from ..parts.kohya import kohya_names
 from ..preservation import predict_preserving
-from ..zimage import kohya_names
-from .model import check_model_folder, load_pipeline
+from .memory import Flux2Memory
+from .model import is_distilled_name, load_pipeline
 
 # LoRA on every linear inside the blocks: double-stream attention (image and text q/k/v/out) and
 # feed-forwards, single-stream fused qkv+mlp and output. ComfyUI maps exactly these
@@ -36,7 +38,9 @@ class Flux2Klein(ModelFamily):
     name = "flux2"
     title = "FLUX.2 klein"
     pipeline_classes = ("Flux2KleinPipeline",)
-    single_files_text = "a diffusers folder (model.path): ComfyUI's single files are not read yet"
+    single_files = ("transformer_path", "text_encoder_path", "vae_path")
+    required_files = single_files
+    single_files_text = "its three single files (transformer, Qwen3 text encoder, FLUX.2 VAE) as ComfyUI keeps them"
     LORA_TARGETS = LORA_TARGETS
     KOHYA_METADATA = {"ss_base_model_version": "flux2", "ss_network_module": "networks.lora"}
     SIZE_MULTIPLE = 16  # the VAE's 8 x the 2x2 patches
@@ -44,36 +48,51 @@ class Flux2Klein(ModelFamily):
     # Flux2KleinPipeline's defaults for klein base: 1024 px, guidance 4 (true classifier-free
     # guidance against the empty caption) over 50 steps
     config_defaults = {"dataset.resolution": [1024], "sample.guidance_scale": 4.0, "sample.sample_steps": 50}
-    # no measured estimate yet: checkpointing on GPUs under 40 GB (a 4B transformer is 8 GB in bf16)
-    memory = RuleOfThumb(checkpointing_below_gb=40)
+    memory = Flux2Memory()
+
+    def claims_files(self, model):
+        """Files read to tell: a FLUX.2 transformer, or (with no transformer file) the FLUX.2 VAE."""
+        from .files import claims
+
+        return claims(model)
+
+    def describe_file(self, tensors):
+        from .files import describe_part
+
+        return describe_part(tensors)
 
     def advice(self, model):
-        """klein 4B / 9B (not -base) are step-distilled (model_index.json is_distilled): a LoRA
-        trained on them directly breaks the distillation."""
-        path = model.get("path")
+        """klein 4B / 9B (not -base) are step-distilled (model_index.json is_distilled; ComfyUI's
+        files say it by name, flux-2-klein-4b against flux-2-klein-base-4b): a LoRA trained on them
+        directly breaks the distillation."""
+        path, file = model.get("path"), model.get("transformer_path")
         index = os.path.join(os.path.expanduser(str(path or "")), "model_index.json")
-        if not (path and os.path.isfile(index)):
+        if file:
+            distilled, named = is_distilled_name(file), f"{file} (named as ComfyUI names the distilled klein)"
+        elif path and os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                distilled, named = json.load(f).get("is_distilled", False), f"{path} (model_index.json is_distilled)"
+        else:
             return []
-        with open(index, encoding="utf-8") as f:
-            distilled = json.load(f).get("is_distilled", False)
         if not distilled:
             return []
-        return [f"model: {path} is a step-distilled FLUX.2 klein (model_index.json is_distilled): a LoRA "
-                "trained on it directly breaks the distillation. Train on FLUX.2 klein base "
-                "(black-forest-labs/FLUX.2-klein-base-4B or -9B) and use the LoRA with the distilled model."]
+        return [f"model: {named} is a step-distilled FLUX.2 klein: a LoRA trained on it directly breaks the "
+                "distillation. Train on FLUX.2 klein base (black-forest-labs/FLUX.2-klein-base-4B or -9B; "
+                "ComfyUI's flux-2-klein-base-4b.safetensors) and use the LoRA with the distilled model."]
 
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
-        from .tiny import build_tiny
+        from .tiny import build_tiny, write_comfyui_files
 
-        return [build_tiny(folder, preset)]
+        folder = build_tiny(folder, preset)
+        return (list(write_comfyui_files(folder).values()) if comfyui else []) + [folder]
 
     def load(self, model, quantize="none", comfyui=None):
-        """The klein pipeline from `model["path"]` (a diffusers folder)."""
-        if quantize not in ("none", None):
-            raise ModelError(f"model.quantize = {quantize!r}: FLUX.2 klein trains unquantized for now; set "
-                             "model.quantize to \"none\".")
-        pipeline = load_pipeline(model)
-        pipeline.text_encoder_folder = (check_model_folder(model.get("path")), pipeline.text_encoder.dtype)
+        """The klein pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's single
+        files (model.transformer_path, text_encoder_path, vae_path)."""
+        self.check_quantize(quantize)
+        pipeline = load_pipeline(model, comfyui)
+        if quantize == "fp8":  # the blocks' linears in one byte, as its memory model counts them
+            fp8.replace_block_linears(pipeline.transformer, pipeline.transformer.dtype, convert=True)
         return pipeline
 
     def size_multiple(self, pipeline):
@@ -89,15 +108,7 @@ class Flux2Klein(ModelFamily):
     @staticmethod
     def _text_encoder_on(pipeline, device):
         if pipeline.text_encoder is None:
-            from transformers import Qwen3ForCausalLM
-
-            from ..flux.model import quiet_loading
-
-            folder, dtype = pipeline.text_encoder_folder
-            with quiet_loading():
-                encoder = Qwen3ForCausalLM.from_pretrained(folder, subfolder="text_encoder", dtype=dtype,
-                                                           local_files_only=True)
-            pipeline.register_modules(text_encoder=encoder.requires_grad_(False).eval())
+            pipeline.register_modules(text_encoder=pipeline.text_encoder_source.load())
         pipeline.text_encoder.to(device)
 
     def lora_to_diffusers(self, weights):

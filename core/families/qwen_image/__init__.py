@@ -8,7 +8,7 @@ import math
 import numpy
 import torch
 
-from ..flux import flow
+from ..parts import flow
 from ..loss import loss_mask, weighted_mse
 from ..base import ModelFamily
 from ..preservation import predict_preserving
@@ -80,6 +80,11 @@ class QwenImage(ModelFamily):
 
         return names_qwen_image(model)
 
+    def describe_file(self, tensors):
+        from .files import describe_part
+
+        return describe_part(tensors)
+
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
         from . import tiny
 
@@ -91,6 +96,7 @@ class QwenImage(ModelFamily):
 
     def load(self, model, quantize="none", comfyui=None):
         """The Qwen-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's files."""
+        self.check_quantize(quantize)
         return load_pipeline(model, quantize, comfyui)
 
     def size_multiple(self, pipeline):

@@ -11,11 +11,12 @@ is Wan 2.1's layout, which diffusers' convert_wan_vae_to_diffusers maps."""
 import os
 import re
 
-from ..flux import fp8 as fp8_ops
-from ..flux.files import SafetensorsFile, default_axes, describe, is_scale_key, read_header
+from .. import describe_file as describe
 from ..base import ModelError
-from ..flux.single_files import (_check_complete, _count_layers, _empty, _fill, _frozen, _identity_plan,
-                                 folder_transformer_files)
+from ..parts import fp8 as fp8_ops
+from ..parts.files import (SafetensorsFile, checked_file, count_layers, default_axes, folder_transformer_files,
+                           is_scale_key, read_header)
+from ..parts.streaming import check_complete, empty_model, fill, freeze, identity_plan
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 HEAD_DIM_KEY = "loralab.head_dim"  # what shapes cannot tell of a text encoder narrower than 7B
@@ -51,20 +52,24 @@ def kind(names):
     return None
 
 
+def describe_part(tensors):
+    """Words for a Qwen-Image transformer, text encoder or VAE (ModelFamily.describe_file)."""
+    found = kind(tensors)
+    return SLOTS[found][1] if found else None
+
+
 def check_file(expected, path):
     """The file's absolute path, after checking it exists and is the part `expected`."""
     setting, wanted = SLOTS[expected]
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.isfile(path):
-        raise ModelError(f"{setting}: file not found: {path}. Give {wanted}.")
-    try:
-        found = kind(read_header(path)[0])
-    except (OSError, ValueError):
-        found = None
-    if found != expected:
-        looks = SLOTS[found][1] if found else describe(path)
-        raise ModelError(f"{setting}: {path} looks like {looks}, not {wanted}. Give {wanted} in {setting}.")
-    return path
+
+    def looks(path):  # another part of Qwen-Image in its own words
+        try:
+            found = kind(read_header(path)[0])
+        except (OSError, ValueError):
+            found = None
+        return SLOTS[found][1] if found else describe(path)
+
+    return checked_file(path, setting, wanted, lambda tensors: kind(tensors) == expected, looks)
 
 
 def names_qwen_image(model_cfg):
@@ -91,7 +96,7 @@ def transformer_config(tensors):
     inner, in_channels = shape("img_in.weight")
     head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
     return {"patch_size": 2, "in_channels": int(in_channels), "out_channels": int(shape("proj_out.weight")[0]) // 4,
-            "num_layers": _count_layers(tensors, re.escape(prefix) + r"transformer_blocks\.(\d+)\."),
+            "num_layers": count_layers(tensors, re.escape(prefix) + r"transformer_blocks\.(\d+)\."),
             "attention_head_dim": int(head_dim), "num_attention_heads": int(inner) // int(head_dim),
             "joint_attention_dim": int(shape("txt_in.weight")[1]),
             "axes_dims_rope": default_axes(int(head_dim))}  # Qwen-Image's (16, 56, 56) at 128
@@ -114,13 +119,13 @@ def load_transformer(path, folder, dtype, quantize="none"):
     headers = [SafetensorsFile(p) for p in paths]
     tensors = {k: v for h in headers for k, v in h.tensors.items()}
     prefix = transformer_prefix(tensors)
-    model = _empty(lambda: QwenImageTransformer2DModel.from_config(transformer_config(tensors)))
+    model = empty_model(lambda: QwenImageTransformer2DModel.from_config(transformer_config(tensors)))
     fp8_names = set(fp8_ops.replace_block_linears(model, dtype)) if quantize == "fp8" else set()
     for header in headers:
         with header as source:
-            _fill(model, source, _identity_plan(source, model, lambda k: k[len(prefix):]), dtype, setting, fp8_names)
-    _check_complete(model, setting, paths[0])
-    return _frozen(model)
+            fill(model, source, identity_plan(source, model, lambda k: k[len(prefix):]), dtype, setting, fp8_names)
+    check_complete(model, setting, paths[0])
+    return freeze(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,14 +156,14 @@ def text_encoder_config(tensors, metadata):
     vision = {}
     if "model.visual.blocks.0.attn.qkv.weight" in names:
         width = shape("model.visual.blocks.0.attn.qkv.weight")[1]
-        vision = dict(depth=_count_layers(names, r"model\.visual\.blocks\.(\d+)\."), hidden_size=width,
+        vision = dict(depth=count_layers(names, r"model\.visual\.blocks\.(\d+)\."), hidden_size=width,
                       intermediate_size=shape("model.visual.blocks.0.mlp.gate_proj.weight")[0],
                       num_heads=int(metadata.get(VISION_HEADS_KEY, 16)),
                       out_hidden_size=shape("model.visual.merger.mlp.2.weight")[0])
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab, hidden_size=hidden,
                          intermediate_size=shape(text + "layers.0.mlp.gate_proj.weight")[0],
-                         num_hidden_layers=_count_layers(names, re.escape(text) + r"layers\.(\d+)\."),
+                         num_hidden_layers=count_layers(names, re.escape(text) + r"layers\.(\d+)\."),
                          num_attention_heads=shape(text + "layers.0.self_attn.q_proj.weight")[0] // head_dim,
                          num_key_value_heads=shape(text + "layers.0.self_attn.k_proj.weight")[0] // head_dim,
                          rms_norm_eps=1e-6, max_position_embeddings=128000,
@@ -175,12 +180,12 @@ def load_text_encoder(path, dtype):
     path = check_file("qwen25_vl", path)
     with SafetensorsFile(path) as source:
         config = text_encoder_config(source.tensors, source.metadata)
-        model = _empty(lambda: Qwen2_5_VLForConditionalGeneration(config))
-        _fill(model, source, _identity_plan(source, model, _text_encoder_name), dtype, "model.text_encoder_path")
+        model = empty_model(lambda: Qwen2_5_VLForConditionalGeneration(config))
+        fill(model, source, identity_plan(source, model, _text_encoder_name), dtype, "model.text_encoder_path")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    _check_complete(model, "model.text_encoder_path", path)
-    return _frozen(model)
+    check_complete(model, "model.text_encoder_path", path)
+    return freeze(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +239,11 @@ def load_vae(path, dtype):
     with SafetensorsFile(path) as source:
         base = source.tensors["encoder.conv1.weight"]["shape"][0]
         z_dim = source.tensors["conv2.weight"]["shape"][0]
-        model = _empty(lambda: AutoencoderKLQwenImage(base_dim=base, z_dim=z_dim))
+        model = empty_model(lambda: AutoencoderKLQwenImage(base_dim=base, z_dim=z_dim))
         renamed = {wan: ours for ours, wan in _vae_names(source.keys()).items()}
-        _fill(model, source, _identity_plan(source, model, lambda k: renamed.get(k, k)), dtype, "model.vae_path")
-    _check_complete(model, "model.vae_path", path)
-    return _frozen(model)
+        fill(model, source, identity_plan(source, model, lambda k: renamed.get(k, k)), dtype, "model.vae_path")
+    check_complete(model, "model.vae_path", path)
+    return freeze(model)
 
 
 def scheduler():

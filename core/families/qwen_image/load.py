@@ -7,9 +7,16 @@ import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
 from ..base import ModelError
-from ..flux.model import check_model_folder, quiet_loading
+from ..parts import loading
+from ..parts.loading import frozen, quiet_loading
 
 PARTS = ("transformer_path", "text_encoder_path", "vae_path")
+
+
+def check_model_folder(path):
+    return loading.check_model_folder(
+        path, "a local Qwen-Image diffusers folder (with model_index.json, transformer/, vae/, text_encoder/, "
+              "tokenizer/); `loralab make-tiny-model qwen_image DIR` writes a small one to try.")
 
 
 def load_pipeline(model, quantize="none", comfyui=None):
@@ -20,9 +27,6 @@ def load_pipeline(model, quantize="none", comfyui=None):
     from . import files
 
     dtype = to_torch_dtype(model["dtype"])
-    if quantize in ("nf4", "int8"):
-        raise ModelError(f"model.quantize = {quantize!r}: Qwen-Image offers none or fp8; set "
-                         "model.quantize to \"fp8\", \"none\" or \"auto\".")
     folder = check_model_folder(model["path"]) if model.get("path") else None
     parts = {}
     if model.get("text_encoder_path"):
@@ -42,12 +46,7 @@ def load_pipeline(model, quantize="none", comfyui=None):
                                                              local_files_only=True, **parts)
         except (OSError, ValueError) as error:
             raise ModelError(f"model.path: could not load a Qwen-Image pipeline from {folder}: {error}") from error
-    pipeline.set_progress_bar_config(disable=True)
-    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    pipeline.text_encoder_source = source
-    return pipeline
+    return frozen(pipeline, source)
 
 
 @dataclass(frozen=True)

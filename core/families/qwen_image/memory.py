@@ -1,20 +1,18 @@
 """Qwen-Image's memory model (core/families/base.py MemoryModel), FLUX.1's by analogy: its
 blocks are the same double-stream MMDiT block (attention over image + text tokens, an MLP of 4x
 the width and a 6-way modulation per stream), so FLUX.1's calibrated bytes per token and hidden
-unit (flux/memory.py) apply per block; Qwen-Image has 60 such blocks of width 3072 and no single
+unit (parts/mmdit_memory.py) apply per block; Qwen-Image has 60 such blocks of width 3072 and no single
 blocks. Text tokens: the batch is cut to its longest caption (text.py), counted as 256 (FLUX.1's
 memory model gives a model without guidance, schnell, 256: `guidance` False in the shape).
 
 Against musubi-tuner's published figures (docs/qwen_image.md, 1024 px, batch 1, bf16, gradient
 checkpointing): 42 GB unquantized, 30 GB with fp8 (docs/qwen-image.md compares ours)."""
 import functools
-import json
-import math
-import os
 import re
 
 from ...dtypes import bytes_per_value
-from ..flux.memory import FluxMemory, block_linear_parameters
+from ..parts.mmdit_memory import MMDiTMemory, block_linear_parameters
+from ..parts.model_shape import transformer_shape
 
 QWEN25_VL_7B_PARAMETERS = 8_292_166_656  # Qwen2.5-VL-7B-Instruct (language model and vision tower)
 
@@ -53,41 +51,20 @@ def _lora_linears(hidden):
             if isinstance(m, torch.nn.Linear) and re.fullmatch(LORA_TARGETS, "transformer_blocks.0." + name)]
 
 
-class QwenImageMemory(FluxMemory):
+class QwenImageMemory(MMDiTMemory):
     quantize_modes = ("none", "fp8")
     default_source = "Qwen-Image (no local model file read)"
 
     def shape(self, model):
-        from ..builtin import BUILTIN_MODELS, resolve_model_path
-        from ..flux.files import is_scale_key, read_header
         from .files import transformer_config
 
-        path, file = model.get("path"), model.get("transformer_path")
-        if path in BUILTIN_MODELS:
-            path = resolve_model_path(path)
-        config_path = os.path.join(path or "", "transformer", "config.json")
-        if file and os.path.isfile(file):
-            tensors, _ = read_header(file)
-            parameters = sum(math.prod(v["shape"]) for k, v in tensors.items() if not is_scale_key(k))
-            shape, source = _shape_of(transformer_config(tensors), parameters), file
-        elif path and os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-            shape, source = _shape_of(config, self._parameters(path)), config_path
-        else:
-            config, parameters, _ = _reference()
-            shape, source = _shape_of(config, parameters), self.default_source
-        shape["quantizable"] = block_linear_parameters(shape)  # FLUX.1's double-block count fits
-        return shape, source
+        def shape_of(config, parameters):
+            shape = _shape_of(config, parameters)
+            return {**shape, "quantizable": block_linear_parameters(shape)}  # FLUX.1's double-block count fits
 
-    @staticmethod
-    def _parameters(folder):
-        import glob
-
-        from ..flux.files import read_header
-
-        files = glob.glob(os.path.join(folder, "transformer", "*.safetensors"))
-        return sum(math.prod(info["shape"]) for path in files for info in read_header(path)[0].values())
+        reference = lambda: _reference()[:2]  # noqa: E731
+        return transformer_shape(model, shape_of, lambda tensors, metadata: transformer_config(tensors),
+                                 reference, self.default_source)
 
     def lora_parameters(self, shape, network):
         return network["linear"] * shape["num_layers"] * sum(i + o for i, o in _lora_linears(shape["hidden"]))

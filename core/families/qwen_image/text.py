@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from ..flux.single_files import comfyui_candidates
+from ..parts.streaming import comfyui_candidates
 from ..base import ModelError
 
 TOKENIZER = os.path.join("comfy", "text_encoders", "qwen25_tokenizer")

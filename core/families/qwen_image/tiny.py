@@ -80,7 +80,8 @@ def write_comfyui_files(folder):
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ..flux import files as flux_files, fp8
+    from ..parts import fp8
+    from ..parts.files import SCALED_FP8_MARKER
     from . import files
 
     out = os.path.join(folder, "comfyui")
@@ -95,7 +96,7 @@ def write_comfyui_files(folder):
     transformer = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     weights = {k: v.to(torch.bfloat16).contiguous() for k, v in transformer.state_dict().items()}
     save_file(weights, paths["transformer"])
-    plain, scaled = {}, {flux_files.SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
+    plain, scaled = {}, {SCALED_FP8_MARKER: torch.empty(0, dtype=fp8.FP8)}
     for key, value in weights.items():
         if fp8.is_block_linear(key) and key.endswith(".weight") and value.dim() == 2:
             plain[key] = value.to(fp8.FP8)
@@ -132,8 +133,8 @@ def write_real_width_files(folder, seed=0, parts=("transformer", "text_encoder",
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
-    from ..flux.files import write_streaming
-    from ..flux.tiny import _random
+    from ..parts.files import write_streaming
+    from ..parts.tiny import random_init
     from . import files
 
     torch.manual_seed(seed)
@@ -155,19 +156,19 @@ def write_real_width_files(folder, seed=0, parts=("transformer", "text_encoder",
     paths = {k: v for k, v in paths.items() if k in parts}
     if "transformer" in paths:
         shapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
-        write_streaming(paths["transformer"], [(k, s, bf16, _random(s, k)) for k, s in shapes.items()])
+        write_streaming(paths["transformer"], [(k, s, bf16, random_init(s, k)) for k, s in shapes.items()])
     if "text_encoder" in paths:
         _write_text_encoder(paths["text_encoder"], encoder)
     if "vae" in paths:
         vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-        write_streaming(paths["vae"], [(wan, vae_shapes[ours], bf16, _random(vae_shapes[ours], wan))
+        write_streaming(paths["vae"], [(wan, vae_shapes[ours], bf16, random_init(vae_shapes[ours], wan))
                                        for ours, wan in files.wan_names(vae_shapes).items()])
     return paths
 
 
 def _write_text_encoder(path, encoder):
-    from ..flux.files import write_streaming
-    from ..flux.tiny import _random
+    from ..parts.files import write_streaming
+    from ..parts.tiny import random_init
 
     shapes = {}
     for key, value in encoder.state_dict().items():
@@ -175,4 +176,4 @@ def _write_text_encoder(path, encoder):
             shapes["model." + key[len("model.language_model."):]] = tuple(value.shape)
         elif key.startswith("model.visual."):
             shapes[key[len("model."):]] = tuple(value.shape)
-    write_streaming(path, [(k, s, torch.bfloat16, _random(s, k)) for k, s in shapes.items()])
+    write_streaming(path, [(k, s, torch.bfloat16, random_init(s, k)) for k, s in shapes.items()])

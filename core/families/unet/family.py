@@ -52,6 +52,11 @@ class UNetFamily(ModelFamily):
 
         return detect(os.path.expanduser(checkpoint))["family"] == self.name
 
+    def describe_file(self, tensors):
+        from .files import describe_checkpoint
+
+        return describe_checkpoint(tensors)
+
     def make_tiny(self, folder, preset="tiny", single_file=None, comfyui=False):
         from .tiny import build_tiny, write_single_file
 
@@ -115,6 +120,22 @@ class UNetFamily(ModelFamily):
     def to_device(self, pipeline, device):
         pipeline.vae.to(device)
         pipeline.unet.to(device)
+
+    def offload_blocks(self, model):
+        """The resnets and attention transformer blocks in forward order: what diffusers
+        checkpoints one by one (a whole down or up block is never recomputed as one)."""
+        blocks = []
+        for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
+            resnets = list(block.resnets)
+            attentions = [list(a.transformer_blocks) for a in getattr(block, "attentions", None) or ()]
+            if block is model.mid_block:  # resnet, then (attention, resnet) pairs; diffusers never
+                resnets.pop(0)                # checkpoints that first resnet: it stays on the device
+                for attention, resnet in zip(attentions, resnets):
+                    blocks += [*attention, resnet]
+            else:  # (resnet, attention) pairs
+                for index, resnet in enumerate(resnets):
+                    blocks += [resnet, *(attentions[index] if index < len(attentions) else ())]
+        return blocks
 
     def free_text_encoders(self, pipeline):
         """Dropped after encoding: sampling reads cached embeddings; text_encoders loads them again."""

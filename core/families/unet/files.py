@@ -34,7 +34,8 @@ def detect(path):
         return _detect_folder(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file or folder")
-    from ..flux.files import describe, read_header
+    from .. import describe_file as describe
+    from ..parts.files import read_header
 
     try:
         tensors, metadata = read_header(path)
@@ -65,6 +66,16 @@ def family_of(names):
     if any(k.startswith(keys.SD15_CLIP_PREFIX) for k in names) and \
             not any(k.startswith(keys.UNET_PREFIX + "label_emb.") for k in names):
         return "sd15"
+    return None
+
+
+def describe_checkpoint(tensors):
+    """Words for an SDXL or SD1.x/2.x checkpoint (ModelFamily.describe_file), None for another file."""
+    if any(k.startswith("conditioner.embedders.1.") for k in tensors) or \
+            keys.UNET_PREFIX + "label_emb.0.0.weight" in tensors:
+        return "an SDXL checkpoint (UNet, VAE and text encoders in one file)"
+    if any(k.startswith(keys.UNET_PREFIX + "input_blocks.") for k in tensors):
+        return "a Stable Diffusion 1.x/2.x checkpoint (UNet, VAE and text encoder in one file)"
     return None
 
 
@@ -146,7 +157,7 @@ def unet_config(shapes, family, pooled_width=None):
 
 def vae_config(shapes, family):
     """The diffusers AutoencoderKL config of LDM VAE keys (FLUX's reader, SD's scaling)."""
-    from ..flux.single_files import vae_config as ldm_vae_config
+    from ..parts.autoencoder import vae_config as ldm_vae_config
 
     config = packaged_config(family, "vae")
     found = ldm_vae_config({k: {"shape": list(v)} for k, v in shapes.items()}, {})

@@ -97,7 +97,7 @@ def unet_to_ldm(names, config):
 
 def vae_to_ldm(shapes, levels):
     """{LDM key: (diffusers key, LDM shape)}; the mid-block attention is 1x1 convolutions there."""
-    from ..flux.tiny import vae_to_bfl
+    from ..parts.autoencoder import vae_to_bfl
 
     return vae_to_bfl(shapes, levels)
 

@@ -105,7 +105,8 @@ def _vae_from_diffusers(source, family, dtype):
 def load_vae_file(path, family, dtype):
     """An AutoencoderKL from a VAE file as ComfyUI keeps it in models/vae (LDM keys, e.g.
     sdxl_vae.safetensors, with or without `first_stage_model.`) or with diffusers keys."""
-    from ..flux.files import SafetensorsFile, describe
+    from .. import describe_file as describe
+    from ..parts.files import SafetensorsFile
 
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.isfile(path):
@@ -143,7 +144,7 @@ def _text_encoder(source, family, part, dtype):
 
 def load_text_encoders(path, family, dtype):
     """{"text_encoder": ..., ("text_encoder_2": ...)} from a single-file checkpoint."""
-    from ..flux.files import SafetensorsFile
+    from ..parts.files import SafetensorsFile
 
     with SafetensorsFile(path) as source:
         return {part: _text_encoder(source, family, part, _dtype(dtype)) for part in TEXT_PARTS[family]}
@@ -153,7 +154,7 @@ def load_tokenizers(family, comfyui=None, model_files=()):
     """CLIP's tokenizer(s) from ComfyUI's source (comfy/sd1_tokenizer); SDXL's second pads with "!"."""
     from transformers import CLIPTokenizer
 
-    from ..flux.single_files import comfyui_candidates
+    from ..parts.streaming import comfyui_candidates
 
     candidates = comfyui_candidates(comfyui, model_files)
     for base in candidates:
@@ -240,7 +241,7 @@ def _detect(family, setting, path):
 def _from_folder(family, folder, dtype, parts):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..flux.model import quiet_loading
+    from ..parts.loading import quiet_loading
 
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
@@ -255,9 +256,9 @@ def _from_folder(family, folder, dtype, parts):
 def _from_checkpoint(family, path, dtype, comfyui, prediction):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..flux.files import SafetensorsFile
+    from ..parts.files import SafetensorsFile
 
-    from ..flux.files import read_header
+    from ..parts.files import read_header
 
     zero_snr = "ztsnr" in read_header(path)[0]  # ComfyUI's marker of zero-terminal-SNR models
     parts = dict(load_tokenizers(family, comfyui, [path]), scheduler=scheduler(family, prediction, zero_snr=zero_snr))

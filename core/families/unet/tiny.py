@@ -45,14 +45,14 @@ def _tokenizers(folder, family, comfyui):
     fit the real-size embedding); SDXL's second pads with "!" as OpenCLIP does."""
     from transformers import CLIPTokenizer
 
-    from ..flux.tiny import _write_clip_tokenizer
+    from ..parts.tiny import write_clip_tokenizer
     from .load import ModelError, load_tokenizers
 
     try:
         return load_tokenizers(family, comfyui)
     except ModelError:
         source = os.path.join(folder, "tokenizer")
-        _write_clip_tokenizer(source)  # save_pretrained writes over it in the same place
+        write_clip_tokenizer(source)  # save_pretrained writes over it in the same place
     tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(source, model_max_length=77)}
     if family == "sdxl":
         tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, model_max_length=77, pad_token="!")

@@ -11,10 +11,13 @@ import numpy
 import torch
 
 from ...lora.files import prefixed
-from ..base import ModelError, ModelFamily, RuleOfThumb
-from ..flux import flow  # Z-Image uses FLUX.1's ae and FLUX.1's flow-matching line
+from ..base import ModelFamily
+from ..parts import fp8
 from ..loss import loss_mask, weighted_mse
+from ..parts import flow  # FLUX.1's flow-matching line
+from ..parts.kohya import kohya_names
 from ..preservation import predict_preserving
+from .memory import ZImageMemory
 from .model import load_pipeline
 
 # LoRA on the attention and feed-forward linears of every block: the main layers and both
@@ -22,6 +25,7 @@ from .model import load_pipeline
 # fused qkv, to_out.0, feed_forward.w1/w2/w3); the embedders and final layer stay frozen.
 LORA_TARGETS = r".*(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])"
 DIFFUSERS_PREFIX = "transformer."
+BLOCK_PREFIXES = ("layers.", "noise_refiner.", "context_refiner.")  # what model.quantize fp8 stores
 
 # The chat template of a one-message prompt, as ComfyUI writes it (comfy/text_encoders/z_image.py
 # llama_template) and as ZImagePipeline._encode_prompt gets it from Qwen3's chat template with
@@ -48,8 +52,7 @@ class ZImage(ModelFamily):
     # more steps than FLUX.1
     config_defaults = {"dataset.resolution": [1024], "train.timestep_type": "shift",
                        "sample.guidance_scale": 4.0, "sample.sample_steps": 30}
-    # no measured estimate yet: checkpointing on GPUs under 40 GB (a 6B transformer is 12 GB in bf16)
-    memory = RuleOfThumb(checkpointing_below_gb=40)
+    memory = ZImageMemory()
 
     def claims_files(self, model):
         """Files read to tell: a Z-Image transformer, or (with no transformer file) a Qwen3 text
@@ -61,6 +64,11 @@ class ZImage(ModelFamily):
             if path and os.path.isfile(path):
                 return describe(path).startswith(kind)
         return False
+
+    def describe_file(self, tensors):
+        from .single_files import describe_transformer
+
+        return describe_transformer(tensors)
 
     def advice(self, model):
         """Z-Image Turbo is step-distilled (8 steps, no guidance): a LoRA trained on it directly
@@ -86,10 +94,12 @@ class ZImage(ModelFamily):
     def load(self, model, quantize="none", comfyui=None):
         """The Z-Image pipeline from `model["path"]` (a diffusers folder) and/or ComfyUI's single
         files (model.transformer_path, text_encoder_path, vae_path)."""
-        if quantize not in ("none", None):
-            raise ModelError(f"model.quantize = {quantize!r}: Z-Image trains unquantized for now; set "
-                             "model.quantize to \"none\".")
-        return load_pipeline(model, comfyui)
+        self.check_quantize(quantize)
+        pipeline = load_pipeline(model, comfyui)
+        if quantize == "fp8":  # the blocks' linears in one byte, as its memory model counts them
+            fp8.replace_block_linears(pipeline.transformer, pipeline.transformer.dtype, convert=True,
+                                      prefixes=BLOCK_PREFIXES)
+        return pipeline
 
     def size_multiple(self, pipeline):
         """The VAE's downscale times the transformer's 2x2 patches."""
@@ -187,22 +197,6 @@ class ZImage(ModelFamily):
                               output_type="pil")
             images.append(result.images[0])
         return images
-
-
-def kohya_names(weights):
-    """peft LoRA weights (alpha baked into lora_B) -> `diffusion_model.<module>.lora_down/lora_up`
-    with `.alpha` = the rank, so the file's scale is 1."""
-    named = {}
-    for key, value in weights.items():
-        module, _, part = key.rpartition(".lora_")
-        if part == "A.weight":
-            named[f"diffusion_model.{module}.lora_down.weight"] = value
-            named[f"diffusion_model.{module}.alpha"] = torch.tensor(float(value.shape[0]))
-        elif part == "B.weight":
-            named[f"diffusion_model.{module}.lora_up.weight"] = value
-        else:
-            raise ValueError(f"not a LoRA weight: {key}")
-    return named
 
 
 def captions(text, mask):

@@ -1,14 +1,12 @@
 """Load a Z-Image pipeline from local files only: a diffusers folder of ZImagePipeline
 (Tongyi-MAI/Z-Image, Z-Image-Turbo or our tiny one), ComfyUI's single files replacing its parts,
 or the three single files alone (single_files.py)."""
-from dataclasses import dataclass
 import os
-
-import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
 from ..base import ModelError
-from ..flux.model import quiet_loading
+from ..parts.loading import frozen, quiet_loading
+from ..parts.qwen3 import TextEncoderSource
 
 
 def check_model_folder(path):
@@ -46,31 +44,4 @@ def load_pipeline(model, comfyui=None):
         except (OSError, ValueError) as error:
             raise ModelError(f"model.path: could not load a Z-Image pipeline from {folder}: {error}") from error
     single_files.check_widths(pipeline, model)
-    pipeline.set_progress_bar_config(disable=True)
-    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    pipeline.text_encoder_source = TextEncoderSource(folder, model.get("text_encoder_path"), dtype)
-    return pipeline
-
-
-@dataclass(frozen=True)
-class TextEncoderSource:
-    """Where the Qwen3 text encoder came from, so that it can be freed after encoding (Qwen3-4B is
-    about 8 GB in bf16) and loaded again for the next prompts instead of parked in RAM."""
-    folder: str
-    file: str
-    dtype: torch.dtype
-
-    def load(self):
-        from transformers import AutoModel
-
-        from .single_files import load_text_encoder
-
-        if self.file:
-            return load_text_encoder(self.file, self.dtype)
-        with quiet_loading():
-            encoder = AutoModel.from_pretrained(self.folder, subfolder="text_encoder", dtype=self.dtype,
-                                                local_files_only=True)
-        encoder.requires_grad_(False)
-        return encoder.eval()
+    return frozen(pipeline, TextEncoderSource(folder, model.get("text_encoder_path"), dtype))

@@ -7,15 +7,14 @@ import re
 
 import torch
 
-from ..flux.files import SafetensorsFile, describe as describe_other, read_header
-# TODO(contract): the single-file filling helpers belong to no one family
-from ..flux.single_files import (_check_complete, _count_layers, _empty, _fill, _frozen, _shapes,
-                                 comfyui_candidates, load_part as load_flux_part)
 from ..base import ModelError
+from ..parts import autoencoder, qwen3
+from ..parts.files import SafetensorsFile, count_layers
+from ..parts.qwen3 import QWEN_TOKENIZER
+from ..parts.streaming import check_complete, comfyui_candidates, empty_model, fill, freeze, model_shapes
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 AXES_METADATA_KEY = "loralab.axes_dims"  # our tiny files' rope axes (the real model's: 32, 48, 48)
-QWEN_TOKENIZER = os.path.join("comfy", "text_encoders", "qwen25_tokenizer")  # Qwen3's vocabulary too
 LUMINA2_DIM = 2304  # Lumina 2 has Z-Image's key layout at this width (ComfyUI's model_detection)
 
 SLOTS = {  # slot -> (setting, what to give)
@@ -34,32 +33,23 @@ def transformer_prefix(names):
     return None
 
 
-def qwen3_prefix(names):
-    """'model.' (ComfyUI's and Hugging Face's files) or '' of a Qwen3 text encoder, or None: the
-    keys ComfyUI's detect_te_model reads as Qwen3 (q_norm beside post_attention_layernorm)."""
-    for prefix in ("model.", ""):
-        if prefix + "layers.0.self_attn.q_norm.weight" in names and prefix + "layers.0.post_attention_layernorm.weight" in names:
-            return prefix
-    return None
+def describe_transformer(tensors):
+    """Words for a transformer in Z-Image's layout (ModelFamily.describe_file), None for another file."""
+    prefix = transformer_prefix(tensors)
+    if prefix is None:
+        return None
+    dim = tensors[prefix + "cap_embedder.1.weight"]["shape"][0]
+    if dim == LUMINA2_DIM:
+        return "a Lumina 2 transformer"
+    extra = " Omni" if prefix + "siglip_embedder.0.weight" in tensors else ""
+    return f"a Z-Image{extra} transformer ({dim} wide)"
 
 
 def describe(path):
-    """What a file looks like, in words, Z-Image's parts included."""
-    try:
-        tensors, _ = read_header(path)
-    except (OSError, ValueError) as error:
-        return f"not a readable .safetensors file ({error})"
-    prefix = transformer_prefix(tensors)
-    if prefix is not None:
-        dim = tensors[prefix + "cap_embedder.1.weight"]["shape"][0]
-        if dim == LUMINA2_DIM:
-            return "a Lumina 2 transformer"
-        extra = " Omni" if prefix + "siglip_embedder.0.weight" in tensors else ""
-        return f"a Z-Image{extra} transformer ({dim} wide)"
-    prefix = qwen3_prefix(tensors)
-    if prefix is not None:
-        return f"a Qwen3 text encoder ({tensors[prefix + 'embed_tokens.weight']['shape'][1]} wide)"
-    return describe_other(path)
+    """What a file looks like, in words (every family's files; core/families/__init__.py)."""
+    from .. import describe_file
+
+    return describe_file(path)
 
 
 def check_file(slot, path):
@@ -100,8 +90,8 @@ def transformer_config(tensors, metadata, prefix):
     kv_heads = (shape("layers.0.attention.qkv.weight")[0] - dim) // (2 * head_dim)
     return {"in_channels": shape("x_embedder.weight")[1] // 4, "dim": dim, "n_heads": dim // head_dim,
             "n_kv_heads": kv_heads, "cap_feat_dim": cap_feat_dim,
-            "n_layers": _count_layers(tensors, re.escape(prefix) + r"layers\.(\d+)\."),
-            "n_refiner_layers": _count_layers(tensors, re.escape(prefix) + r"noise_refiner\.(\d+)\."),
+            "n_layers": count_layers(tensors, re.escape(prefix) + r"layers\.(\d+)\."),
+            "n_refiner_layers": count_layers(tensors, re.escape(prefix) + r"noise_refiner\.(\d+)\."),
             "axes_dims": _axes(head_dim, metadata), "axes_lens": [1536, 512, 512], "rope_theta": 256.0}
 
 
@@ -132,17 +122,17 @@ def load_transformer(path, dtype):
     with SafetensorsFile(path) as source:
         prefix = transformer_prefix(source.tensors)
         config = transformer_config(source.tensors, source.metadata, prefix)
-        model = _empty(lambda: ZImageTransformer2DModel(**config))
-        shapes = _shapes(model)
+        model = empty_model(lambda: ZImageTransformer2DModel(**config))
+        shapes = model_shapes(model)
         plan = []
         for key in source.keys():
             if key.startswith(prefix):
                 targets = comfy_to_diffusers(key[len(prefix):], config)
                 if all(name in shapes for name, _ in targets):
                     plan.append((key, targets, False))
-        _fill(model, source, plan, dtype, "model.transformer_path")
-    _check_complete(model, "model.transformer_path", path)
-    return _frozen(model)
+        fill(model, source, plan, dtype, "model.transformer_path")
+    check_complete(model, "model.transformer_path", path)
+    return freeze(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,28 +140,8 @@ def load_transformer(path, dtype):
 
 
 def load_text_encoder(path, dtype):
-    """transformers' Qwen3Model, its config read from the shapes (Qwen3-4B: 36 layers, 2560 wide)."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    path = check_file("text_encoder", path)
-    with SafetensorsFile(path) as source:
-        prefix = qwen3_prefix(source.tensors)
-        shape = lambda key: source.tensors[prefix + key]["shape"]  # noqa: E731
-        vocab, hidden = shape("embed_tokens.weight")
-        head_dim = shape("layers.0.self_attn.q_norm.weight")[0]
-        config = Qwen3Config(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=shape("layers.0.mlp.gate_proj.weight")[0],
-            num_hidden_layers=_count_layers(source.tensors, re.escape(prefix) + r"layers\.(\d+)\."),
-            num_attention_heads=shape("layers.0.self_attn.q_proj.weight")[0] // head_dim,
-            num_key_value_heads=shape("layers.0.self_attn.k_proj.weight")[0] // head_dim, head_dim=head_dim,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960)  # Qwen3-4B's (ComfyUI's llama.py)
-        model = _empty(lambda: Qwen3Model(config))
-        shapes = _shapes(model)
-        plan = [(key, [(key[len(prefix):], shapes[key[len(prefix):]][0])], False) for key in source.keys()
-                if key.startswith(prefix) and key[len(prefix):] in shapes]
-        _fill(model, source, plan, dtype, "model.text_encoder_path")
-    _check_complete(model, "model.text_encoder_path", path)
-    return _frozen(model)
+    """transformers' Qwen3Model from ComfyUI's file (Qwen3-4B: 36 layers, 2560 wide)."""
+    return qwen3.load_text_encoder(check_file("text_encoder", path), dtype)
 
 
 def load_tokenizer(comfyui=None, model_files=()):
@@ -206,7 +176,7 @@ def load_parts(model, dtype):
     if model.get("text_encoder_path"):
         parts["text_encoder"] = load_text_encoder(model["text_encoder_path"], dtype)
     if model.get("vae_path"):
-        parts["vae"] = load_flux_part("vae", model["vae_path"], dtype)  # FLUX.1's ae, as FLUX.1 reads it
+        parts["vae"] = autoencoder.load(model["vae_path"], dtype)  # FLUX.1's ae
     return parts
 
 

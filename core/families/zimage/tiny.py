@@ -7,9 +7,7 @@ import os
 
 import torch
 
-# Qwen3's embedding rows (its config's vocab_size, beyond the tokenizer's 151669 ids): the tiny
-# text encoder keeps them so that the real tokenizer (ComfyUI's qwen25_tokenizer) fits it too.
-QWEN3_VOCAB = 151936
+from ..parts.tiny import QWEN3_VOCAB, write_qwen3_tokenizer
 
 PRESETS = {
     # dim = heads x sum(axes_dims); ComfyUI and the FLUX.1 ae have 16 latent channels, and
@@ -19,43 +17,9 @@ PRESETS = {
                  text_layers=2, vae_channels=(16, 32), latent_channels=16),
 }
 
-# Qwen3's chat template, reduced to what a one-message prompt uses: the pipeline formats prompts
-# with it (apply_chat_template, enable_thinking=True), which gives ComfyUI's llama_template.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}")
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-_WORDS = ("a photo of the in on with and at by cat dog person man woman red blue green black white "
-          "portrait style painting sks ohwx trigger face star circle square user assistant").split()
-
-
-def write_tokenizer(folder, max_length=64):
-    """A byte-level BPE Qwen2Tokenizer with a few hundred tokens (Qwen's special tokens, whole-word
-    merges for common caption words) and Qwen3's chat template; the real one is 151669 tokens."""
-    from transformers import Qwen2Tokenizer
-
-    from ..flux.tiny import _bytes_to_unicode  # GPT-2's byte-level alphabet, which Qwen's BPE uses
-
-    vocab = {char: i for i, char in enumerate(_bytes_to_unicode())}
-    merges = []
-    for word in _WORDS:  # "Ġ" is the byte-level space: " photo" merges to one token
-        pieces = ["Ġ"] + list(word)
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=max_length,
-                               additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
 def tiny_vae(shape):
     """FLUX.1's ae, tiny: Z-Image decodes with FLUX.1's."""
-    from ..flux.tiny import tiny_ae
+    from ..parts.tiny import tiny_ae
 
     return tiny_ae(shape)
 
@@ -67,7 +31,7 @@ def build_tiny(folder, preset="tiny", seed=0):
 
     shape = PRESETS[preset]
     torch.manual_seed(seed)
-    tokenizer = write_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer = write_qwen3_tokenizer(os.path.join(folder, "tokenizer"))
     text_encoder = Qwen3Model(Qwen3Config(
         vocab_size=QWEN3_VOCAB, hidden_size=shape["text_dim"], intermediate_size=shape["text_dim"] * 2,
         num_hidden_layers=shape["text_layers"], num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -117,7 +81,7 @@ def write_comfyui_files(folder):
     from safetensors.torch import save_file
     from transformers import Qwen3Model
 
-    from ..flux.tiny import scaled_fp8, write_bfl_vae
+    from ..parts.tiny import scaled_fp8, write_bfl_vae
     from .single_files import AXES_METADATA_KEY
 
     out = os.path.join(folder, "comfyui")
@@ -149,8 +113,8 @@ def write_real_width_files(folder, seed=0):
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from ..flux.files import write_streaming
-    from ..flux.tiny import _random
+    from ..parts.files import write_streaming
+    from ..parts.tiny import random_init
 
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
@@ -162,7 +126,7 @@ def write_real_width_files(folder, seed=0):
                                               num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
                                               head_dim=128))
     shapes = {k: tuple(v.shape) for k, v in to_comfyui_layout(transformer.state_dict()).items()}
-    write_streaming(paths["zimage_transformer"], [(k, s, torch.bfloat16, _random(s, k)) for k, s in shapes.items()])
+    write_streaming(paths["zimage_transformer"], [(k, s, torch.bfloat16, random_init(s, k)) for k, s in shapes.items()])
     shapes = {"model." + k: tuple(v.shape) for k, v in text_encoder.state_dict().items()}
-    write_streaming(paths["zimage_text_encoder"], [(k, s, torch.bfloat16, _random(s, k)) for k, s in shapes.items()])
+    write_streaming(paths["zimage_text_encoder"], [(k, s, torch.bfloat16, random_init(s, k)) for k, s in shapes.items()])
     return paths

@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 
+from ...parts import tiny as parts_tiny
 from .. import tiny
 from .scenes import PALETTE, SHAPES
 
@@ -15,14 +16,16 @@ SCENE_WORDS = tuple(PALETTE) + SHAPES + ("magenta", "star", "five", "pointed")
 
 @contextlib.contextmanager
 def _scene_words():
-    # tiny.py makes its word list whole tokens; the colours and shapes are added for this build only,
-    # so "yellow" is one token, not six letters.
-    words = tiny._WORDS
-    tiny._WORDS = list(words) + [w for w in SCENE_WORDS if w not in words]
+    # the tiny tokenizers make their word list whole tokens (the CLIP one in parts/tiny.py, the T5
+    # one in tiny.py); the colours and shapes are added for this build only, so "yellow" is one
+    # token, not six letters.
+    words = parts_tiny.CAPTION_WORDS
+    scene = tuple(words) + tuple(w for w in SCENE_WORDS if w not in words)
+    parts_tiny.CAPTION_WORDS = tiny.CAPTION_WORDS = scene
     try:
         yield
     finally:
-        tiny._WORDS = words
+        parts_tiny.CAPTION_WORDS = tiny.CAPTION_WORDS = words
 
 
 def _local_t5_attention(t5):

@@ -29,7 +29,8 @@ import time
 import numpy
 import torch
 
-from .. import encode_prompts, flow, predict
+from ...parts import flow
+from .. import FAMILY as flux
 from .base import build_base
 from .packed import build_shapes_flux, pack_folder
 from .scenes import all_captions, random_scene
@@ -104,7 +105,7 @@ class Trainer:
         self.pipeline, self.seed = pipeline, seed
         self.transformer = pipeline.transformer
         captions = all_captions()
-        encoded = encode_prompts(pipeline, captions, "cpu")  # 512 T5 tokens, as sampling reads
+        encoded = flux.encode_prompts(pipeline, captions, "cpu")  # 512 T5 tokens, as sampling reads
         self.text = {c: encoded[c][0] for c in captions}
         self.pooled = {c: encoded[c][1] for c in captions}
         self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=3e-4, weight_decay=0.01)
@@ -125,7 +126,7 @@ class Trainer:
         text = torch.stack([self.text[c][:text_tokens] for c in captions])
         pooled = torch.stack([self.pooled[c] for c in captions])
         height, width = latents.shape[2:]
-        prediction = predict(self.transformer, flow.pack(noisy), sigmas, text, pooled, height, width, guidance)
+        prediction = flux.predict(self.transformer, flow.pack(noisy), sigmas, text, pooled, height, width, guidance)
         return torch.nn.functional.mse_loss(prediction, flow.pack(target))
 
     def step(self, step, plan):

@@ -126,17 +126,21 @@ class Float8Linear(nn.Linear):
         return super().extra_repr() + f", fp8, compute_dtype={self.compute_dtype}"
 
 
-def is_block_linear(name):
-    """The block linears kept in fp8: those of transformer_blocks.* and single_transformer_blocks.*."""
-    return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # FLUX.1's, Qwen-Image's, FLUX.2's
 
 
-def replace_block_linears(transformer, compute_dtype, convert=False):
-    """Every block nn.Linear of the transformer becomes a Float8Linear: empty on the meta device
-    (to be filled by a loader) or, with convert=True, quantized from the layer's own weight one
-    layer at a time."""
+def is_block_linear(name, prefixes=BLOCK_PREFIXES):
+    """The block linears kept in fp8: those under the blocks' `prefixes` (FLUX.1's
+    transformer_blocks.* and single_transformer_blocks.* by default)."""
+    return name.startswith(prefixes)
+
+
+def replace_block_linears(transformer, compute_dtype, convert=False, prefixes=BLOCK_PREFIXES):
+    """Every block nn.Linear of the transformer (under `prefixes`) becomes a Float8Linear: empty
+    on the meta device (to be filled by a loader) or, with convert=True, quantized from the
+    layer's own weight one layer at a time."""
     targets = [(name, module) for name, module in transformer.named_modules()
-               if is_block_linear(name) and type(module) is nn.Linear]
+               if is_block_linear(name, prefixes) and type(module) is nn.Linear]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = transformer.get_submodule(parent_name)

@@ -1,8 +1,8 @@
 """Single .safetensors files as ComfyUI users keep them: read the header without loading any
 tensor, stream tensors one at a time with plain file reads (not mmap: the pages read stay in the
 OS's file cache and never count towards the process's resident memory), undo fp8 and ComfyUI's
-"scaled fp8", and tell what a file is (a FLUX transformer, a CLIP-L, a T5, a FLUX VAE, an SD
-checkpoint...) from its key names and shapes."""
+"scaled fp8", write a file tensor by tensor, and tell what the shared parts are (a CLIP, a T5, an
+autoencoder, a LoRA) from their key names and shapes; each family describes its own files."""
 import json
 import math
 import os
@@ -11,8 +11,6 @@ import struct
 
 import torch
 from safetensors import SafetensorError, safe_open
-
-from .keys import stored_key
 
 # safetensors dtype names -> torch dtypes: tensors are read with plain file reads (below), so
 # their bytes are viewed as these
@@ -150,20 +148,8 @@ def dequantize(weight, scale, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# What a file is
-
-
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
-
-
-def strip_prefix(names):
-    """The prefix ComfyUI or other exporters put before a transformer's BFL or diffusers keys
-    ('' if none); ComfyUI's loader strips `model.diffusion_model.` or `model.` from either
-    (comfy/model_detection.py, unet_prefix_from_state_dict)."""
-    for prefix in _PREFIXES:
-        if any(k.startswith((prefix + "double_blocks.", prefix + "transformer_blocks.")) for k in names):
-            return prefix
-    return ""
+# What a file is: the parts several families share (each family describes its own files,
+# ModelFamily.describe_file; core/families/__init__.py describe_file asks them first)
 
 
 def clip_prefix(names):
@@ -176,66 +162,45 @@ def clip_prefix(names):
     return None
 
 
-def _count(names, pattern):
+def count_layers(names, pattern):
+    """How many numbered layers `pattern` (one group: the number) finds in key names."""
     regex = re.compile(pattern)
     found = {int(m.group(1)) for m in map(regex.match, names) if m}
     return max(found) + 1 if found else 0
 
 
-def identify(path):
-    """One of "flux_transformer", "clip_l", "t5", "flux_vae", "sdxl_checkpoint",
-    "sd15_checkpoint", "unknown"."""
-    return _identify(read_header(path)[0])
+def is_clip(tensors):
+    return clip_prefix(tensors) is not None
 
 
-def _identify(tensors):
-    names = set(tensors)
-    prefix = strip_prefix(names)
-    if prefix + "double_blocks.0.img_attn.qkv.weight" in names or \
-            prefix + "x_embedder.weight" in names and prefix + "transformer_blocks.0.attn.add_q_proj.weight" in names:
-        return "flux_transformer"
-    if any(k.startswith("conditioner.embedders.1.") for k in names) or \
-            "model.diffusion_model.label_emb.0.0.weight" in names:
-        return "sdxl_checkpoint"
-    if any(k.startswith("model.diffusion_model.input_blocks.") for k in names):
-        return "sd15_checkpoint"
-    if clip_prefix(names) is not None:
-        return "clip_l"
-    if any(k.startswith("encoder.block.") for k in names) and \
-            any(k.endswith("SelfAttention.q.weight") for k in names):
-        return "t5"
-    if "encoder.conv_in.weight" in names and "decoder.conv_in.weight" in names:
-        return "flux_vae" if "encoder.down.0.block.0.conv1.weight" in names else "unknown"
-    return "unknown"
+def is_t5(tensors):
+    return any(k.startswith("encoder.block.") for k in tensors) and \
+        any(k.endswith("SelfAttention.q.weight") for k in tensors)
 
 
-def describe(path):
-    """A short human text of what the file looks like."""
-    try:
-        tensors, _ = read_header(path)
-    except (OSError, ValueError) as error:
-        return f"not a readable .safetensors file ({error})"
-    kind = _identify(tensors)
-    if kind == "flux_transformer":
-        prefix = strip_prefix(tensors)
-        variant = "dev" if any(k.startswith(prefix + "guidance_in.") or
-                               k.startswith(prefix + "time_text_embed.guidance_embedder.") for k in tensors) \
-            else "schnell"
-        return f"a FLUX.1 transformer ({variant})"
-    if kind == "clip_l":
+def is_ldm_autoencoder(tensors):
+    """An autoencoder in BFL's / the original LDM's key layout (FLUX.1's ae.safetensors)."""
+    return "encoder.conv_in.weight" in tensors and "decoder.conv_in.weight" in tensors and \
+        "encoder.down.0.block.0.conv1.weight" in tensors
+
+
+def describe_shared(tensors):
+    """Words for the files no one family owns: text encoders, autoencoders, LoRAs."""
+    if is_clip(tensors):
         width = tensors[clip_prefix(tensors) + "embeddings.token_embedding.weight"]["shape"][1]
         name = {768: "CLIP-L", 1024: "CLIP-H", 1280: "CLIP-G"}.get(width, f"CLIP ({width} wide)")
         return f"a {name} text encoder"
-    if kind == "t5":
-        layers = _count(tensors, r"encoder\.block\.(\d+)\.")
+    if is_t5(tensors):
+        layers = count_layers(tensors, r"encoder\.block\.(\d+)\.")
         return f"a T5 text encoder ({layers} layers)"
-    if kind == "flux_vae":
+    from .qwen3 import describe as describe_qwen3
+
+    qwen3 = describe_qwen3(tensors)
+    if qwen3:
+        return qwen3
+    if is_ldm_autoencoder(tensors):
         latent = tensors["decoder.conv_in.weight"]["shape"][1]
         return f"an autoencoder (VAE) with {latent} latent channels"
-    if kind == "sdxl_checkpoint":
-        return "an SDXL checkpoint (UNet, VAE and text encoders in one file)"
-    if kind == "sd15_checkpoint":
-        return "a Stable Diffusion 1.x/2.x checkpoint (UNet, VAE and text encoder in one file)"
     if any(".lora_down." in k or ".lora_A." in k or "lora_unet_" in k for k in tensors):
         return "a LoRA"
     if "decoder.conv_in.weight" in tensors:
@@ -244,7 +209,27 @@ def describe(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The transformer's config, read from the file
+# Rope axes
+
+
+def checked_file(path, setting, wanted, is_wanted, looks=None):
+    """The file's absolute path, after checking it exists and that `is_wanted(tensors)` holds for
+    its header; else a ModelError naming the setting, what the file looks like (`looks(path)`,
+    by default what the families say of it) and what to give."""
+    from ..base import ModelError
+
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.isfile(path):
+        raise ModelError(f"{setting}: file not found: {path}. Give {wanted}.")
+    try:
+        found = is_wanted(read_header(path)[0])
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        if looks is None:
+            from .. import describe_file as looks
+        raise ModelError(f"{setting}: {path} looks like {looks(path)}, not {wanted}. Give {wanted} in {setting}.")
+    return path
 
 
 def default_axes(head_dim):
@@ -259,56 +244,16 @@ def default_axes(head_dim):
     return (first, side, side)
 
 
-def transformer_config(tensors, metadata):
-    """The diffusers FluxTransformer2DModel config of a transformer file (BFL or diffusers keys),
-    from its header: block counts, heads, widths, dev (guidance) or schnell."""
-    names = set(tensors)
-    prefix = strip_prefix(names)
-    shape = lambda name: tensors[name]["shape"]  # noqa: E731
-    if prefix + "img_in.weight" in names or "double_blocks.0.img_attn.qkv.weight" in names:
-        p = prefix
-        num_layers = _count(names, re.escape(p) + r"double_blocks\.(\d+)\.")
-        num_single = _count(names, re.escape(p) + r"single_blocks\.(\d+)\.")
-        hidden, in_channels = shape(p + "img_in.weight")
-        head_dim = shape(stored_key(p + "double_blocks.0.img_attn.norm.query_norm.scale", names))[0]
-        joint = shape(p + "txt_in.weight")[1]
-        pooled = shape(p + "vector_in.in_layer.weight")[1]
-        guidance = p + "guidance_in.in_layer.weight" in names
-        out_channels = shape(p + "final_layer.linear.weight")[0]
-    else:
-        names = {k[len(prefix):] for k in names if k.startswith(prefix)}
-        shape = lambda name: tensors[prefix + name]["shape"]  # noqa: E731
-        num_layers = _count(names, r"transformer_blocks\.(\d+)\.")
-        num_single = _count(names, r"single_transformer_blocks\.(\d+)\.")
-        hidden, in_channels = shape("x_embedder.weight")
-        head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
-        joint = shape("context_embedder.weight")[1]
-        pooled = shape("time_text_embed.text_embedder.linear_1.weight")[1]
-        guidance = "time_text_embed.guidance_embedder.linear_1.weight" in names
-        out_channels = shape("proj_out.weight")[0]
-    axes = None
-    if metadata and metadata.get(AXES_METADATA_KEY):
-        try:
-            axes = tuple(int(a) for a in json.loads(metadata[AXES_METADATA_KEY]))
-        except (ValueError, TypeError, RecursionError):  # damaged metadata: ignored, as a wrong sum is
-            axes = None
-        if axes and sum(axes) != head_dim:
-            axes = None
-    config = {
-        "patch_size": 1,
-        "in_channels": int(in_channels),
-        "num_layers": num_layers,
-        "num_single_layers": num_single,
-        "attention_head_dim": int(head_dim),
-        "num_attention_heads": int(hidden) // int(head_dim),
-        "joint_attention_dim": int(joint),
-        "pooled_projection_dim": int(pooled),
-        "guidance_embeds": guidance,
-        "axes_dims_rope": axes or default_axes(int(head_dim)),
-    }
-    if out_channels != in_channels:
-        config["out_channels"] = int(out_channels)
-    return config
+def folder_transformer_files(folder):
+    """The safetensors shard(s) of a diffusers folder's transformer, or None if it has none."""
+    sub = os.path.join(folder, "transformer")
+    index = os.path.join(sub, "diffusion_pytorch_model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(sub, s) for s in shards]
+    single = os.path.join(sub, "diffusion_pytorch_model.safetensors")
+    return [single] if os.path.isfile(single) else None
 
 
 def file_size(path):
