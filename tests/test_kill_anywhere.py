@@ -81,7 +81,9 @@ def _wait(launch, fired, deadline_s=120):
             return True
         if launch.process.poll() is not None:
             return False
-        time.sleep(0)  # spin: a save's temporary lives a few milliseconds
+        # a save's temporary lives a few milliseconds: look every 0.2 ms (a spin would take a core
+        # from the run being killed and from the other test worker)
+        time.sleep(0.0002)
     raise AssertionError(f"nothing to kill on within {deadline_s}s; log: {launch.log_path}")
 
 

@@ -69,11 +69,12 @@ def training_batch(pipeline, family, dataset, size=64):
     return latents, text, {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def strengths_of(pipeline, lora_path, batch, target="epsilon"):
+def strengths_of(pipeline, lora_path, batch, target="epsilon", strengths=(1.0, 0.5, 2.0, -1.0)):
+    """(the base model's loss, the loss at each LoRA strength); each loss is 8 UNet passes."""
     base = ddpm_loss(pipeline, *batch, target=target)
     pipeline.load_lora_weights(lora_path, adapter_name="trained")
     by_strength = {}
-    for strength in (1.0, 0.5, 2.0, -1.0):
+    for strength in strengths:
         pipeline.set_adapters(["trained"], adapter_weights=[strength])
         by_strength[strength] = ddpm_loss(pipeline, *batch, target=target)
     return base, by_strength
@@ -89,16 +90,19 @@ def test_a_sd_lora_lowers_the_loss_on_its_training_images(family, network, sd_mo
     assert keys and all(k.startswith("lora_unet_") for k in keys)  # kohya keys, by default
     assert metadata["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
     pipeline = PIPELINES[family].from_pretrained(sd_models[family], local_files_only=True)
-    base, by_strength = strengths_of(pipeline, result.lora_path, training_batch(pipeline, family, dataset))
+    batch = training_batch(pipeline, family, dataset)  # the LoRA is the UNet's only: encoded once
+    base, by_strength = strengths_of(pipeline, result.lora_path, batch)
     assert by_strength[1.0] < 0.7 * base, (base, by_strength)
     assert by_strength[1.0] < by_strength[0.5] and by_strength[1.0] < by_strength[2.0], by_strength
     assert by_strength[-1.0] > 1.5 * by_strength[1.0], by_strength  # a sign error: the other way
     # the diffusers format of the same LoRA: diffusers' loader gives the very same losses
     path = write_lora(str(tmp_path / "diffusers.safetensors"), result.weights, result.config,
                       result.step, fmt="diffusers", dtype="float32")
-    pipeline = PIPELINES[family].from_pretrained(sd_models[family], local_files_only=True)
-    _, in_diffusers_format = strengths_of(pipeline, path, training_batch(pipeline, family, dataset))
-    assert in_diffusers_format == pytest.approx(by_strength, rel=2e-3), (in_diffusers_format, by_strength)
+    pipeline.unload_lora_weights()  # the same pipeline, back to the base model
+    base_again, in_diffusers_format = strengths_of(pipeline, path, batch, strengths=(1.0, -1.0))
+    assert base_again == pytest.approx(base, rel=1e-6)  # nothing of the first file is left
+    assert in_diffusers_format == pytest.approx({s: by_strength[s] for s in (1.0, -1.0)}, rel=2e-3), \
+        (in_diffusers_format, by_strength)
 
 
 def test_a_v_prediction_model_trains_against_the_v_target(sd_models, dataset, tmp_path):
@@ -107,7 +111,7 @@ def test_a_v_prediction_model_trains_against_the_v_target(sd_models, dataset, tm
     result = run(sd_models["sd15"], dataset, tmp_path, "sd15", prediction_type="v_prediction")
     pipeline = StableDiffusionPipeline.from_pretrained(sd_models["sd15"], local_files_only=True)
     batch = training_batch(pipeline, "sd15", dataset)
-    base, by_strength = strengths_of(pipeline, result.lora_path, batch, target="v_prediction")
+    base, by_strength = strengths_of(pipeline, result.lora_path, batch, target="v_prediction", strengths=(1.0, -1.0))
     assert by_strength[1.0] < 0.7 * base, (base, by_strength)
     assert by_strength[-1.0] > 1.5 * by_strength[1.0], by_strength
 
