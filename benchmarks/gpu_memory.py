@@ -45,7 +45,7 @@ def status_bytes(key):
 
 def build(shape, mode, device, dtype):
     """The transformer on `device`, block linears stored as `mode` says, random weights."""
-    from loralab.core.families.flux.bnb import quantize_block_linears
+    from loralab.core.families.parts.bnb import quantize_block_linears
     from loralab.core.families.parts.fp8 import replace_block_linears
 
     model = empty_model(shape).to(dtype)  # still on meta: nothing is allocated

@@ -29,6 +29,14 @@ def test_where_captions_are_encoded(setting, device, encoder, card, expected):
     assert encode_device(setting, device, encoder, card) == expected
 
 
+def test_what_is_already_on_the_card_counts():
+    """Qwen-Image in nf4 (about 11 GiB, quantized on the GPU as it loads) leaves no room for its
+    16 GB text encoder on a 24 GB card; on a 48 GB one it does."""
+    assert encode_device("auto", CUDA, 16 * GIB, 24 * GIB, resident=11 * GIB) == CPU
+    assert encode_device("auto", CUDA, 16 * GIB, 24 * GIB, resident=0) == CUDA
+    assert encode_device("auto", CUDA, 16 * GIB, 48 * GIB, resident=11 * GIB) == CUDA
+
+
 def test_the_text_encoders_are_sized_from_the_loaded_pipeline(tiny_flux):
     pipeline = get_family("flux").load({"path": tiny_flux, "family": "flux", "dtype": "fp32",
                                         "quantize": "none"})

@@ -1,7 +1,8 @@
 """The measured memory models of Z-Image and FLUX.2 klein: their shapes against diffusers' own
 classes at the model cards' sizes (meta device), the LoRA size against peft's, the activations
-against a peak measured on the CPU (benchmarks/activation_memory.py at a small width), the fp8
-mode they offer loading as it counts, and the estimates beside the peers' published figures."""
+against a peak measured on the CPU (benchmarks/activation_memory.py at a small width), and the
+estimates beside the peers' published figures (the quantize modes load as they count:
+test_quantize_families.py)."""
 import json
 import os
 import subprocess
@@ -80,24 +81,6 @@ def test_lora_parameters_are_what_peft_adds(family):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     network = with_defaults({"network": {"linear": 4, "linear_alpha": 4}})["network"]
     assert memory.lora_parameters(shape, network) == trained > 0
-
-
-@pytest.mark.parametrize("family", ["zimage", "flux2"])
-def test_fp8_loads_the_blocks_linears_in_one_byte(family):
-    """model.quantize fp8, which auto may pick for these families, loads: every block linear the
-    memory model counts becomes a Float8Linear; a mode the family does not offer is refused."""
-    from loralab.core.families import ModelError, load_model
-    from loralab.core.families.parts.fp8 import Float8Linear
-
-    section = {"family": family, "path": f"builtin:tiny-{family}", "dtype": "fp32"}
-    full = load_model(section, "none").transformer
-    quantized = load_model(section, "fp8").transformer
-    memory = get_family(family).memory
-    shape = memory.shape_of(dict(full.config), sum(p.numel() for p in full.parameters()))
-    stored = sum(m.weight.numel() for m in quantized.modules() if isinstance(m, Float8Linear))
-    assert stored == shape["quantizable"] > 0
-    with pytest.raises(ModelError, match="offers none or fp8"):
-        load_model(section, "nf4")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")

@@ -122,7 +122,7 @@ def test_the_model_is_given_back_whole(make_config):
 
 def bnb_blocks(kind, seed=0):
     """Three blocks of one bitsandbytes Linear each (nf4 or int8, quantized on the CPU), with a
-    peft LoRA, as core/families/flux/bnb.py makes them."""
+    peft LoRA, as core/families/parts/bnb.py makes them."""
     bnb = pytest.importorskip("bitsandbytes")
 
     torch.manual_seed(seed)

@@ -66,8 +66,12 @@ def test_qwen_image_fits_24_gib_only_with_fp8_and_offloaded_blocks():
     assert (quantize, checkpointing) == ("fp8", True) and 0 < offload < 60
     assert not fits(estimate_peak(config, "fp8", True, 1024, offload - 1), 24 * GIB)  # the fewest
     assert f"train.offload_blocks {offload} of 60" in notes[0]
-    with pytest.raises(DoesNotFit, match=rf"model.quantize fp8 \(about .*\); then train.offload_blocks {offload} \("):
-        resolve_memory_settings(qwen_config(offload_blocks=0), 24 * GIB, "cuda")
+    # nothing offloaded (train.offload_blocks 0): nf4, the last resort, is what fits; with fp8 asked
+    # for as well, nothing does, and the refusal names the offloading that would
+    assert resolve_memory_settings(qwen_config(offload_blocks=0), 24 * GIB, "cuda")[:3] == ("nf4", True, 0)
+    fp8_only = with_defaults({**qwen_config(offload_blocks=0), "model": {"family": "qwen_image", "path": None, "quantize": "fp8"}})
+    with pytest.raises(DoesNotFit, match=rf"train.offload_blocks {offload} \("):
+        resolve_memory_settings(fp8_only, 24 * GIB, "cuda")
     # 48 GiB: bf16 with checkpointing fits; nothing is quantized or offloaded
     assert resolve_memory_settings(config, 48 * GIB, "cuda")[:3] == ("none", True, 0)
 

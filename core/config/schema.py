@@ -81,8 +81,8 @@ SCHEMA = {
             "quantize": _choice(QUANTIZE, "auto",
                                 "How the frozen transformer is stored: auto picks the least saving mode "
                                 "whose estimate fits the device (none on a CPU); fp8 stores float8 "
-                                "weights computed in bf16; nf4/int8 use bitsandbytes (CUDA). FLUX.1 "
-                                "only; SDXL/SD1.5 are not quantized."),
+                                "weights computed in bf16; nf4/int8 use bitsandbytes (CUDA). FLUX.1, "
+                                "FLUX.2, Z-Image and Qwen-Image; SDXL/SD1.5 are not quantized."),
             "encode_on": _choice(["auto", "device", "cpu"], "auto", "Where captions are encoded "
                                  "before training: device (the GPU, then the text encoders are freed "
                                  "before the trained model comes on); cpu (never on the GPU: slower "

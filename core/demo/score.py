@@ -63,10 +63,12 @@ def demo_scores(family, pipeline, lora, trigger_word, sample_config, device, see
 
 
 def write_scores(run, family, pipeline, weights, config, device):
-    """The demo's verdict in pixels, for the run summary (the finish step builtin.py names)."""
+    """The demo's verdict in pixels, for the run summary (the finish step builtin.py names),
+    drawn at the size the run trained at (its first resolution), whatever size its samples are."""
     lora = {"weights": weights, "network": config["network"]}
+    side = config["dataset"]["resolution"][0]
     write_json(run.file(FILE), demo_scores(family, pipeline, lora, config["dataset"]["trigger_word"],
-                                           config["sample"], device))
+                                           {**config["sample"], "width": side, "height": side}, device))
 
 
 def summary_lines(run_folder):

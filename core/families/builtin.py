@@ -16,6 +16,11 @@ BUILTIN_MODELS = {"builtin:tiny-flux": ("flux", "shapes"), "builtin:random-flux"
                   "builtin:tiny-zimage": ("zimage", "tiny"), "builtin:tiny-flux2": ("flux2", "tiny")}
 
 
+# A random model's cached folder carries this: bumped when a tiny builder changes, so a cache built
+# by an older release is not used (2: tiny-zimage's rope table reaches 1024 px)
+RANDOM_REVISION = 2
+
+
 def cache_root():
     return os.environ.get("LORALAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loralab")
 
@@ -46,7 +51,8 @@ def resolve_model_path(path):
         return build_once(f"{folder}-{_shipped_stamp()}-t{TEXT_LENGTH}", "model_index.json", build_shapes_flux)
     from . import get_family
 
-    return build_once(folder, "model_index.json", lambda target: get_family(family).make_tiny(target, preset))
+    return build_once(f"{folder}-r{RANDOM_REVISION}", "model_index.json",
+                      lambda target: get_family(family).make_tiny(target, preset))
 
 
 @functools.cache

@@ -139,7 +139,8 @@ def _without_estimate(given, device_type, unknown_cuda):
     quantize, checkpointing, offload = given.values()
     notes = []
     if quantize in CUDA_ONLY and device_type != "cuda":
-        notes.append(f"model.quantize {quantize} needs bitsandbytes on a CUDA GPU; this is a {device_type}.")
+        notes.append(f"model.quantize {quantize} is bitsandbytes', made for CUDA GPUs: on this {device_type} "
+                     "it runs, slowly, for trying settings.")
     chosen = (quantize or "none", unknown_cuda if checkpointing is None else checkpointing, offload or 0)
     if unknown_cuda:
         notes.append("the device's memory is unknown: auto keeps the base unquantized, turns gradient "

@@ -93,7 +93,7 @@ def load_transformer(paths, dtype, quantize="none", setting="model.transformer_p
             fill(model, source, plan, dtype, setting, fp8_names)
     check_complete(model, setting, paths[0])
     if quantize in ("nf4", "int8"):
-        from .bnb import quantize_block_linears
+        from ..parts.bnb import quantize_block_linears
 
         quantize_block_linears(model, quantize, dtype, "cuda" if torch.cuda.is_available() else "cpu")
     return freeze(model)

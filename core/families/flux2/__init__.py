@@ -16,7 +16,7 @@ from ...lora.files import prefixed
 from ..base import ModelFamily
 from ..loss import loss_mask, weighted_mse
 from ..parts import flow  # FLUX.1's noise levels and noisy input: the same flow-matching line
-from ..parts import fp8
+from ..parts import bnb
 from ..parts.kohya import kohya_names
 from ..preservation import predict_preserving
 from .memory import Flux2Memory
@@ -91,8 +91,8 @@ class Flux2Klein(ModelFamily):
         files (model.transformer_path, text_encoder_path, vae_path)."""
         self.check_quantize(quantize)
         pipeline = load_pipeline(model, comfyui)
-        if quantize == "fp8":  # the blocks' linears in one byte, as its memory model counts them
-            fp8.replace_block_linears(pipeline.transformer, pipeline.transformer.dtype, convert=True)
+        # the blocks' linears in one byte (half for nf4), as its memory model counts them
+        bnb.quantize_loaded(pipeline.transformer, quantize)
         return pipeline
 
     def size_multiple(self, pipeline):

@@ -91,7 +91,7 @@ def _lora_linears(hidden, mlp_ratio):
 
 
 class Flux2Memory(MemoryModel):
-    quantize_modes = ("none", "fp8")
+    quantize_modes = ("none", "fp8", "int8", "nf4")
     default_source = "FLUX.2 klein 4B (no local model folder read)"
     other_sizes = ("black-forest-labs/FLUX.2-klein-base-9B",)
     shape_of = staticmethod(shape_of)  # of a transformer config (benchmarks/activation_memory.py)
@@ -128,9 +128,10 @@ class Flux2Memory(MemoryModel):
         return batch_size * self.tokens(shape, resolution) * shape["hidden"] * per_token
 
     def transient_bytes(self, shape, quantize):
-        """fp8: one block linear's bf16 copy at a time; the widest is a single block's fused input."""
+        """fp8, int8, nf4: one block linear's bf16 copy at a time (bitsandbytes dequantizes per
+        call too); the widest is a single block's fused input."""
         d, m = shape["hidden"], shape["mlp"]
-        return d * (3 * d + 2 * m) * 2 if quantize == "fp8" else 0
+        return d * (3 * d + 2 * m) * 2 if quantize in ("fp8", "int8", "nf4") else 0
 
     def resident_parameters(self, shape):
         return VAE_PARAMETERS  # the VAE stays on the device for sample images

@@ -7,7 +7,7 @@ import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
 from ..base import ModelError
-from ..parts import loading
+from ..parts import bnb, loading
 from ..parts.loading import frozen, quiet_loading
 
 PARTS = ("transformer_path", "text_encoder_path", "vae_path")
@@ -21,7 +21,8 @@ def check_model_folder(path):
 
 def load_pipeline(model, quantize="none", comfyui=None):
     """The frozen QwenImagePipeline of a resolved `model` section, in model.dtype. quantize
-    "fp8" keeps the transformer's block linears in fp8 (as FLUX.1's)."""
+    "fp8" keeps the transformer's block linears in fp8 (as FLUX.1's), "nf4"/"int8" makes them
+    bitsandbytes layers."""
     from diffusers import QwenImagePipeline
 
     from . import files
@@ -46,6 +47,8 @@ def load_pipeline(model, quantize="none", comfyui=None):
                                                              local_files_only=True, **parts)
         except (OSError, ValueError) as error:
             raise ModelError(f"model.path: could not load a Qwen-Image pipeline from {folder}: {error}") from error
+    if quantize in ("nf4", "int8"):  # fp8 was streamed in above; bitsandbytes quantizes what loaded
+        bnb.quantize_loaded(pipeline.transformer, quantize)
     return frozen(pipeline, source)
 
 

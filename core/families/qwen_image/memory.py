@@ -52,7 +52,7 @@ def _lora_linears(hidden):
 
 
 class QwenImageMemory(MMDiTMemory):
-    quantize_modes = ("none", "fp8")
+    quantize_modes = ("none", "fp8", "int8", "nf4")
     default_source = "Qwen-Image (no local model file read)"
 
     def shape(self, model):
@@ -70,8 +70,9 @@ class QwenImageMemory(MMDiTMemory):
         return network["linear"] * shape["num_layers"] * sum(i + o for i, o in _lora_linears(shape["hidden"]))
 
     def transient_bytes(self, shape, quantize):
-        """One block linear's bf16 copy at a time; the widest is the MLP's (d x 4d)."""
-        return shape["hidden"] * shape["mlp"] * 2 if quantize == "fp8" else 0
+        """fp8, int8, nf4: one block linear's bf16 copy at a time (bitsandbytes dequantizes per
+        call too); the widest is the MLP's (d x 4d)."""
+        return shape["hidden"] * shape["mlp"] * 2 if quantize in ("fp8", "int8", "nf4") else 0
 
     def resident_parameters(self, shape):
         return _reference()[2]  # the VAE stays on the device for sample images

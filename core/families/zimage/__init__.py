@@ -12,7 +12,7 @@ import torch
 
 from ...lora.files import prefixed
 from ..base import ModelFamily
-from ..parts import fp8
+from ..parts import bnb
 from ..loss import loss_mask, weighted_mse
 from ..parts import flow  # FLUX.1's flow-matching line
 from ..parts.kohya import kohya_names
@@ -25,7 +25,7 @@ from .model import load_pipeline
 # fused qkv, to_out.0, feed_forward.w1/w2/w3); the embedders and final layer stay frozen.
 LORA_TARGETS = r".*(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])"
 DIFFUSERS_PREFIX = "transformer."
-BLOCK_PREFIXES = ("layers.", "noise_refiner.", "context_refiner.")  # what model.quantize fp8 stores
+BLOCK_PREFIXES = ("layers.", "noise_refiner.", "context_refiner.")  # what model.quantize stores
 
 # The chat template of a one-message prompt, as ComfyUI writes it (comfy/text_encoders/z_image.py
 # llama_template) and as ZImagePipeline._encode_prompt gets it from Qwen3's chat template with
@@ -96,9 +96,8 @@ class ZImage(ModelFamily):
         files (model.transformer_path, text_encoder_path, vae_path)."""
         self.check_quantize(quantize)
         pipeline = load_pipeline(model, comfyui)
-        if quantize == "fp8":  # the blocks' linears in one byte, as its memory model counts them
-            fp8.replace_block_linears(pipeline.transformer, pipeline.transformer.dtype, convert=True,
-                                      prefixes=BLOCK_PREFIXES)
+        # the blocks' linears in one byte (half for nf4), as its memory model counts them
+        bnb.quantize_loaded(pipeline.transformer, quantize, BLOCK_PREFIXES)
         return pipeline
 
     def size_multiple(self, pipeline):

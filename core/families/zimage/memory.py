@@ -85,7 +85,7 @@ def _lora_linears(hidden, mlp):
 
 
 class ZImageMemory(MemoryModel):
-    quantize_modes = ("none", "fp8")
+    quantize_modes = ("none", "fp8", "int8", "nf4")
     default_source = "Z-Image (no local model file read)"
     shape_of = staticmethod(shape_of)  # of a transformer config (benchmarks/activation_memory.py)
 
@@ -124,8 +124,9 @@ class ZImageMemory(MemoryModel):
         return batch_size * self.tokens(shape, resolution) * shape["hidden"] * per_token
 
     def transient_bytes(self, shape, quantize):
-        """fp8: one block linear's bf16 copy at a time; the widest is a SwiGLU's (d x h)."""
-        return shape["hidden"] * shape["mlp"] * 2 if quantize == "fp8" else 0
+        """fp8, int8, nf4: one block linear's bf16 copy at a time (bitsandbytes dequantizes per call
+        too); the widest is a SwiGLU's (d x h)."""
+        return shape["hidden"] * shape["mlp"] * 2 if quantize in ("fp8", "int8", "nf4") else 0
 
     def resident_parameters(self, shape):
         return AE_PARAMETERS  # the VAE stays on the device for sample images

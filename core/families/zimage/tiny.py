@@ -39,7 +39,8 @@ def build_tiny(folder, preset="tiny", seed=0):
     transformer = ZImageTransformer2DModel(
         in_channels=shape["latent_channels"], dim=shape["dim"], n_layers=shape["layers"],
         n_refiner_layers=shape["refiner_layers"], n_heads=shape["heads"], n_kv_heads=shape["heads"],
-        cap_feat_dim=shape["text_dim"], axes_dims=list(shape["axes_dims"]), axes_lens=[512, 64, 64])
+        cap_feat_dim=shape["text_dim"], axes_dims=list(shape["axes_dims"]), axes_lens=[1536, 512, 512])
+    # axes_lens as the real model (and single_files.py): the rope table reaches the family's 1024 px samples
     # Z-Image's scheduler: a static shift of 3 (Tongyi-MAI/Z-Image's scheduler_config.json)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipeline = ZImagePipeline(scheduler=scheduler, vae=tiny_vae(shape), text_encoder=text_encoder,
