@@ -357,3 +357,29 @@ def test_the_base_model_node_takes_comfyuis_three_files(comfyui_files, monkeypat
 def test_a_short_fp8_run_trains_the_lora_the_unquantized_run_does(model, tmp_path):
     """model.quantize fp8 (the blocks' linears as Float8Linear) on the CPU: see fp8_training.py."""
     assert_fp8_trains_as_unquantized(*model, tmp_path)
+
+
+def test_the_builtin_tiny_model_trains_on_the_demo_as_a_user_tries_it(tmp_path):
+    """`builtin:tiny-zimage` on `builtin:demo` with the family's default samples (1024 px): the
+    run finishes and the demo's finish step scores it at the size it trained at. (The tiny model's
+    rope table once stopped at 512 px: the finish step crashed with an IndexError.)"""
+    from loralab.core.config import resolve
+    from loralab.core.demo.score import FILE
+    from loralab.core.trainer import train
+
+    config = resolve({"name": "try", "model": {"path": "builtin:tiny-zimage", "dtype": "fp32"},
+                      "dataset": {"folder": "builtin:demo", "trigger_word": "sks", "resolution": [64]},
+                      "train": {"steps": 2, "dtype": "fp32", "optimizer": "adamw"},
+                      "save": {"output_dir": str(tmp_path)}, "sample": {"sample_every": 0, "sample_steps": 2}})
+    assert (config["model"]["family"], config["sample"]["width"]) == ("zimage", 1024)
+    result = train(config)
+    assert result.status == "finished"
+    with open(os.path.join(os.path.dirname(result.lora_path), FILE), encoding="utf-8") as f:
+        assert set(json.load(f)) >= {"base", "lora", "seeds"}
+    # and its samples at 1024 px have rope positions: 1024 / 8 (VAE) / 2 (patches) = 64 per side,
+    # and index 64 is read (the IndexError above); drawing one takes minutes on a CPU, so the
+    # table's size is read instead
+    from loralab.core.families.builtin import resolve_model_path
+
+    with open(os.path.join(resolve_model_path("builtin:tiny-zimage"), "transformer", "config.json")) as f:
+        assert min(json.load(f)["axes_lens"][1:]) > 64
