@@ -2,7 +2,6 @@
 case made to show it and stays silent on one made not to."""
 import json
 import math
-import os
 import random
 
 import numpy

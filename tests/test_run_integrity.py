@@ -10,7 +10,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 from loralab import cli
 from loralab.core.runs import RunFolder, RunLocked, atomic_path, choose_run_folder, write_json
 from loralab.core.io.atomic import TEMPORARY
-from loralab.core.runs.history import export_run, find_runs, read_run, runs_table
+from loralab.core.runs.history import export_run, find_runs, read_run
 from loralab.core.trainer.checkpoints import (StateError, load_checkpoint_state, load_resume_state,
                                               save_checkpoint, write_lora)
 from loralab.core.trainer.optimizers import make_optimizer, make_scheduler

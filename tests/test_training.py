@@ -1,14 +1,9 @@
 """Training runs end to end: checkpoint rotation, kill-and-resume, interrupt, plans."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import run_cli, train_in_processes
 from loralab.core.config import resolve
@@ -97,38 +92,8 @@ def test_other_optimizers(resolved, optimizer):
     assert result.status == "finished"
 
 
-def test_kill_and_resume_reaches_the_same_final_lora(make_config, tmp_path):
-    def write_config(name):
-        raw = make_config(name=name, train={"steps": 40}, save={"save_every": 5, "max_step_saves_to_keep": 3})
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(raw))
-        return str(path), resolve(raw)
-
-    killed_path, killed_config = write_config("killed")
-    run = RunFolder(killed_config["save"]["output_dir"], "killed")
-    process = subprocess.Popen([sys.executable, "-m", "loralab.cli", "train", killed_path],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run.checkpoints() and run.checkpoints()[-1] >= 10):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = run.resumable()
-    assert killed_at is not None and killed_at < 40, "the run finished before it could be killed"
-
-    resumed = run_cli("train", killed_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from step {killed_at}" in resumed.stderr
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 40
-    assert run.checkpoints()[-1] == 40
-
-    straight_path, straight_config = write_config("straight")
-    assert run_cli("train", straight_path).returncode == 0
-    straight = load_file(RunFolder(straight_config["save"]["output_dir"], "straight").final_lora)
-    killed = load_file(run.final_lora)
-    assert set(straight) == set(killed)
-    for key in straight:
-        assert torch.allclose(straight[key].float(), killed[key].float(), atol=2e-3), key
+# A run killed and trained again reaching the same final LoRA: test_kill_anywhere.py (kills at
+# every stage that writes, and a bit-identical LoRA)
 
 
 def test_cli_train_reports_a_missing_dataset(make_config, tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from loralab.core.demo.dataset import make_demo_dataset
 
 from comfyui_env import COMFYUI_HEAD, comfyui_python_or_skip, comfyui_source
-from conftest import qwen3_tokenizer, run_cli, tiny_qwen3, train_cli
+from conftest import qwen3_tokenizer, tiny_qwen3, train_cli
 from fp8_training import assert_fp8_trains_as_unquantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,7 +2,6 @@
 Z-Image decodes with too and SD's VAE and FLUX.2's share: its config read from the file, the
 model filled from it, and the diffusers <-> BFL key names. A part of several families' models,
 so it is no one family's (docs/architecture.md)."""
-import os
 import re
 
 from ..base import ModelError

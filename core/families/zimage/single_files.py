@@ -5,7 +5,6 @@ and filled tensor by tensor, as FLUX.1's files are; config and sizes are read fr
 import os
 import re
 
-import torch
 
 from ..base import ModelError
 from ..parts import autoencoder, qwen3

@@ -2,7 +2,6 @@
 (ZImageTransformer2DModel, Qwen3Model, FLUX.1's AutoencoderKL), for tests and tries: nothing can
 be downloaded from a model hub. The folder has a real Z-Image diffusers folder's layout
 (transformer, text_encoder, tokenizer, vae, scheduler), so it loads as Tongyi-MAI/Z-Image does."""
-import json
 import os
 
 import torch

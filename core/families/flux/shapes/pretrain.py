@@ -22,7 +22,6 @@ The shipped shapes-flux.safetensors is two runs on one CPU core, 77 minutes in a
 """
 import argparse
 import json
-import math
 import os
 import time
 
