@@ -6,9 +6,10 @@ unprefixed, a text encoder's prefixed by its pipeline attribute (`text_encoder.`
 import contextlib
 
 import torch
-from diffusers.utils.peft_utils import set_weights_and_activate_adapters
-from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+# peft and diffusers are imported in the functions that use them: with them, importing a family
+# (which names its LoRA keys through lora/files.py) took 3 s, and `loralab plan` or a config check
+# need neither
 
 ADAPTER = "default"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline attributes diffusers prefixes
@@ -44,6 +45,8 @@ def adapter_config(rank, alpha, targets, network=None):
     """peft's config of the adapter that the `network` section's type asks for (lora, with dora;
     lokr; loha) on the modules `targets` (the family's lora_targets: target_modules, and rank/alpha
     patterns for modules with their own rank). A plain regex string is target_modules alone."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
     targets = {"target_modules": targets} if isinstance(targets, str) else dict(targets)
     network = network or {}
     kind = network.get("type", "lora")
@@ -86,6 +89,8 @@ def add_lora(model, rank, alpha, targets, network=None):
 def add_text_encoder_lora(text_encoders, rank, alpha, targets, network=None):
     """add_lora for the text encoders {name: transformers model}; peft 0.21's add_adapter fails on
     transformers models, so the adapter is injected with peft directly (as diffusers does)."""
+    from peft import inject_adapter_in_model
+
     parameters = []
     for encoder in text_encoders.values():
         inject_adapter_in_model(adapter_config(rank, alpha, targets, network), encoder, adapter_name=ADAPTER)
@@ -96,6 +101,8 @@ def add_text_encoder_lora(text_encoders, rank, alpha, targets, network=None):
 def lora_weights(model, text_encoders=None):
     """The LoRA weights of `model` and of `text_encoders` {name: module} as peft names them
     (`blocks.0.attn.to_q.lora_A.weight`, `text_encoder.encoder.layers.0...`), float32 on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
     parts = {"": model, **{name + ".": encoder for name, encoder in (text_encoders or {}).items()}}
     return {prefix + k: v.detach().float().cpu().clone()
             for prefix, part in parts.items()
@@ -128,6 +135,8 @@ def dora_scales(model):
 def load_lora_weights(model, weights, text_encoders=None):
     """Puts lora_weights' `weights` back on `model` and `text_encoders`; a weight that fits none
     of them raises ValueError."""
+    from peft.utils import set_peft_model_state_dict
+
     text_encoders = text_encoders or {}
     weights = {k: v for k, v in weights.items() if not k.endswith(DORA_SCALE)}  # derived, not state
     missing = [name for name in text_encoder_names(weights) if name not in text_encoders]
@@ -150,6 +159,8 @@ def lora_strength(models, strength):
     encoders) at weight `strength` (0 = the base model) for the duration, the way diffusers'
     set_adapters weights them; afterwards at weight 1, as add_lora and load_lora_weights leave
     them."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
     models = [m for m in (models if isinstance(models, (list, tuple)) else [models])
               if getattr(m, "peft_config", None)]  # a model without a LoRA is the base at any strength
     try:
