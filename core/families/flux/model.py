@@ -78,12 +78,7 @@ def load_pipeline(path, transformer_path=None, dtype="bf16", quantize="none", cl
         parts["transformer"] = _quantized_transformer(folder, quantize, torch_dtype)
     if transformer_path:  # dev or schnell: the file says, not the folder
         parts["scheduler"] = single_files.scheduler_for(parts["transformer"].config.guidance_embeds)
-    try:
-        with quiet_loading():
-            pipeline = FluxPipeline.from_pretrained(folder, torch_dtype=torch_dtype,
-                                                    local_files_only=True, **parts)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"model.path: could not load a FLUX.1 pipeline from {folder}: {error}") from error
+    pipeline = loading.pipeline_from_folder(FluxPipeline, folder, torch_dtype, "a FLUX.1", **parts)
     return _frozen(pipeline, TextEncoderSource(folder, clip_l_path, t5_path, torch_dtype))
 
 

@@ -5,7 +5,7 @@ import os
 
 from ...dtypes import torch_dtype as to_torch_dtype
 from ..base import ModelError
-from ..parts.loading import frozen, quiet_loading
+from ..parts.loading import frozen, pipeline_from_folder
 # the Qwen3 of a folder or a file, freed after encoding and loaded again: as Z-Image keeps it
 from ..parts.qwen3 import TextEncoderSource
 
@@ -60,10 +60,6 @@ def load_pipeline(model, comfyui=None):
         pipeline = Flux2KleinPipeline(scheduler=scheduler(), tokenizer=files.load_tokenizer(
             comfyui, [model.get(k) for k in PARTS]), is_distilled=is_distilled_name(model["transformer_path"]), **parts)
     else:
-        try:
-            with quiet_loading():
-                pipeline = Flux2KleinPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **parts)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"model.path: could not load a FLUX.2 klein pipeline from {folder}: {error}") from error
+        pipeline = pipeline_from_folder(Flux2KleinPipeline, folder, dtype, "a FLUX.2 klein", **parts)
     files.check_widths(pipeline, model)
     return frozen(pipeline, TextEncoderSource(folder, model.get("text_encoder_path"), dtype))

@@ -36,6 +36,16 @@ def quiet_loading():
         yield
 
 
+def pipeline_from_folder(pipeline_class, folder, dtype, title, **parts):
+    """pipeline_class.from_pretrained of a local diffusers `folder` in `dtype`, `parts` replacing
+    its own; a folder it cannot load is one ModelError naming model.path and the family (`title`)."""
+    try:
+        with quiet_loading():
+            return pipeline_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **parts)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.path: could not load {title} pipeline from {folder}: {error}") from error
+
+
 def frozen(pipeline, text_encoder_source):
     """The loaded pipeline with no progress bars and every part frozen in eval mode; how to load
     its text encoder again once freed (`text_encoder_source`) rides along on it."""

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from ...dtypes import torch_dtype as to_torch_dtype
-from ..base import ModelError
 from ..parts import bnb, loading
 from ..parts.loading import frozen, quiet_loading
 
@@ -41,12 +40,7 @@ def load_pipeline(model, quantize="none", comfyui=None):
         pipeline = QwenImagePipeline(scheduler=files.scheduler(), tokenizer=files.tokenizer(
             comfyui, [model.get(k) for k in PARTS]), **parts)
     else:
-        try:
-            with quiet_loading():
-                pipeline = QwenImagePipeline.from_pretrained(folder, torch_dtype=dtype,
-                                                             local_files_only=True, **parts)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"model.path: could not load a Qwen-Image pipeline from {folder}: {error}") from error
+        pipeline = loading.pipeline_from_folder(QwenImagePipeline, folder, dtype, "a Qwen-Image", **parts)
     if quantize in ("nf4", "int8"):  # fp8 was streamed in above; bitsandbytes quantizes what loaded
         bnb.quantize_loaded(pipeline.transformer, quantize)
     return frozen(pipeline, source)

@@ -241,16 +241,11 @@ def _detect(family, setting, path):
 def _from_folder(family, folder, dtype, parts):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..parts.loading import quiet_loading
+    from ..parts.loading import pipeline_from_folder
 
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    try:
-        with quiet_loading():
-            return pipeline_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                                  **extra, **parts)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"model.path: could not load an {family} pipeline from {folder}: {error}") from error
+    return pipeline_from_folder(pipeline_class, folder, dtype, f"an {family}", **extra, **parts)
 
 
 def _from_checkpoint(family, path, dtype, comfyui, prediction):

@@ -5,7 +5,7 @@ import os
 
 from ...dtypes import torch_dtype as to_torch_dtype
 from ..base import ModelError
-from ..parts.loading import frozen, quiet_loading
+from ..parts.loading import frozen, pipeline_from_folder
 from ..parts.qwen3 import TextEncoderSource
 
 
@@ -38,10 +38,6 @@ def load_pipeline(model, comfyui=None):
     else:
         folder = check_model_folder(model["path"])
         parts = single_files.load_parts(model, dtype)
-        try:
-            with quiet_loading():
-                pipeline = ZImagePipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **parts)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"model.path: could not load a Z-Image pipeline from {folder}: {error}") from error
+        pipeline = pipeline_from_folder(ZImagePipeline, folder, dtype, "a Z-Image", **parts)
     single_files.check_widths(pipeline, model)
     return frozen(pipeline, TextEncoderSource(folder, model.get("text_encoder_path"), dtype))
